@@ -1,0 +1,327 @@
+"""Building blocks shared by the sequence builders.
+
+Conventions every builder follows (the simulator and the reconstruction rely on them):
+
+- Cartesian sampling uses the FFT convention: readout sample ``i`` of ``N`` and phase
+  line ``j`` of ``M`` sit at ``k = (i - N//2) * dk`` and ``(j - M//2) * dk``, so the
+  k-space centre is sample ``N//2`` of line ``M//2``. With oversampling ``os`` the ADC
+  takes ``os * N`` samples at ``dk / os`` spacing, centre at ``os * N // 2``.
+- TE is measured from the centre of the excitation pulse to the ADC sample at the
+  k-space centre; TR between successive excitations of the same slice (or, with an
+  inversion, between inversions); TI from the inversion centre to the excitation centre
+  (MPRAGE: to the excitation of the k-space centre line).
+- Every ADC block carries Pulseq labels: ``LIN`` (phase line), ``SLC`` (slice),
+  ``PAR`` (3D partition), ``ECO`` (echo), ``SET`` (TI or diffusion-encoding index),
+  ``NAV`` / ``REV`` (EPI navigators and reversed lines). The first block of each TR
+  carries ``TRID`` (segment id, as the GE interpreter needs).
+- All timing is on the scanner's rasters; a request that cannot be met raises
+  :class:`~mrharmony.errors.ProtocolError` *before* anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pypulseq as pp
+
+from mrharmony.errors import ProtocolError
+from mrharmony.sequences.protocol import Protocol
+from mrharmony.sequences.scanner import ScannerProfile
+
+__all__ = [
+    "Readout",
+    "check_positive_delay",
+    "excitation_pulse",
+    "finalize",
+    "label",
+    "make_readout",
+    "new_sequence",
+    "phase_encode_areas",
+    "rf_center_time",
+    "round_up",
+    "round_to",
+    "slice_positions_m",
+    "set_slice_offset",
+]
+
+#: Golden angle for radial spoke ordering (degrees): 180 / golden ratio.
+GOLDEN_ANGLE_DEG = 180.0 * (math.sqrt(5) - 1) / 2
+
+
+def round_up(t: float, raster: float) -> float:
+    """Smallest multiple of ``raster`` that is >= ``t`` (tolerant to float noise)."""
+    return math.ceil(t / raster - 1e-9) * raster
+
+
+def round_to(t: float, raster: float) -> float:
+    """Nearest multiple of ``raster``."""
+    return round(t / raster) * raster
+
+
+def new_sequence(scanner: ScannerProfile) -> tuple[pp.Sequence, pp.Opts]:
+    """A fresh pypulseq Sequence bound to this scanner's limits (no global defaults)."""
+    system = scanner.to_opts()
+    return pp.Sequence(system=system), system
+
+
+def label(name: str, value: int, kind: str = "SET") -> SimpleNamespace:
+    """A Pulseq label event (``kind`` is ``"SET"`` or ``"INC"``)."""
+    return pp.make_label(label=name, type=kind, value=int(value))
+
+
+def slice_positions_m(protocol: Any) -> np.ndarray:
+    """Slice centre positions in metres, centred on isocentre, in acquisition order."""
+    n = protocol.n_slices
+    spacing = (protocol.slice_thickness_mm + protocol.slice_gap_mm) * 1e-3
+    return (np.arange(n) - (n - 1) / 2) * spacing
+
+
+def rf_center_time(rf: SimpleNamespace) -> float:
+    """Time of the RF pulse's centre from the start of its block, in seconds."""
+    return rf.delay + pp.calc_rf_center(rf)[0]
+
+
+def set_slice_offset(rf: SimpleNamespace, gz_amplitude: float, position_m: float) -> None:
+    """Shift a slice-selective pulse to ``position_m`` (frequency and matching phase)."""
+    rf.freq_offset = gz_amplitude * position_m
+    rf.phase_offset = -2 * math.pi * rf.freq_offset * pp.calc_rf_center(rf)[0]
+
+
+def excitation_pulse(
+    system: pp.Opts,
+    scanner: ScannerProfile,
+    *,
+    flip_deg: float,
+    duration_s: float,
+    time_bw_product: float,
+    thickness_m: float,
+    use: str = "excitation",
+    apodization: float = 0.5,
+    phase_offset_rad: float = 0.0,
+    parameter: str = "slice_thickness_mm",
+) -> tuple[SimpleNamespace, SimpleNamespace, SimpleNamespace]:
+    """Slice- or slab-selective sinc pulse with its select gradient and rephaser.
+
+    Parameters
+    ----------
+    system : pypulseq.Opts
+        Scanner limits.
+    scanner : ScannerProfile
+        The scanner, for error messages.
+    flip_deg : float
+        Flip angle in degrees.
+    duration_s : float
+        Pulse duration in seconds.
+    time_bw_product : float
+        Time-bandwidth product (dimensionless).
+    thickness_m : float
+        Slice (or slab) thickness in metres.
+    use : str
+        Pulseq RF use: ``"excitation"``, ``"refocusing"`` or ``"inversion"``.
+    parameter : str
+        Protocol key named in the error when the thickness needs too strong a gradient.
+
+    Returns
+    -------
+    rf, gz, gz_rephase
+        The RF event (delay includes the dead time), the select trapezoid and a
+        rephasing trapezoid of area ``-gz.area / 2`` (for excitation).
+
+    Raises
+    ------
+    ProtocolError
+        If the select gradient ``bandwidth / thickness`` exceeds the scanner maximum.
+    """
+    duration_s = round_up(duration_s, system.rf_raster_time)
+    bandwidth_hz = time_bw_product / duration_s
+    amplitude = bandwidth_hz / thickness_m
+    if amplitude > system.max_grad:
+        min_mm = bandwidth_hz / system.max_grad * 1e3
+        raise ProtocolError(
+            f"{parameter}: {thickness_m * 1e3:.3g} mm is below the minimum {min_mm:.3g} mm "
+            f"this pulse (time-bandwidth {time_bw_product:g}, {duration_s * 1e3:.3g} ms) "
+            f"allows on {scanner.name} ({scanner.max_grad_mt_per_m:g} mT/m)"
+        )
+    rf, gz, gzr = pp.make_sinc_pulse(
+        flip_angle=math.radians(flip_deg),
+        duration=duration_s,
+        slice_thickness=thickness_m,
+        apodization=apodization,
+        time_bw_product=time_bw_product,
+        phase_offset=phase_offset_rad,
+        system=system,
+        return_gz=True,
+        delay=system.rf_dead_time,
+        use=use,
+    )
+    return rf, gz, gzr
+
+
+@dataclass(frozen=True)
+class Readout:
+    """A Cartesian readout: the flat-top gradient, its ADC and timing facts."""
+
+    gx: SimpleNamespace
+    adc: SimpleNamespace
+    n_samples: int
+    dwell_s: float
+    #: Area from the start of ``gx`` to the k-space-centre sample (Hz/m * s = 1/m).
+    area_to_center: float
+    #: Time from the start of ``gx``'s block to the k-space-centre sample (s).
+    time_to_center_s: float
+    bandwidth_hz_per_px: float
+
+
+def make_readout(
+    system: pp.Opts,
+    scanner: ScannerProfile,
+    *,
+    fov_m: float,
+    n: int,
+    bandwidth_hz_per_px: float,
+    oversampling: int = 1,
+    channel: str = "x",
+    sign: float = 1.0,
+) -> Readout:
+    """Design a flat-top readout of ``n`` pixels over ``fov_m`` at a receiver bandwidth.
+
+    The dwell is rounded to the ADC raster (the achieved bandwidth is reported), the ADC
+    is centred on the flat top, and the k-space centre falls exactly on sample
+    ``oversampling * n // 2``.
+
+    Raises
+    ------
+    ProtocolError
+        If the readout gradient exceeds the scanner maximum (bandwidth too high for the
+        FOV) or the dwell is below the ADC raster.
+    """
+    n_samples = n * oversampling
+    dwell = round_to(1.0 / (bandwidth_hz_per_px * n_samples), system.adc_raster_time)
+    if dwell < system.adc_raster_time:
+        raise ProtocolError(
+            f"readout_bandwidth_hz_per_px: {bandwidth_hz_per_px:g} Hz/px needs a dwell below "
+            f"the {system.adc_raster_time * 1e6:g} us ADC raster of {scanner.name}"
+        )
+    adc_duration = dwell * n_samples
+    delta_k = 1.0 / fov_m
+    amplitude = n * delta_k / adc_duration
+    if amplitude > system.max_grad:
+        max_bw = system.max_grad * fov_m / n
+        raise ProtocolError(
+            f"readout_bandwidth_hz_per_px: {bandwidth_hz_per_px:g} Hz/px needs a readout "
+            f"gradient of {amplitude / scanner.max_grad_hz_per_m * scanner.max_grad_mt_per_m:.1f}"
+            f" mT/m over a {fov_m * 1e3:g} mm FOV, above the {scanner.max_grad_mt_per_m:g} mT/m "
+            f"{scanner.name} allows (maximum {max_bw:.0f} Hz/px)"
+        )
+    flat_time = round_up(adc_duration + 2 * system.adc_dead_time, system.grad_raster_time)
+    gx = pp.make_trapezoid(
+        channel=channel, amplitude=sign * amplitude, flat_time=flat_time, system=system
+    )
+    adc_delay = round_to(gx.rise_time + (flat_time - adc_duration) / 2, system.adc_raster_time)
+    adc = pp.make_adc(num_samples=n_samples, dwell=dwell, delay=adc_delay, system=system)
+    center_time = adc_delay + (n_samples // 2 + 0.5) * dwell
+    area_to_center = sign * amplitude * (center_time - gx.rise_time / 2)
+    return Readout(
+        gx=gx,
+        adc=adc,
+        n_samples=n_samples,
+        dwell_s=dwell,
+        area_to_center=area_to_center,
+        time_to_center_s=center_time,
+        bandwidth_hz_per_px=1.0 / (dwell * n_samples),
+    )
+
+
+def phase_encode_areas(fov_m: float, n: int) -> np.ndarray:
+    """Phase-encoding areas (1/m) of lines ``0..n-1`` in the FFT convention."""
+    return (np.arange(n) - n // 2) / fov_m
+
+
+def check_positive_delay(
+    delay_s: float,
+    *,
+    what: str,
+    key: str,
+    requested_ms: float,
+    scanner: ScannerProfile,
+    below: bool = True,
+) -> None:
+    """Refuse a protocol whose ``key`` leaves a negative fill delay.
+
+    ``delay_s`` is the fill time left (requested minus minimum). The error names the
+    parameter, the requested value and the minimum this protocol allows on the scanner.
+    """
+    if delay_s < -1e-9:
+        minimum = requested_ms - delay_s * 1e3
+        raise ProtocolError(
+            f"{key}: {what} {requested_ms:.4g} ms is below the minimum {minimum:.4g} ms this "
+            f"protocol allows on {scanner.name}"
+        )
+
+
+def finalize(
+    seq: pp.Sequence,
+    protocol: Protocol,
+    scanner: ScannerProfile,
+    *,
+    te_s: float | list[float],
+    tr_s: float,
+    trajectory: str,
+    ordering: str,
+    ti_s: float | list[float] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> pp.Sequence:
+    """Write the standard ``[DEFINITIONS]`` and verify timing and gradient limits.
+
+    Definitions written (SI units, as Pulseq does): ``Name``, ``Builder``, ``FOV`` (m),
+    ``MatrixSize``, ``TE``, ``TR``, ``TI`` (s), ``FlipAngle`` (deg, when defined),
+    ``Trajectory``, ``KSpaceOrdering``, ``ReadoutOversampling``, ``SliceThickness`` (m),
+    ``NumberOfSlices``, ``SlicePositions`` (m), ``Scanner``, ``Vendor``, ``B0`` (T),
+    plus the builder's ``extra`` keys.
+
+    Raises
+    ------
+    RuntimeError
+        If the built sequence violates a raster or dead-time rule (a builder bug, not a
+        user error).
+    """
+    fov = list(np.asarray(protocol.fov_mm, dtype=float) * 1e-3)
+    matrix = [int(m) for m in protocol.matrix]
+    if protocol.ndim == 2:
+        fov.append(protocol.slice_thickness_mm * 1e-3)
+        matrix.append(1)
+    seq.set_definition("Name", protocol.name)
+    seq.set_definition("Builder", protocol.builder)
+    seq.set_definition("FOV", fov)
+    seq.set_definition("MatrixSize", matrix)
+    seq.set_definition("TE", list(np.atleast_1d(te_s).astype(float)))
+    seq.set_definition("TR", float(tr_s))
+    if ti_s is not None:
+        seq.set_definition("TI", list(np.atleast_1d(ti_s).astype(float)))
+    flip = getattr(protocol, "flip_deg", None)
+    if flip is not None:
+        seq.set_definition("FlipAngle", float(flip))
+    seq.set_definition("Trajectory", trajectory)
+    seq.set_definition("KSpaceOrdering", ordering)
+    seq.set_definition("ReadoutOversampling", int(protocol.readout_oversampling))
+    if protocol.ndim == 2:
+        seq.set_definition("SliceThickness", protocol.slice_thickness_mm * 1e-3)
+        seq.set_definition("NumberOfSlices", int(protocol.n_slices))
+        seq.set_definition("SlicePositions", list(slice_positions_m(protocol)))
+    seq.set_definition("Scanner", scanner.name)
+    seq.set_definition("Vendor", scanner.vendor)
+    seq.set_definition("B0", float(scanner.field_strength_t))
+    for key, value in (extra or {}).items():
+        seq.set_definition(key, value)
+    ok, report = seq.check_timing()
+    if not ok:
+        first = report[0]
+        raise RuntimeError(
+            f"builder '{protocol.builder}' produced a timing error on {scanner.name} "
+            f"(block {first.block}, {first.event}.{first.field}: {first.error_type})"
+        )
+    return seq

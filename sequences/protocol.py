@@ -1,0 +1,343 @@
+"""Protocols: what a physicist asks for, independent of any scanner.
+
+A protocol is a TOML file with a ``builder`` key naming the sequence and the builder's
+parameters, each with its unit in the name::
+
+    builder = "gre2d"
+    name = "t1w-gre"
+    fov_mm = [256, 256]
+    matrix = [128, 128]
+    slice_thickness_mm = 5
+    te_ms = 4.5
+    tr_ms = 12
+    flip_deg = 15
+
+:func:`load_protocol` validates it into the frozen protocol class of that builder
+(unknown keys, wrong units, wrong types and out-of-range values are errors naming the
+key). Whether the protocol is *possible* on a given scanner is decided by the builder,
+which raises :class:`~mrharmony.errors.ProtocolError` naming the parameter and limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from mrharmony.config import from_mapping, load_toml, param
+from mrharmony.errors import ConfigError, ProtocolError
+
+__all__ = [
+    "PROTOCOL_CLASSES",
+    "BSSFPProtocol",
+    "DWIEPIProtocol",
+    "EPIProtocol",
+    "Gre2DProtocol",
+    "Gre3DProtocol",
+    "IRSEProtocol",
+    "MPRAGEProtocol",
+    "MultiEchoSEProtocol",
+    "Protocol",
+    "RadialProtocol",
+    "SpiralProtocol",
+    "TSEProtocol",
+    "load_protocol",
+    "protocol_from_mapping",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Protocol:
+    """Parameters shared by every builder."""
+
+    builder: str = param(doc="sequence builder name (see `mrharmony seq list`)")
+    name: str = param(doc="protocol name, written to the .seq [DEFINITIONS]")
+    te_ms: float = param(doc="echo time", unit="ms", gt=0, le=1000)
+    tr_ms: float = param(doc="repetition time", unit="ms", gt=0, le=60000)
+    readout_bandwidth_hz_per_px: float = param(
+        260.0, doc="receiver bandwidth per pixel along the readout", unit="Hz/px", gt=10, le=20000
+    )
+    readout_oversampling: int = param(
+        1, doc="readout oversampling factor (1 or 2)", ge=1, le=2
+    )
+    rf_duration_ms: float = param(
+        2.0, doc="duration of the excitation pulse", unit="ms", gt=0.05, le=20
+    )
+    rf_time_bw_product: float = param(
+        4.0, doc="time-bandwidth product of slice-selective pulses", gt=0.5, le=20
+    )
+    dummy_scans: int = param(0, doc="repetitions played without ADC before the scan", ge=0)
+
+    #: Number of spatial dimensions of the encoding (2 for slices, 3 for slabs).
+    ndim: int = 2
+    #: True when the builder acquires a Cartesian grid of ``matrix`` points.
+    cartesian: bool = True
+
+    def __post_init__(self) -> None:
+        if len(getattr(self, "fov_mm", ())) not in (0, self.ndim) or len(
+            getattr(self, "matrix", ())
+        ) not in (0, self.ndim):
+            raise ConfigError(
+                f"fov_mm and matrix need {self.ndim} values for builder '{self.builder}'"
+            )
+
+    @property
+    def resolution_mm(self) -> tuple[float, ...]:
+        """Nominal voxel size ``fov_mm / matrix`` in mm."""
+        return tuple(f / n for f, n in zip(self.fov_mm, self.matrix, strict=True))
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Slices2D(Protocol):
+    fov_mm: tuple[float, ...] = param(
+        doc="in-plane field of view [readout, phase]", unit="mm", gt=1, le=600, length=2
+    )
+    matrix: tuple[int, ...] = param(
+        doc="in-plane matrix [readout, phase]", ge=8, le=1024, length=2
+    )
+    slice_thickness_mm: float = param(doc="slice thickness", unit="mm", gt=0.2, le=100)
+    n_slices: int = param(1, doc="number of slices", ge=1, le=256)
+    slice_gap_mm: float = param(0.0, doc="gap between slices", unit="mm", ge=0, le=100)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Volume3D(Protocol):
+    fov_mm: tuple[float, ...] = param(
+        doc="field of view [readout, phase, partition]", unit="mm", gt=1, le=600, length=3
+    )
+    matrix: tuple[int, ...] = param(
+        doc="matrix [readout, phase, partition]", ge=4, le=1024, length=3
+    )
+    ndim: int = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gre2DProtocol(_Slices2D):
+    """2D multi-slice RF-spoiled gradient echo."""
+
+    builder: Literal["gre2d"] = param(doc="sequence builder name")
+    flip_deg: float = param(doc="excitation flip angle", unit="deg", gt=0, le=90)
+    rf_spoiling_inc_deg: float = param(
+        117.0, doc="quadratic RF-spoiling phase increment", unit="deg", ge=0, lt=360
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gre3DProtocol(_Volume3D):
+    """3D RF-spoiled gradient echo with slab-selective excitation."""
+
+    builder: Literal["gre3d"] = param(doc="sequence builder name")
+    flip_deg: float = param(doc="excitation flip angle", unit="deg", gt=0, le=90)
+    rf_spoiling_inc_deg: float = param(
+        117.0, doc="quadratic RF-spoiling phase increment", unit="deg", ge=0, lt=360
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MultiEchoSEProtocol(_Slices2D):
+    """Multi-echo spin echo (CPMG) for T2 mapping: echoes at ``te_ms * (1..n_echoes)``."""
+
+    builder: Literal["mese"] = param(doc="sequence builder name")
+    n_echoes: int = param(doc="number of echoes per excitation", ge=1, le=64)
+    refocusing_flip_deg: float = param(
+        180.0, doc="refocusing flip angle", unit="deg", gt=0, le=180
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class IRSEProtocol(_Slices2D):
+    """Inversion-recovery spin echo with a list of inversion times (T1 mapping)."""
+
+    builder: Literal["irse"] = param(doc="sequence builder name")
+    ti_ms: tuple[float, ...] = param(
+        doc="inversion times, one contrast each", unit="ms", gt=0, le=30000, min_length=1
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MPRAGEProtocol(_Volume3D):
+    """3D MPRAGE (T1-weighted): one inversion per partition, a spoiled GRE train after it."""
+
+    builder: Literal["mprage"] = param(doc="sequence builder name")
+    ti_ms: float = param(
+        doc="inversion time to the centre of k-space", unit="ms", gt=0, le=5000
+    )
+    flip_deg: float = param(9.0, doc="readout flip angle", unit="deg", gt=0, le=90)
+    echo_spacing_ms: float | None = param(
+        None, doc="GRE repetition time inside the train (default: minimum)", unit="ms", gt=0,
+        le=100,
+    )
+    rf_spoiling_inc_deg: float = param(
+        117.0, doc="quadratic RF-spoiling phase increment", unit="deg", ge=0, lt=360
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TSEProtocol(_Slices2D):
+    """2D turbo spin echo; ``te_ms`` is the effective TE (ky = 0)."""
+
+    builder: Literal["tse"] = param(doc="sequence builder name")
+    turbo_factor: int = param(doc="echoes per excitation", ge=1, le=256)
+    refocusing_flip_deg: float = param(
+        180.0, doc="refocusing flip angle", unit="deg", gt=0, le=180
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EPIProtocol(_Slices2D):
+    """Single-shot 2D gradient-echo EPI with navigator lines for ghost correction."""
+
+    builder: Literal["epi"] = param(doc="sequence builder name")
+    flip_deg: float = param(90.0, doc="excitation flip angle", unit="deg", gt=0, le=90)
+    readout_bandwidth_hz_per_px: float = param(
+        1500.0, doc="receiver bandwidth per pixel along the readout", unit="Hz/px", gt=10,
+        le=20000,
+    )
+    ramp_sampling: bool = param(False, doc="sample on the readout ramps")
+    navigator_lines: int = param(3, doc="non-phase-encoded lines for ghost correction", ge=0, le=8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DWIEPIProtocol(_Slices2D):
+    """Diffusion-weighted single-shot spin-echo EPI (Stejskal-Tanner PGSE)."""
+
+    builder: Literal["dwi_epi"] = param(doc="sequence builder name")
+    b_values_s_per_mm2: tuple[float, ...] = param(
+        doc="b-values; 0 gives a non-diffusion-weighted image", unit="s/mm2", ge=0, le=20000,
+        min_length=1,
+    )
+    n_directions: int = param(
+        6, doc="diffusion directions per non-zero b-value (electrostatic-repulsion set)",
+        ge=1, le=256,
+    )
+    readout_bandwidth_hz_per_px: float = param(
+        1500.0, doc="receiver bandwidth per pixel along the readout", unit="Hz/px", gt=10,
+        le=20000,
+    )
+    ramp_sampling: bool = param(False, doc="sample on the readout ramps")
+    navigator_lines: int = param(3, doc="non-phase-encoded lines for ghost correction", ge=0, le=8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BSSFPProtocol(_Slices2D):
+    """2D balanced SSFP; TE is TR/2 by construction."""
+
+    builder: Literal["bssfp"] = param(doc="sequence builder name")
+    flip_deg: float = param(doc="excitation flip angle", unit="deg", gt=0, le=180)
+    rf_time_bw_product: float = param(
+        2.0, doc="time-bandwidth product of the excitation", gt=0.5, le=20
+    )
+    rf_duration_ms: float = param(0.8, doc="duration of the excitation", unit="ms", gt=0.05, le=20)
+    readout_bandwidth_hz_per_px: float = param(
+        800.0, doc="receiver bandwidth per pixel along the readout", unit="Hz/px", gt=10,
+        le=20000,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RadialProtocol(_Slices2D):
+    """2D radial spoiled GRE; each spoke passes through the k-space centre."""
+
+    builder: Literal["radial"] = param(doc="sequence builder name")
+    flip_deg: float = param(doc="excitation flip angle", unit="deg", gt=0, le=90)
+    n_spokes: int = param(doc="number of spokes", ge=1, le=100000)
+    angle_ordering: Literal["linear", "golden"] = param(
+        "linear", doc="spoke angle ordering: linear over 180 deg, or golden angle (111.25 deg)"
+    )
+    rf_spoiling_inc_deg: float = param(
+        117.0, doc="quadratic RF-spoiling phase increment", unit="deg", ge=0, lt=360
+    )
+    cartesian: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpiralProtocol(_Slices2D):
+    """2D spiral-out spoiled GRE with interleaves, gradient- and slew-limited design."""
+
+    builder: Literal["spiral"] = param(doc="sequence builder name")
+    flip_deg: float = param(doc="excitation flip angle", unit="deg", gt=0, le=90)
+    n_interleaves: int = param(doc="number of spiral interleaves", ge=1, le=1024)
+    readout_bandwidth_hz_per_px: float = param(
+        0.0, doc="unused for spirals (the ADC dwell is the gradient raster)", unit="Hz/px", ge=0
+    )
+    adc_dwell_us: float = param(
+        4.0, doc="ADC dwell time along the spiral", unit="us", gt=0.1, le=100
+    )
+    rf_spoiling_inc_deg: float = param(
+        117.0, doc="quadratic RF-spoiling phase increment", unit="deg", ge=0, lt=360
+    )
+    cartesian: bool = False
+
+
+PROTOCOL_CLASSES: dict[str, type[Protocol]] = {
+    "gre2d": Gre2DProtocol,
+    "gre3d": Gre3DProtocol,
+    "mese": MultiEchoSEProtocol,
+    "irse": IRSEProtocol,
+    "mprage": MPRAGEProtocol,
+    "tse": TSEProtocol,
+    "epi": EPIProtocol,
+    "dwi_epi": DWIEPIProtocol,
+    "bssfp": BSSFPProtocol,
+    "radial": RadialProtocol,
+    "spiral": SpiralProtocol,
+}
+
+
+def protocol_from_mapping(data: Mapping[str, Any], *, source: str = "protocol") -> Protocol:
+    """Validate a mapping (e.g. parsed TOML) into the protocol class its ``builder`` names.
+
+    Raises
+    ------
+    ConfigError
+        Missing or unknown ``builder``, or any invalid key of that builder.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a table of keys")
+    builder = data.get("builder")
+    if builder is None:
+        raise ConfigError(
+            f"{source}: builder: missing required key (one of {', '.join(PROTOCOL_CLASSES)})"
+        )
+    if builder not in PROTOCOL_CLASSES:
+        import difflib
+
+        close = difflib.get_close_matches(str(builder), PROTOCOL_CLASSES, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"{source}: builder: unknown builder {builder!r}{hint} "
+            f"(one of {', '.join(PROTOCOL_CLASSES)})"
+        )
+    cls = PROTOCOL_CLASSES[builder]
+    hidden = {"ndim", "cartesian"} & set(data)
+    if hidden:
+        raise ConfigError(f"{source}: {sorted(hidden)[0]}: unknown key (set by the builder)")
+    return from_mapping(cls, data, source=source)
+
+
+def load_protocol(path: str | Path) -> Protocol:
+    """Read and validate a protocol TOML file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The protocol file.
+
+    Returns
+    -------
+    Protocol
+        A frozen instance of the builder's protocol class.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, not TOML, or any key is invalid (the message names it).
+    """
+    return protocol_from_mapping(load_toml(path), source=str(path))
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`ProtocolError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise ProtocolError(message)
