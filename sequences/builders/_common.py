@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import pypulseq as pp
-
-from mrharmony.errors import ProtocolError
 from mrharmony.sequences.protocol import Protocol
 from mrharmony.sequences.scanner import ScannerProfile
+
+from mrharmony.errors import ProtocolError
 
 __all__ = [
     "Readout",
@@ -42,10 +42,10 @@ __all__ = [
     "new_sequence",
     "phase_encode_areas",
     "rf_center_time",
-    "round_up",
     "round_to",
-    "slice_positions_m",
+    "round_up",
     "set_slice_offset",
+    "slice_positions_m",
 ]
 
 #: Golden angle for radial spoke ordering (degrees): 180 / golden ratio.
@@ -289,7 +289,7 @@ def finalize(
         If the built sequence violates a raster or dead-time rule (a builder bug, not a
         user error).
     """
-    fov = list(np.asarray(protocol.fov_mm, dtype=float) * 1e-3)
+    fov = [float(f) * 1e-3 for f in protocol.fov_mm]
     matrix = [int(m) for m in protocol.matrix]
     if protocol.ndim == 2:
         fov.append(protocol.slice_thickness_mm * 1e-3)
@@ -298,10 +298,10 @@ def finalize(
     seq.set_definition("Builder", protocol.builder)
     seq.set_definition("FOV", fov)
     seq.set_definition("MatrixSize", matrix)
-    seq.set_definition("TE", list(np.atleast_1d(te_s).astype(float)))
+    seq.set_definition("TE", [float(t) for t in np.atleast_1d(te_s)])
     seq.set_definition("TR", float(tr_s))
     if ti_s is not None:
-        seq.set_definition("TI", list(np.atleast_1d(ti_s).astype(float)))
+        seq.set_definition("TI", [float(t) for t in np.atleast_1d(ti_s)])
     flip = getattr(protocol, "flip_deg", None)
     if flip is not None:
         seq.set_definition("FlipAngle", float(flip))
@@ -311,7 +311,7 @@ def finalize(
     if protocol.ndim == 2:
         seq.set_definition("SliceThickness", protocol.slice_thickness_mm * 1e-3)
         seq.set_definition("NumberOfSlices", int(protocol.n_slices))
-        seq.set_definition("SlicePositions", list(slice_positions_m(protocol)))
+        seq.set_definition("SlicePositions", [float(p) for p in slice_positions_m(protocol)])
     seq.set_definition("Scanner", scanner.name)
     seq.set_definition("Vendor", scanner.vendor)
     seq.set_definition("B0", float(scanner.field_strength_t))
