@@ -214,7 +214,7 @@ def ismrmrd_header(
         version=2,
         acquisitionSystemInformation=system,
         experimentalConditions=mrd.experimentalConditionsType(
-            H1resonanceFrequency_Hz=int(round(GAMMA_HZ_PER_T * b0))
+            H1resonanceFrequency_Hz=round(GAMMA_HZ_PER_T * b0)
         ),
         encoding=[encoding],
         sequenceParameters=params,

@@ -61,7 +61,7 @@ def plot_sequence(
     else:
         t0, t1 = time_range_ms[0] * 1e-3, time_range_ms[1] * 1e-3
     waves = seq.waveforms(append_RF=True, time_range=[t0, t1])
-    k_adc, k_all, _, _, t_adc = seq.calculate_kspace()
+    k_adc, k_all, *_ = seq.calculate_kspace()
 
     fig = plt.figure(figsize=(13, 7), constrained_layout=True)
     grid = fig.add_gridspec(5, 2, width_ratios=[2.2, 1])

@@ -83,7 +83,7 @@ def measure_timing(seq: pp.Sequence, k_tol: float | None = None) -> Timing:
     tr = float(np.median(intervals)) if intervals.size else float("nan")
     tis: set[float] = set()
     if inv.size:
-        for t_c, i_exc in zip(center_t[valid], idx[valid], strict=True):
+        for i_exc in idx[valid]:
             t_exc = exc[i_exc]
             i_inv = np.searchsorted(inv, t_exc) - 1
             if i_inv >= 0:
