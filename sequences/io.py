@@ -7,6 +7,7 @@ renamed into place only when complete, so a failed build never leaves a partial 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import tempfile
@@ -18,7 +19,7 @@ from mrharmony.sequences.builders import get_builder
 from mrharmony.sequences.protocol import Protocol, load_protocol
 from mrharmony.sequences.scanner import ScannerProfile, load_scanner
 
-from mrharmony.errors import MrHarmonyError, SequenceFileError
+from mrharmony.errors import SequenceFileError
 
 __all__ = ["build", "build_file", "read_seq", "write_seq"]
 
@@ -136,14 +137,18 @@ def read_seq(path: str | Path, scanner: ScannerProfile | str | None = None) -> p
         raise SequenceFileError(f"{path}: no such file")
     system = load_scanner(scanner).to_opts() if scanner is not None else pp.Opts()
     seq = pp.Sequence(system=system)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+    failure: Exception | None = None
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
             seq.read(str(path), detect_rf_use=True)
-    except MrHarmonyError:
-        raise
-    except Exception as exc:  # pypulseq raises bare KeyError/ValueError/RuntimeError
+        except Exception as exc:  # pypulseq raises bare KeyError/ValueError/RuntimeError
+            failure = exc
+        finally:
+            # pypulseq leaves its file handle open when parsing fails; close it here.
+            gc.collect()
+    if failure is not None:
         raise SequenceFileError(
-            f"{path}: pypulseq cannot read this file ({type(exc).__name__}: {exc})"
-        ) from exc
+            f"{path}: pypulseq cannot read this file ({type(failure).__name__}: {failure})"
+        ) from failure
     return seq

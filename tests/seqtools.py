@@ -89,3 +89,38 @@ def measure_timing(seq: pp.Sequence, k_tol: float | None = None) -> Timing:
             if i_inv >= 0:
                 tis.add(round(float(t_exc - inv[i_inv]), 5))
     return Timing(te_s=te, tr_s=tr, ti_s=tuple(sorted(tis)))
+
+
+# --- pypulseq's own example scripts (a peer, installed by .ci/run, never committed) ---
+
+PYPULSEQ_EXAMPLES_VERSION = "1.4.2"
+
+
+def pypulseq_examples_dir():
+    """Folder with pypulseq's example scripts, extracted by ``.ci/run`` from the pypulseq
+    1.4.2 wheel on PyPI (the last wheel that ships them); None when absent."""
+    import os
+    from pathlib import Path
+
+    env = os.environ.get("MRH_PYPULSEQ_EXAMPLES")
+    root = Path(env) if env else Path(__file__).resolve().parents[1] / ".cache" / "pypulseq-examples"
+    return root if (root / "write_gre.py").is_file() else None
+
+
+def run_pypulseq_example(script, seq_filename):
+    """Run one pypulseq example script's ``main`` in this process, writing ``seq_filename``."""
+    import contextlib
+    import importlib.util
+    import io
+    import warnings
+
+    spec = importlib.util.spec_from_file_location(f"pypulseq_example_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            spec.loader.exec_module(module)
+            module.main(plot=False, write_seq=True, seq_filename=str(seq_filename))
+        finally:
+            pp.Opts.reset_default()
+    return seq_filename

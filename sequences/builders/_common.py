@@ -217,11 +217,14 @@ def make_readout(
             f" mT/m over a {fov_m * 1e3:g} mm FOV, above the {scanner.max_grad_mt_per_m:g} mT/m "
             f"{scanner.name} allows (maximum {max_bw:.0f} Hz/px)"
         )
-    flat_time = round_up(adc_duration + 2 * system.adc_dead_time, system.grad_raster_time)
+    # Margin for the ADC dead time and for starting the ADC on the RF raster (Pulseq rule).
+    flat_time = round_up(
+        adc_duration + 2 * (system.adc_dead_time + system.rf_raster_time), system.grad_raster_time
+    )
     gx = pp.make_trapezoid(
         channel=channel, amplitude=sign * amplitude, flat_time=flat_time, system=system
     )
-    adc_delay = round_to(gx.rise_time + (flat_time - adc_duration) / 2, system.adc_raster_time)
+    adc_delay = round_to(gx.rise_time + (flat_time - adc_duration) / 2, system.rf_raster_time)
     adc = pp.make_adc(num_samples=n_samples, dwell=dwell, delay=adc_delay, system=system)
     center_time = adc_delay + (n_samples // 2 + 0.5) * dwell
     area_to_center = sign * amplitude * (center_time - gx.rise_time / 2)
