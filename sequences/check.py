@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pypulseq as pp
+
 from mrharmony.sequences.io import read_seq
 from mrharmony.sequences.scanner import GAMMA_HZ_PER_T, ScannerProfile, load_scanner
 

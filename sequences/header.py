@@ -14,10 +14,10 @@ from typing import Any
 import ismrmrd.xsd as mrd
 import numpy as np
 import pypulseq as pp
-from mrharmony.sequences.protocol import Protocol, load_protocol
-from mrharmony.sequences.scanner import GAMMA_HZ_PER_T, ScannerProfile, load_scanner
 
 from mrharmony.errors import SequenceFileError
+from mrharmony.sequences.protocol import Protocol, load_protocol
+from mrharmony.sequences.scanner import GAMMA_HZ_PER_T, ScannerProfile, load_scanner
 
 __all__ = ["ismrmrd_header", "ismrmrd_header_xml"]
 
@@ -95,9 +95,8 @@ def ismrmrd_header(
     ConfigError
         If a protocol is given without a scanner.
     """
-    from mrharmony.sequences.io import build, read_seq
-
     from mrharmony.errors import ConfigError
+    from mrharmony.sequences.io import build, read_seq
 
     if isinstance(source, str | Path) and Path(source).suffix == ".toml":
         source = load_protocol(source)

@@ -15,11 +15,11 @@ import warnings
 from pathlib import Path
 
 import pypulseq as pp
+
+from mrharmony.errors import SequenceFileError
 from mrharmony.sequences.builders import get_builder
 from mrharmony.sequences.protocol import Protocol, load_protocol
 from mrharmony.sequences.scanner import ScannerProfile, load_scanner
-
-from mrharmony.errors import SequenceFileError
 
 __all__ = ["build", "build_file", "read_seq", "write_seq"]
 

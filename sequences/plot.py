@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pypulseq as pp
+
 from mrharmony.sequences.scanner import GAMMA_HZ_PER_T
 
 __all__ = ["plot_sequence"]

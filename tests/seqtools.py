@@ -103,7 +103,8 @@ def pypulseq_examples_dir():
     from pathlib import Path
 
     env = os.environ.get("MRH_PYPULSEQ_EXAMPLES")
-    root = Path(env) if env else Path(__file__).resolve().parents[1] / ".cache" / "pypulseq-examples"
+    default = Path(__file__).resolve().parents[1] / ".cache" / "pypulseq-examples"
+    root = Path(env) if env else default
     return root if (root / "write_gre.py").is_file() else None
 
 

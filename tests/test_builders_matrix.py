@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES
+
 from mrharmony.sequences import build, list_scanners, load_protocol, load_scanner, read_seq
 from mrharmony.sequences.check import check_sequence
 from mrharmony.sequences.io import write_seq
+
+from conftest import EXAMPLES
 from seqtools import measure_timing
 
 PROTOCOL_FILES = sorted(EXAMPLES.glob("*.toml"))

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pypulseq as pp
 import pytest
-from conftest import CORPUS
-from seqtools import pypulseq_examples_dir, run_pypulseq_example
 
 from mrharmony.errors import SequenceFileError
 from mrharmony.sequences import build, load_scanner, write_seq
 from mrharmony.sequences.check import check_file, check_sequence, gradient_usage
+
+from conftest import CORPUS
+from seqtools import pypulseq_examples_dir, run_pypulseq_example
 
 EXAMPLE_SCRIPTS = [
     "write_gre", "write_epi", "write_tse", "write_radial_gre", "write_haste", "write_epi_se",

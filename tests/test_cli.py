@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES
 
 from mrharmony import __version__
 from mrharmony.cli import main
+
+from conftest import EXAMPLES
 
 
 def run(capsys, *args):
@@ -59,8 +60,8 @@ def test_impossible_protocol_is_one_line_exit_2_and_no_file(capsys, tmp_path):
     proto = tmp_path / "bad.toml"
     proto.write_text((EXAMPLES / "gre2d.toml").read_text().replace("te_ms = 5", "te_ms = 1.2"))
     target = tmp_path / "bad.seq"
-    code, out, err = run(capsys, "seq", "build", str(proto), "-s", "siemens-prisma", "-o",
-                         str(target))
+    code, _, err = run(capsys, "seq", "build", str(proto), "-s", "siemens-prisma", "-o",
+                       str(target))
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "te_ms: TE 1.2 ms is below the minimum" in err and "siemens-prisma" in err

@@ -6,16 +6,17 @@ import math
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES
 
 from mrharmony.errors import ProtocolError
 from mrharmony.sequences import build, build_file, load_scanner
 from mrharmony.sequences.protocol import load_protocol, protocol_from_mapping
 
-BASE = dict(
-    builder="gre2d", name="t", fov_mm=[200, 200], matrix=[64, 64], slice_thickness_mm=5,
-    te_ms=5, tr_ms=12, flip_deg=20,
-)
+from conftest import EXAMPLES
+
+BASE = {
+    "builder": "gre2d", "name": "t", "fov_mm": [200, 200], "matrix": [64, 64],
+    "slice_thickness_mm": 5, "te_ms": 5, "tr_ms": 12, "flip_deg": 20,
+}
 
 
 def _proto(**changes):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ismrmrd.xsd as mrd
 import pytest
-from conftest import CORPUS, EXAMPLES
 
 from mrharmony.errors import ConfigError, SequenceFileError
 from mrharmony.sequences import build, write_seq
 from mrharmony.sequences.header import ismrmrd_header, ismrmrd_header_xml
+
+from conftest import CORPUS, EXAMPLES
 
 
 def test_header_from_protocol_and_scanner():

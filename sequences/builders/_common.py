@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import pypulseq as pp
-from mrharmony.sequences.protocol import Protocol
-from mrharmony.sequences.scanner import ScannerProfile
 
 from mrharmony.errors import ProtocolError
+from mrharmony.sequences.protocol import Protocol
+from mrharmony.sequences.scanner import ScannerProfile
 
 __all__ = [
     "Readout",

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pypulseq as pp
+
 from mrharmony.sequences.builders._common import (
     check_positive_delay,
     excitation_pulse,
