@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pypulseq as pp
+from scipy.linalg import solve_banded
 
 from mrharmony.errors import ProtocolError
 from mrharmony.sequences.builders._common import (
@@ -256,30 +257,30 @@ def build_radial(protocol: RadialProtocol, scanner: ScannerProfile) -> pp.Sequen
 class SpiralDesign:
     """A spiral-out gradient waveform on the gradient raster (x + i y, Hz/m).
 
-    ``edges[m]`` is the gradient at ``t = m * dt``; ``edges[0] = edges[-1] = 0``. The
-    spiral proper ends at edge ``n_spiral`` (where ``|k| >= kmax``); a linear ramp-down
-    at the slew limit follows.
+    ``centres[m]`` is the gradient in the middle of raster interval ``m`` (what a Pulseq
+    arbitrary gradient stores; the waveform is 0 at both ends). Over the spiral proper
+    (the first ``n_spiral`` intervals, up to ``|k| >= kmax``) the piecewise-linear
+    waveform through these values passes exactly through ``k = lam * theta *
+    exp(i theta)`` at every raster edge (see :func:`_centres_through_edges`); a linear
+    ramp-down (at up to the slew limit) follows.
     """
 
-    edges: np.ndarray
+    centres: np.ndarray
     n_spiral: int
     dt: float
     lam: float
     kmax: float
 
     @property
-    def centres(self) -> np.ndarray:
-        """Values at raster-interval centres (what a Pulseq arbitrary gradient stores)."""
-        return 0.5 * (self.edges[:-1] + self.edges[1:])
-
-    @property
     def k_end(self) -> complex:
-        """k (1/m) at the end of the waveform (exact for the piecewise-linear shape)."""
-        return complex(np.sum(self.centres) * self.dt)
+        """k (1/m) at the end of the waveform: the exact integral of the piecewise-linear
+        shape through 0, the centre samples and 0."""
+        c = self.centres
+        return complex((np.sum(c) - 0.25 * (c[0] + c[-1])) * self.dt)
 
     @property
     def duration(self) -> float:
-        return (len(self.edges) - 1) * self.dt
+        return len(self.centres) * self.dt
 
     @property
     def spiral_duration(self) -> float:
@@ -287,26 +288,39 @@ class SpiralDesign:
 
 
 def _spiral_theta(
-    lam: float, theta_max: float, g_lim: float, s_lim: float, dt: float, oversample: int
+    lam: float,
+    theta_max: float,
+    g_lim: float,
+    slew: np.ndarray,
+    dt: float,
+    oversample: int,
+    end_window: float = 0.0,
+    end_factor: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """theta(t) and theta'(t) at ``t = m * dt`` for the Archimedean spiral ``k = lam*theta``.
 
     Slew-limited regime: forward integration (step ``dt/oversample``) taking the largest
     angular acceleration that keeps the vector slew ``lam |(th'' - th th'^2) +
-    i (2 th'^2 + th th'')| <= s_lim``; amplitude-limited regime (entered once
-    ``lam th' sqrt(1 + th^2)`` reaches ``g_lim``, after which the centripetal slew only
-    decreases): the closed form ``F(th) = (th sqrt(1+th^2) + asinh th) / 2 = g_lim t / lam
-    + const``, inverted with Newton's method.
+    i (2 th'^2 + th th'')|`` within ``slew[m]`` during raster interval ``m`` (the last
+    value beyond the array; times ``end_factor`` for ``theta > theta_max - end_window``,
+    which softens the junction with the ramp-down). Amplitude-limited regime (entered once ``lam th'
+    sqrt(1 + th^2)`` reaches ``g_lim`` past the end of ``slew``; the centripetal slew only
+    decreases from then on): the closed form ``F(th) = (th sqrt(1+th^2) + asinh th) / 2
+    = g_lim t / lam + const``, inverted with Newton's method.
     """
     h = dt / oversample
-    s2 = (s_lim / lam) ** 2
     th = om = t = 0.0
     ts, ths, oms = [0.0], [0.0], [0.0]
     amp_limited = False
-    while th < theta_max:
+    t_profile = len(slew) * dt  # the closed form is only used after the profile ends
+    t_stop = math.inf  # once theta_max is passed, run on to the next raster edge
+    while t < t_stop - 1e-12:
+        s_now = slew[min(int(t / dt + 1e-9), len(slew) - 1)]
+        if th > theta_max - end_window:
+            s_now *= end_factor
         a_q = 1.0 + th * th
         b_q = 2.0 * th * om * om
-        c_q = (th * th + 4.0) * om**4 - s2
+        c_q = (th * th + 4.0) * om**4 - (s_now / lam) ** 2
         disc = b_q * b_q - 4.0 * a_q * c_q
         acc = (-b_q + math.sqrt(disc)) / (2 * a_q) if disc >= 0 else -b_q / (2 * a_q)
         om_new = om + acc * h
@@ -320,38 +334,61 @@ def _spiral_theta(
         ts.append(t)
         ths.append(th)
         oms.append(om)
-        if amp_limited:
+        if amp_limited and th < theta_max and t >= t_profile:
             break
+        if th >= theta_max and math.isinf(t_stop):
+            t_stop = math.ceil(t / dt - 1e-9) * dt
     t_fine, th_fine, om_fine = np.array(ts), np.array(ths), np.array(oms)
 
     def big_f(x: np.ndarray) -> np.ndarray:
         return 0.5 * (x * np.sqrt(1 + x * x) + np.arcsinh(x))
 
     t_switch, th_switch = t_fine[-1], th_fine[-1]
-    if amp_limited and th_switch < theta_max:
-        f0 = float(big_f(np.array(th_switch)))
+    f0 = float(big_f(np.array(th_switch)))
+    if th_switch < theta_max:  # amplitude-limited from t_switch on: closed form
         t_end = t_switch + lam * (float(big_f(np.array(theta_max))) - f0) / g_lim
-    else:
-        t_end = t_switch
+    else:  # theta_max reached on the fine grid (which runs on to the next edge)
+        t_end = float(np.interp(theta_max, th_fine, t_fine))
     n_edges = math.ceil(t_end / dt - 1e-9)
     t_edge = np.arange(n_edges + 1) * dt
     theta = np.interp(t_edge, t_fine, th_fine)
     omega = np.interp(t_edge, t_fine, om_fine)
-    late = t_edge > t_switch
+    late = t_edge > t_switch + 1e-12
     if np.any(late):
-        if amp_limited:
-            target = f0 + g_lim * (t_edge[late] - t_switch) / lam
-            x = np.maximum(np.sqrt(2 * target), th_switch)
-            for _ in range(60):
-                step = (big_f(x) - target) / np.sqrt(1 + x * x)
-                x = x - step
-                if np.max(np.abs(step)) < 1e-12:
-                    break
-            theta[late] = x
-            omega[late] = g_lim / (lam * np.sqrt(1 + x * x))
-        else:  # pragma: no cover - only when the fine loop ended between two edges
-            theta[late], omega[late] = th_fine[-1], om_fine[-1]
+        target = f0 + g_lim * (t_edge[late] - t_switch) / lam
+        x = np.maximum(np.sqrt(2 * target), th_switch)
+        for _ in range(60):
+            step = (big_f(x) - target) / np.sqrt(1 + x * x)
+            x = x - step
+            if np.max(np.abs(step)) < 1e-12:
+                break
+        theta[late] = x
+        omega[late] = g_lim / (lam * np.sqrt(1 + x * x))
     return theta, omega
+
+
+def _centres_through_edges(k_edges: np.ndarray, dt: float, tail: np.ndarray) -> np.ndarray:
+    """Centre samples whose piecewise-linear waveform passes through ``k_edges``.
+
+    ``k_edges`` (complex, ``k_edges[0] = 0``) are the targets at the raster edges; the
+    waveform starts at 0 and continues with the fixed centre samples ``tail`` (the
+    ramp-down). The integral of the waveform over interval ``m`` is ``(g[m-1] + 6 g[m] +
+    g[m+1]) dt / 8`` (``(5 g[0] + g[1]) dt / 8`` for the first), a diagonally dominant
+    tridiagonal system. Plain interval means ``diff(k) / dt`` would leave a constant k
+    offset of several percent of 1/FOV wherever the gradient turns quickly within one
+    raster interval (the spiral's centre), rotating with each interleaf.
+    """
+    rhs = 8 * np.diff(k_edges) / dt
+    n = len(rhs)
+    rhs[-1] -= tail[0] if len(tail) else 0.0
+    bands = np.zeros((3, n))
+    bands[0, 1:] = 1.0
+    bands[1, :] = 6.0
+    bands[1, 0] = 5.0
+    if not len(tail):
+        bands[1, -1] = 5.0
+    bands[2, :-1] = 1.0
+    return solve_banded((1, 1), bands, rhs)
 
 
 def design_spiral(
@@ -370,9 +407,12 @@ def design_spiral(
     so neighbouring turns of the ``n_interleaves`` rotated copies are ``1/fov`` apart,
     running to ``kmax = n / (2 fov)``. The waveform starts at zero gradient, is
     slew-limited then amplitude-limited (see :func:`_spiral_theta`), and ends with a
-    linear ramp-down at the slew limit. The design is verified on the raster (vector and
-    hence per-axis amplitude <= ``max_grad``, slew <= ``max_slew``) and redone with
-    tighter margins if the discretisation overshoots.
+    linear ramp-down at up to the slew limit. The raster samples pass exactly through the
+    designed k at every raster edge (:func:`_centres_through_edges`). The result is
+    verified on the raster (amplitude and slew, per axis and as a vector, including the
+    half intervals to 0 at both ends); where the raster interpolation overshoots (the
+    gradient turns fastest near the centre, and at the start of the ramp-down) the slew
+    allowed there is lowered locally and the design repeated.
 
     Parameters
     ----------
@@ -394,23 +434,56 @@ def design_spiral(
     lam = n_interleaves / (2 * math.pi * fov_m)
     kmax = n / (2 * fov_m)
     theta_max = kmax / lam
-    margin = 0.99
-    for _ in range(8):
-        g_lim, s_lim = margin * max_grad, margin * max_slew
-        theta, omega = _spiral_theta(lam, theta_max, g_lim, s_lim, dt, oversample)
-        spiral = lam * omega * (1 + 1j * theta) * np.exp(1j * theta)
-        spiral[0] = 0.0
-        g_last = spiral[-1]
-        n_down = max(math.ceil(abs(g_last) / (s_lim * dt) - 1e-9), 1)
-        ramp = g_last * (1 - np.arange(1, n_down + 1) / n_down)
-        edges = np.concatenate([spiral, ramp])
-        edges[-1] = 0.0
-        ok_grad = np.max(np.abs(edges)) <= max_grad
-        ok_slew = np.max(np.abs(np.diff(edges))) / dt <= max_slew
-        if ok_grad and ok_slew:
-            return SpiralDesign(edges=edges, n_spiral=len(spiral) - 1, dt=dt, lam=lam, kmax=kmax)
-        margin *= 0.98
+    g_lim = 0.99 * max_grad
+    slew = np.full(1, 0.99 * max_slew)  # per raster interval; last value holds beyond
+    ramp_slew = 0.99 * max_slew
+    end_window, end_factor = 0.0, 1.0
+    for _ in range(40):
+        theta, omega = _spiral_theta(
+            lam, theta_max, g_lim, slew, dt, oversample, end_window, end_factor
+        )
+        k_spiral = lam * theta * np.exp(1j * theta)
+        g_last = lam * omega[-1] * (1 + 1j * theta[-1]) * np.exp(1j * theta[-1])
+        n_down = max(math.ceil(abs(g_last) / (ramp_slew * dt) - 1e-9), 1)
+        ramp = g_last * (1 - (np.arange(n_down) + 0.5) / n_down)
+        spiral = _centres_through_edges(k_spiral, dt, ramp)
+        centres = np.concatenate([spiral, ramp])
+        ratio = _limit_ratios(centres, max_grad, max_slew, dt)
+        if np.max(ratio) <= 1 + 1e-9:
+            return SpiralDesign(
+                centres=centres, n_spiral=len(spiral), dt=dt, lam=lam, kmax=kmax
+            )
+        # ratio[j]: the worse of amplitude at sample j-1/j and slew between them.
+        bad = np.nonzero(ratio > 1 + 1e-9)[0]
+        m_spiral = len(spiral)
+        if np.any(bad >= m_spiral - 2):
+            ramp_slew *= 0.9
+            end_factor *= 0.9
+            end_window = 8 * float(omega[-1]) * dt
+        early = bad[bad < m_spiral - 2]
+        if early.size:
+            if len(slew) < m_spiral:
+                slew = np.concatenate([slew, np.full(m_spiral - len(slew), slew[-1])])
+            for j in early:
+                lo, hi = max(j - 3, 0), min(j + 3, len(slew) - 1)
+                slew[lo:hi] *= min(0.97, 0.99 / ratio[j])
+            # The closed-form tail needs a profile that ends back at the full slew.
+            slew = np.concatenate([slew[: max(early) + 4], [0.99 * max_slew]])
+        if ramp_slew < 0.3 * max_slew:
+            g_lim *= 0.95
     raise RuntimeError("spiral design did not converge within the gradient limits")
+
+
+def _limit_ratios(
+    centres: np.ndarray, max_grad: float, max_slew: float, dt: float
+) -> np.ndarray:
+    """Per-step worst of |g|/max_grad and |slew|/max_slew (vector, hence per axis too)
+    for the piecewise-linear waveform through 0, ``centres`` and 0."""
+    p = np.concatenate([[0.0], centres, [0.0]])
+    steps = np.concatenate([[dt / 2], np.full(len(centres) - 1, dt), [dt / 2]])
+    slew = np.abs(np.diff(p)) / steps / max_slew
+    amp = np.maximum(np.abs(p[:-1]), np.abs(p[1:])) / max_grad
+    return np.maximum(slew, amp)
 
 
 def _spiral_duration_estimate(fov_m: float, n: int, n_interleaves: int, g_lim: float) -> float:
@@ -420,20 +493,21 @@ def _spiral_duration_estimate(fov_m: float, n: int, n_interleaves: int, g_lim: f
     return lam * 0.5 * (th * math.sqrt(1 + th * th) + math.asinh(th)) / g_lim
 
 
-def _check_waveform(wx: np.ndarray, wy: np.ndarray, system: pp.Opts, dt: float) -> None:
-    """Verify a gradient pair (centre samples, zero at both ends) per axis and as a vector."""
+def _within_limits(
+    wx: np.ndarray, wy: np.ndarray, max_grad: float, max_slew: float, dt: float
+) -> bool:
+    """Whether a gradient pair (centre samples, 0 at both ends, piecewise linear) keeps
+    amplitude and slew within the limits per axis and as a vector."""
     px = np.concatenate([[0.0], wx, [0.0]])
     py = np.concatenate([[0.0], wy, [0.0]])
     steps = np.concatenate([[dt / 2], np.full(len(wx) - 1, dt), [dt / 2]])
     sx, sy = np.diff(px) / steps, np.diff(py) / steps
     tol = 1 + 1e-9
-    if (
-        max(np.max(np.abs(px)), np.max(np.abs(py)), np.max(np.hypot(px, py)))
-        > system.max_grad * tol
-        or max(np.max(np.abs(sx)), np.max(np.abs(sy)), np.max(np.hypot(sx, sy)))
-        > system.max_slew * tol
-    ):
-        raise RuntimeError("spiral waveform exceeds the gradient limits (builder bug)")
+    return bool(
+        max(np.max(np.abs(px)), np.max(np.abs(py)), np.max(np.hypot(px, py))) <= max_grad * tol
+        and max(np.max(np.abs(sx)), np.max(np.abs(sy)), np.max(np.hypot(sx, sy)))
+        <= max_slew * tol
+    )
 
 
 def build_spiral(protocol: SpiralProtocol, scanner: ScannerProfile) -> pp.Sequence:
@@ -448,7 +522,7 @@ def build_spiral(protocol: SpiralProtocol, scanner: ScannerProfile) -> pp.Sequen
     as a vector against ``max_grad`` / ``max_slew``. The amplitude limit is also capped
     at ``1 / (readout_oversampling * FOV * dwell)`` so that successive samples along the
     trajectory are at most ``1/(os * FOV)`` apart. After the spiral, the gradient ramps
-    down at the slew limit, then a trapezoid along ``-k_end`` rewinds the in-plane
+    down (at up to the slew limit), then a trapezoid along ``-k_end`` rewinds the in-plane
     moment to zero while a z spoiler (4 cycles across the slice) plays; quadratic RF
     spoiling (ADC phase following) completes the spoiling.
 
@@ -549,7 +623,8 @@ def build_spiral(protocol: SpiralProtocol, scanner: ScannerProfile) -> pp.Sequen
     centres = design.centres
     for phi in il_angles:
         w = centres * np.exp(1j * phi)
-        _check_waveform(w.real, w.imag, system, dt)
+        if not _within_limits(w.real, w.imag, system.max_grad, system.max_slew, dt):
+            raise RuntimeError("spiral waveform exceeds the gradient limits (builder bug)")
         grads = [
             pp.make_arbitrary_grad(
                 channel=ch, waveform=wave, first=0.0, last=0.0, delay=t0, system=system

@@ -1,0 +1,804 @@
+"""Single-shot 2D EPI builders: gradient-echo EPI and diffusion-weighted spin-echo EPI.
+
+Both builders share one blipped echo-planar readout (:class:`_EPITrain`):
+
+- Lines alternate readout polarity; lines on the negative polarity carry ``REV = 1``.
+  The polarity of the first line is chosen so that the k-space centre line
+  (``ny // 2``) is always read on the positive polarity, hence the k-space centre
+  sample is exactly sample ``os * nx // 2`` of that line.
+- Phase encoding is blipped: a triangular blip of area ``1 / fov_y`` is split in two
+  halves across the boundary of two line blocks, both halves lying inside the readout
+  ramps (so with ``ramp_sampling = false`` the ADC, which sits on the flat top, never
+  sees a blip). Lines are acquired bottom-up: line ``j`` at ``ky = (j - ny//2) / fov_y``
+  (FFT convention, ``LIN = j``).
+- ``navigator_lines`` lines without blips come before the imaging echo train, for
+  Nyquist-ghost (odd/even) phase correction; they carry ``NAV = 1`` (and ``REV`` on
+  reversed lines). They are read at the fixed ``ky = -1 / fov_y`` (``LIN = ny//2 - 1``,
+  one line below centre, strong signal) rather than at ``ky = 0``, so that no
+  navigator sample sits at ``k = 0``: the k-space centre, and hence TE, is reached only
+  by the imaging echo train. Odd/even phase differences do not depend on ``ky``.
+- With ``ramp_sampling = false`` the ADC covers the flat top only and the samples are
+  on the uniform FFT grid (reversed lines: flip the sample order). With
+  ``ramp_sampling = true`` the ADC spans the whole line (ramps included), the readout
+  amplitude is raised so that the ADC window still covers ``nx / fov_x``, and the
+  samples are *not* uniform in kx (definition ``RampSampling = 1``; regrid with the
+  trajectory).
+
+The receiver bandwidth per pixel is ``1 / (os * nx * dwell)`` with the dwell on the ADC
+raster; the dwell is nudged (within 5 %) so that the ADC can be centred exactly on the
+readout gradient on the RF raster (the achieved value is written as
+``ReadoutBandwidth``, Hz/px, with ``EchoSpacing``, s).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pypulseq as pp
+
+from mrharmony.errors import ProtocolError
+from mrharmony.sequences.builders._common import (
+    check_positive_delay,
+    excitation_pulse,
+    finalize,
+    label,
+    new_sequence,
+    rf_center_time,
+    round_to,
+    round_up,
+    set_slice_offset,
+    slice_positions_m,
+)
+from mrharmony.sequences.protocol import DWIEPIProtocol, EPIProtocol
+from mrharmony.sequences.scanner import ScannerProfile
+
+__all__ = [
+    "build_dwi_epi",
+    "build_epi",
+    "diffusion_directions",
+    "stejskal_tanner_b",
+]
+
+#: Crusher / spoiler area in cycles across the slice thickness.
+_CRUSHER_CYCLES = 4.0
+
+
+def _round_down(t: float, raster: float) -> float:
+    """Largest multiple of ``raster`` that is <= ``t`` (tolerant to float noise)."""
+    return math.floor(t / raster + 1e-9) * raster
+
+
+def _trap_area_to(t: float, amplitude: float, rise: float, flat: float, fall: float) -> float:
+    """Area of a trapezoid (starting at 0) from its start to time ``t``."""
+    if t <= 0:
+        return 0.0
+    if t <= rise:
+        return amplitude * t * t / (2 * rise)
+    if t <= rise + flat:
+        return amplitude * (rise / 2 + t - rise)
+    if t <= rise + flat + fall:
+        tau = t - rise - flat
+        return amplitude * (rise / 2 + flat + tau - tau * tau / (2 * fall))
+    return amplitude * (rise / 2 + flat + fall / 2)
+
+
+# --------------------------------------------------------------------------------------
+# EPI readout
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _EPITrain:
+    """A designed blipped EPI readout (all times in s, areas in 1/m, gradients in Hz/m)."""
+
+    gx_pos: SimpleNamespace
+    gx_neg: SimpleNamespace
+    adc: SimpleNamespace
+    gy_first: SimpleNamespace
+    gy_mid: SimpleNamespace
+    gy_last: SimpleNamespace
+    line_s: float
+    ramp_s: float
+    flat_s: float
+    dwell_s: float
+    n_samples: int
+    ny: int
+    n_nav: int
+    #: Polarity (+1/-1) of the first line played (navigator or imaging).
+    first_sign: int
+    #: Time from the start of a positive line block to its k-space-centre sample.
+    center_in_line_s: float
+    #: x prephaser area bringing kx to the start of the first line.
+    pre_x_area: float
+    #: y prephaser area before the first played line (navigator ky or first imaging ky).
+    pre_y_area: float
+    #: y area between navigators and the imaging lines (0 without navigators).
+    pre2_y_area: float
+    t_pre2_s: float
+    bandwidth_hz_per_px: float
+    ramp_sampling: bool
+
+    def sign(self, m: int) -> int:
+        """Polarity of the ``m``-th line played (navigators first)."""
+        return self.first_sign * (1 if m % 2 == 0 else -1)
+
+    def prep(
+        self, system: pp.Opts, z_area: float = 0.0
+    ) -> tuple[list[SimpleNamespace], float]:
+        """Prephaser gradients (x, y and an optional z area) and their common duration."""
+        areas = {"x": self.pre_x_area, "y": self.pre_y_area, "z": z_area}
+        durations = [
+            pp.calc_duration(pp.make_trapezoid(channel=ch, area=a, system=system))
+            for ch, a in areas.items()
+            if abs(a) > 0
+        ]
+        t_pre = round_up(max(durations, default=system.grad_raster_time),
+                         system.block_duration_raster)
+        grads = [
+            pp.make_trapezoid(channel=ch, area=a, duration=t_pre, system=system)
+            for ch, a in areas.items()
+            if abs(a) > 0
+        ]
+        return grads, t_pre
+
+    def time_to_center(self, t_pre: float) -> float:
+        """Time from the start of the prephaser block to the k-space-centre sample."""
+        lines_before = self.n_nav + self.ny // 2
+        return t_pre + self.t_pre2_s + lines_before * self.line_s + self.center_in_line_s
+
+    def duration(self, t_pre: float) -> float:
+        """Duration from the start of the prephaser block to the end of the last line."""
+        return t_pre + self.t_pre2_s + (self.n_nav + self.ny) * self.line_s
+
+    def add_to(
+        self,
+        seq: pp.Sequence,
+        system: pp.Opts,
+        prep_grads: list[SimpleNamespace],
+        t_pre: float,
+        *,
+        acquire: bool,
+        labels: list[SimpleNamespace],
+    ) -> None:
+        """Append prephasers, navigators and the echo train to ``seq``."""
+        seq.add_block(*prep_grads, pp.make_delay(t_pre))
+        m = 0
+        for _ in range(self.n_nav):
+            s = self.sign(m)
+            events: list[Any] = [self.gx_pos if s > 0 else self.gx_neg]
+            if acquire:
+                events += [
+                    self.adc,
+                    label("NAV", 1),
+                    label("REV", int(s < 0)),
+                    label("LIN", self.ny // 2 - 1),
+                    *labels,
+                ]
+            seq.add_block(*events)
+            m += 1
+        if self.n_nav:
+            gy2 = pp.make_trapezoid(
+                channel="y", area=self.pre2_y_area, duration=self.t_pre2_s, system=system
+            )
+            seq.add_block(gy2, pp.make_delay(self.t_pre2_s))
+        for j in range(self.ny):
+            s = self.sign(m)
+            if j == 0:
+                gy = self.gy_first
+            elif j == self.ny - 1:
+                gy = self.gy_last
+            else:
+                gy = self.gy_mid
+            events = [self.gx_pos if s > 0 else self.gx_neg, gy]
+            if acquire:
+                events += [
+                    self.adc,
+                    label("NAV", 0),
+                    label("REV", int(s < 0)),
+                    label("LIN", j),
+                    *labels,
+                ]
+            seq.add_block(*events)
+            m += 1
+
+    def definitions(self) -> dict[str, Any]:
+        """Builder-specific ``[DEFINITIONS]`` describing the readout."""
+        return {
+            "EchoSpacing": self.line_s,
+            "ReadoutBandwidth": self.bandwidth_hz_per_px,
+            "RampSampling": int(self.ramp_sampling),
+            "EchoTrainLength": self.ny,
+            "NavigatorLines": self.n_nav,
+            "ReadoutRampTime": self.ramp_s,
+            "ReadoutFlatTime": self.flat_s,
+            "ADCDwell": self.dwell_s,
+            "ADCDelayInLine": self.adc.delay,
+            "PhaseEncodingDirection": "bottom-up",
+        }
+
+
+def _choose_dwell(
+    system: pp.Opts, scanner: ScannerProfile, bandwidth: float, n_samples: int
+) -> float:
+    """ADC dwell for ``bandwidth`` Hz/px, nudged (<= 5 %) to allow an exactly centred ADC.
+
+    The ADC start must be on the RF raster; centring an ADC of ``n * dwell`` on a line of
+    whole gradient rasters needs ``n * dwell`` to be a multiple of twice the RF raster.
+    """
+    target = 1.0 / (bandwidth * n_samples)
+    adc_r = system.adc_raster_time
+    if target < adc_r * (1 - 1e-9) and round_to(target, adc_r) < adc_r:
+        raise ProtocolError(
+            f"readout_bandwidth_hz_per_px: {bandwidth:g} Hz/px needs a dwell below the "
+            f"{adc_r * 1e6:g} us ADC raster of {scanner.name} (maximum "
+            f"{1.0 / (adc_r * n_samples):.0f} Hz/px)"
+        )
+    dwell = max(round_to(target, adc_r), adc_r)
+    # Search for a nearby dwell (multiples of the ADC raster) with n * dwell a multiple of
+    # twice the RF raster; integer arithmetic in units of 1 ns.
+    adc_ns = round(adc_r * 1e9)
+    period_ns = round(2 * system.rf_raster_time * 1e9)
+    step = period_ns // math.gcd(period_ns, n_samples * adc_ns)  # in ADC rasters
+    candidate = max(round(target / (step * adc_r)), 1) * step * adc_r
+    if abs(candidate - target) <= 0.05 * target:
+        dwell = candidate
+    return dwell
+
+
+def _design_epi(
+    system: pp.Opts,
+    scanner: ScannerProfile,
+    protocol: EPIProtocol | DWIEPIProtocol,
+) -> _EPITrain:
+    """Design the EPI readout for ``protocol`` within ``system`` limits.
+
+    Raises
+    ------
+    ProtocolError
+        If the bandwidth needs a dwell below the ADC raster or a readout gradient above
+        the scanner maximum.
+    """
+    fov_x, fov_y = protocol.fov_mm[0] * 1e-3, protocol.fov_mm[1] * 1e-3
+    nx, ny = int(protocol.matrix[0]), int(protocol.matrix[1])
+    os_ = int(protocol.readout_oversampling)
+    n_samples = nx * os_
+    bw = float(protocol.readout_bandwidth_hz_per_px)
+    g_raster = system.grad_raster_time
+    rf_raster = system.rf_raster_time
+    dead = system.adc_dead_time
+    max_grad, max_slew = system.max_grad, system.max_slew
+    dk_x, dk_y = 1.0 / fov_x, 1.0 / fov_y
+
+    dwell = _choose_dwell(system, scanner, bw, n_samples)
+    t_adc = n_samples * dwell
+    k_width = nx * dk_x  # area the ADC window must cover
+
+    # Triangular blip of area dk_y, split in two halves of duration hb.
+    hb = round_up(max(math.sqrt(dk_y / max_slew), dk_y / max_grad, g_raster), g_raster)
+    blip_peak = dk_y / hb
+
+    def too_fast(amplitude: float, max_bw: float | None) -> ProtocolError:
+        mt = amplitude / scanner.max_grad_hz_per_m * scanner.max_grad_mt_per_m
+        limit = f" (maximum about {max_bw:.0f} Hz/px)" if max_bw else ""
+        return ProtocolError(
+            f"readout_bandwidth_hz_per_px: {bw:g} Hz/px needs an EPI readout gradient of "
+            f"{mt:.1f} mT/m over a {fov_x * 1e3:g} mm FOV, above the "
+            f"{scanner.max_grad_mt_per_m:g} mT/m {scanner.name} allows{limit}"
+        )
+
+    if not protocol.ramp_sampling:
+        amplitude = k_width / t_adc
+        if amplitude > max_grad:
+            raise too_fast(amplitude, max_grad * fov_x / nx)
+        ramp = round_up(max(amplitude / max_slew, hb, g_raster), g_raster)
+        flat = round_up(t_adc + 2 * max(0.0, dead - ramp), g_raster)
+        line = 2 * ramp + flat
+        adc_delay = round_to((line - t_adc) / 2, rf_raster)
+        while adc_delay < dead - 1e-12 or line - adc_delay - t_adc < dead - 1e-12:
+            flat += g_raster
+            line = 2 * ramp + flat
+            adc_delay = round_to((line - t_adc) / 2, rf_raster)
+    else:
+        # The ADC spans the line (minus dead times). When the slew rate cannot make the
+        # ramps that short, the line grows (the outer ramp parts are then not sampled).
+        line = round_up(t_adc + 2 * dead, g_raster)
+        amplitude = ramp = flat = adc_delay = None
+        for _ in range(4000):
+            adc_delay = round_to((line - t_adc) / 2, rf_raster)
+            if adc_delay >= dead - 1e-12 and line - adc_delay - t_adc >= dead - 1e-12:
+                # Ramps at least past the ADC dead time, so the ADC really samples them.
+                ramp = round_up(max(hb, adc_delay + g_raster), g_raster)
+                while 2 * ramp < line - 1e-12:
+                    flat = line - 2 * ramp
+                    window = _trap_area_to(
+                        adc_delay + t_adc, 1.0, ramp, flat, ramp
+                    ) - _trap_area_to(adc_delay, 1.0, ramp, flat, ramp)
+                    amp = k_width / window
+                    if amp <= max_grad and amp / ramp <= max_slew * (1 + 1e-9):
+                        amplitude = amp
+                        break
+                    ramp += g_raster
+            if amplitude is not None:
+                break
+            line += g_raster
+        if amplitude is None:
+            raise too_fast(k_width / t_adc, max_grad * fov_x / nx)
+
+    gx_pos = pp.make_trapezoid(
+        channel="x", amplitude=amplitude, rise_time=ramp, flat_time=flat, fall_time=ramp,
+        system=system,
+    )
+    gx_neg = pp.make_trapezoid(
+        channel="x", amplitude=-amplitude, rise_time=ramp, flat_time=flat, fall_time=ramp,
+        system=system,
+    )
+    adc = pp.make_adc(num_samples=n_samples, dwell=dwell, delay=adc_delay, system=system)
+    area_line = amplitude * (flat + ramp)
+    center_time = adc_delay + (n_samples // 2 + 0.5) * dwell
+    u_center = _trap_area_to(center_time, amplitude, ramp, flat, ramp)
+
+    gy_first = pp.make_extended_trapezoid(
+        channel="y", times=[0.0, line - hb, line], amplitudes=[0.0, 0.0, blip_peak],
+        system=system,
+    )
+    gy_mid = pp.make_extended_trapezoid(
+        channel="y",
+        times=[0.0, hb, line - hb, line],
+        amplitudes=[blip_peak, 0.0, 0.0, blip_peak],
+        system=system,
+    )
+    gy_last = pp.make_extended_trapezoid(
+        channel="y", times=[0.0, hb], amplitudes=[blip_peak, 0.0], system=system
+    )
+
+    n_nav = int(protocol.navigator_lines)
+    first_sign = 1 if (n_nav + ny // 2) % 2 == 0 else -1
+    pre_x = -u_center if first_sign > 0 else area_line - u_center
+    ky_first = -(ny // 2) * dk_y
+    if n_nav:
+        pre_y = -dk_y  # navigators at line ny//2 - 1
+        pre2_y = ky_first - pre_y
+        t_pre2 = round_up(
+            pp.calc_duration(pp.make_trapezoid(channel="y", area=pre2_y, system=system)),
+            system.block_duration_raster,
+        )
+    else:
+        pre_y, pre2_y, t_pre2 = ky_first, 0.0, 0.0
+
+    return _EPITrain(
+        gx_pos=gx_pos,
+        gx_neg=gx_neg,
+        adc=adc,
+        gy_first=gy_first,
+        gy_mid=gy_mid,
+        gy_last=gy_last,
+        line_s=line,
+        ramp_s=ramp,
+        flat_s=flat,
+        dwell_s=dwell,
+        n_samples=n_samples,
+        ny=ny,
+        n_nav=n_nav,
+        first_sign=first_sign,
+        center_in_line_s=center_time,
+        pre_x_area=pre_x,
+        pre_y_area=pre_y,
+        pre2_y_area=pre2_y,
+        t_pre2_s=t_pre2,
+        bandwidth_hz_per_px=1.0 / t_adc,
+        ramp_sampling=bool(protocol.ramp_sampling),
+    )
+
+
+def _slot_and_tr(
+    protocol: EPIProtocol | DWIEPIProtocol,
+    scanner: ScannerProfile,
+    system: pp.Opts,
+    min_slot: float,
+) -> tuple[float, float]:
+    """Per-slice slot duration and the achieved volume TR; refuses a too-short TR."""
+    n = protocol.n_slices
+    tr = protocol.tr_ms * 1e-3
+    check_positive_delay(
+        tr - n * min_slot, what="TR", key="tr_ms", requested_ms=protocol.tr_ms, scanner=scanner
+    )
+    slot = max(round_to(tr / n, system.block_duration_raster), round_up(
+        min_slot, system.block_duration_raster))
+    return slot, n * slot
+
+
+def _spoiler(system: pp.Opts, thickness_m: float) -> SimpleNamespace:
+    return pp.make_trapezoid(channel="z", area=_CRUSHER_CYCLES / thickness_m, system=system)
+
+
+# --------------------------------------------------------------------------------------
+# Gradient-echo EPI
+# --------------------------------------------------------------------------------------
+
+
+def build_epi(protocol: EPIProtocol, scanner: ScannerProfile) -> pp.Sequence:
+    """Build a single-shot multi-slice 2D gradient-echo EPI.
+
+    Per slice (one TR holds all slices, TR is the volume repetition time): slice-selective
+    excitation (``use='excitation'``), a TE fill delay, prephasers (slice rephaser,
+    readout prephaser, phase prephaser to the navigator line), ``navigator_lines``
+    non-blipped lines (``NAV = 1``), a phase prephaser to the first line, the blipped
+    echo train of ``matrix[1]`` lines (linear, bottom-up, ``LIN``, ``REV`` on reversed
+    lines) and a z spoiler. TE is the time from the excitation centre to the k-space
+    centre sample (line ``ny // 2``, sample ``os * nx // 2``). ``dummy_scans`` whole
+    volumes are played first without ADC.
+
+    Parameters
+    ----------
+    protocol : EPIProtocol
+        TE, TR (ms; TR per volume), flip (deg), FOV (mm), matrix, slices, readout
+        bandwidth (Hz/px), ``ramp_sampling``, ``navigator_lines``.
+    scanner : ScannerProfile
+        Hardware limits to build within.
+
+    Returns
+    -------
+    pypulseq.Sequence
+        With the standard ``[DEFINITIONS]`` plus ``EchoSpacing`` (s), ``ReadoutBandwidth``
+        (Hz/px), ``RampSampling`` (0/1; 1 means the kx samples are not uniform),
+        ``NavigatorLines``, ``EchoTrainLength`` and the readout timing.
+
+    Raises
+    ------
+    ProtocolError
+        TE (``te_ms``) or TR (``tr_ms``) below the minimum, slice too thin, or the
+        bandwidth (``readout_bandwidth_hz_per_px``) too high for the scanner.
+    """
+    seq, system = new_sequence(scanner)
+    thickness = protocol.slice_thickness_mm * 1e-3
+    rf, gz, _ = excitation_pulse(
+        system,
+        scanner,
+        flip_deg=protocol.flip_deg,
+        duration_s=protocol.rf_duration_ms * 1e-3,
+        time_bw_product=protocol.rf_time_bw_product,
+        thickness_m=thickness,
+    )
+    train = _design_epi(system, scanner, protocol)
+    prep_grads, t_pre = train.prep(system, z_area=-gz.area / 2)
+    spoil = _spoiler(system, thickness)
+    t_spoil = round_up(pp.calc_duration(spoil), system.block_duration_raster)
+
+    exc_block = round_up(pp.calc_duration(rf, gz), system.block_duration_raster)
+    t_rf_center = rf_center_time(rf)
+    min_te = exc_block - t_rf_center + train.time_to_center(t_pre)
+    check_positive_delay(
+        protocol.te_ms * 1e-3 - min_te, what="TE", key="te_ms", requested_ms=protocol.te_ms,
+        scanner=scanner,
+    )
+    delay_te = max(round_to(protocol.te_ms * 1e-3 - min_te, system.block_duration_raster), 0.0)
+    te = min_te + delay_te
+    min_slot = exc_block + delay_te + train.duration(t_pre) + t_spoil
+    slot, tr = _slot_and_tr(protocol, scanner, system, min_slot)
+    fill = slot - min_slot
+
+    positions = slice_positions_m(protocol)
+    volumes = [False] * protocol.dummy_scans + [True]
+    for acquire in volumes:
+        for i_slice, pos in enumerate(positions):
+            set_slice_offset(rf, gz.amplitude, float(pos))
+            seq.add_block(rf, gz, label("TRID", 2 if acquire else 1))
+            if delay_te > 0:
+                seq.add_block(pp.make_delay(delay_te))
+            train.add_to(
+                seq, system, prep_grads, t_pre, acquire=acquire,
+                labels=[label("SLC", i_slice)],
+            )
+            seq.add_block(spoil, pp.make_delay(t_spoil + fill))
+
+    extra = train.definitions()
+    extra["DummyScans"] = protocol.dummy_scans
+    return finalize(
+        seq,
+        protocol,
+        scanner,
+        te_s=te,
+        tr_s=tr,
+        trajectory="epi",
+        ordering="epi-single-shot-linear-sequential-slices",
+        extra=extra,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Diffusion-weighted spin-echo EPI
+# --------------------------------------------------------------------------------------
+
+
+def diffusion_directions(n: int, iterations: int = 600) -> np.ndarray:
+    """Well-distributed unit vectors on the half sphere (electrostatic repulsion).
+
+    Deterministic: starts from a golden-angle spiral on the upper hemisphere and
+    minimises the Coulomb energy of the ``n`` antipodal pairs ``±u`` (a diffusion
+    direction and its opposite encode the same thing) by projected gradient descent.
+
+    Parameters
+    ----------
+    n : int
+        Number of directions (>= 1).
+    iterations : int
+        Descent steps.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, 3)`` unit vectors, each with a non-negative z (or, when z = 0, a positive
+        first non-zero component).
+    """
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    if n == 1:
+        return np.array([[0.0, 0.0, 1.0]])
+    i = np.arange(n)
+    z = 1.0 - (i + 0.5) / n
+    r = np.sqrt(1.0 - z * z)
+    phi = i * math.pi * (3.0 - math.sqrt(5.0))
+    u = np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+    eye = np.eye(n, dtype=bool)
+    step = 0.3 * math.sqrt(2 * math.pi / n)  # a fraction of the typical spacing, in rad
+    for _ in range(iterations):
+        d_minus = u[:, None, :] - u[None, :, :]
+        d_plus = u[:, None, :] + u[None, :, :]
+        r_minus = np.linalg.norm(d_minus, axis=2)
+        r_plus = np.linalg.norm(d_plus, axis=2)
+        r_minus[eye] = np.inf
+        r_plus[eye] = np.inf
+        force = (d_minus / r_minus[..., None] ** 3 + d_plus / r_plus[..., None] ** 3).sum(axis=1)
+        force -= np.sum(force * u, axis=1, keepdims=True) * u
+        norm = np.max(np.linalg.norm(force, axis=1))
+        if norm < 1e-12:
+            break
+        u = u + step * force / norm
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        step *= 0.99
+    for row in u:
+        nz = row[np.abs(row) > 1e-12]
+        if row[2] < -1e-12 or (abs(row[2]) <= 1e-12 and nz.size and nz[0] < 0):
+            row *= -1.0
+    return u
+
+
+def stejskal_tanner_b(
+    amplitude_hz_per_m: float, small_delta_s: float, big_delta_s: float, ramp_s: float
+) -> float:
+    """b-value (s/mm2) of a pair of trapezoidal diffusion lobes (Stejskal-Tanner, ramps).
+
+    ``b = (2 pi G)^2 [delta^2 (Delta - delta/3) + eps^3/30 - delta eps^2/6]`` with ``G`` in
+    Hz/m, ``delta`` the lobe duration from the start of its ramp-up to the start of its
+    ramp-down (flat top + one ramp), ``Delta`` the separation of the lobe starts and
+    ``eps`` the ramp time, all in seconds.
+    """
+    d, big, e = small_delta_s, big_delta_s, ramp_s
+    b_si = (2 * math.pi * amplitude_hz_per_m) ** 2 * (
+        d * d * (big - d / 3) + e**3 / 30 - d * e * e / 6
+    )
+    return b_si * 1e-6
+
+
+@dataclass(frozen=True)
+class _DiffusionTiming:
+    """Timing of the PGSE preparation for one requested TE (all in seconds)."""
+
+    lobe_s: float
+    ramp_s: float
+    flat_s: float
+    amplitude: float
+    fill_pre_s: float
+    fill_post_s: float
+    big_delta_s: float
+    te_s: float
+    b_max: float
+
+
+def build_dwi_epi(protocol: DWIEPIProtocol, scanner: ScannerProfile) -> pp.Sequence:
+    """Build a diffusion-weighted single-shot spin-echo EPI (Stejskal-Tanner PGSE).
+
+    Per slice: 90 deg excitation (``use='excitation'``) and slice rephaser, diffusion lobe
+    1 (right after the excitation), a fill delay, crusher / 180 deg refocusing pulse
+    (``use='refocusing'``, phase 90 deg) / crusher, a fill delay, diffusion lobe 2 (right
+    before the readout, identical to lobe 1: the 180 pulse inverts its phase), then the
+    EPI readout of :func:`build_epi` (navigators, blipped echo train) and a z spoiler.
+    The refocusing centre sits at TE/2 (to within half a raster). Diffusion lobes are
+    trapezoids at the scanner maximum gradient and slew rate per axis, with the largest
+    duration that fits into TE; each b-value scales their amplitude
+    (``b ∝ G^2``). Encodings: for each entry of ``b_values_s_per_mm2`` in order, one
+    encoding for b = 0, else ``n_directions`` encodings along
+    :func:`diffusion_directions`. Each encoding is one volume (``SET`` = encoding index),
+    slices inner; ``dummy_scans`` b = 0 volumes without ADC come first.
+
+    Parameters
+    ----------
+    protocol : DWIEPIProtocol
+        TE, TR (ms; TR per volume), b-values (s/mm2), directions, FOV (mm), matrix,
+        slices, readout bandwidth (Hz/px), ``ramp_sampling``, ``navigator_lines``.
+    scanner : ScannerProfile
+        Hardware limits to build within.
+
+    Returns
+    -------
+    pypulseq.Sequence
+        With the standard ``[DEFINITIONS]`` plus ``BValues`` (s/mm2, one per encoding),
+        ``DiffusionDirections`` (flattened unit vectors, zeros for b = 0),
+        ``DiffusionSmallDelta`` / ``DiffusionBigDelta`` / ``DiffusionRampTime`` (s),
+        ``DiffusionGradientMax`` (mT/m, at the largest b) and the EPI readout keys.
+
+    Raises
+    ------
+    ProtocolError
+        TE (``te_ms``) or TR (``tr_ms``) below the minimum, a b-value
+        (``b_values_s_per_mm2``) that cannot be reached within TE (with the maximum and
+        the TE it needs), slice too thin, or bandwidth too high.
+    """
+    seq, system = new_sequence(scanner)
+    raster = system.block_duration_raster
+    thickness = protocol.slice_thickness_mm * 1e-3
+    rf_dur = protocol.rf_duration_ms * 1e-3
+    rf, gz, gzr = excitation_pulse(
+        system, scanner, flip_deg=90.0, duration_s=rf_dur,
+        time_bw_product=protocol.rf_time_bw_product, thickness_m=thickness,
+    )
+    rf180, gz180, _ = excitation_pulse(
+        system, scanner, flip_deg=180.0, duration_s=rf_dur,
+        time_bw_product=protocol.rf_time_bw_product, thickness_m=thickness, use="refocusing",
+    )
+    train = _design_epi(system, scanner, protocol)
+    prep_grads, t_pre = train.prep(system)
+    crusher = _spoiler(system, thickness)
+    t_crush = round_up(pp.calc_duration(crusher), raster)
+    spoil = _spoiler(system, thickness)
+    t_spoil = round_up(pp.calc_duration(spoil), raster)
+    t_gzr = round_up(pp.calc_duration(gzr), raster)
+
+    exc_block = round_up(pp.calc_duration(rf, gz), raster)
+    ref_block = round_up(pp.calc_duration(rf180, gz180), raster)
+    t_exc_c = rf_center_time(rf)
+    t_ref_c = rf_center_time(rf180)
+    pre_fixed = exc_block - t_exc_c + t_gzr + t_crush + t_ref_c
+    post_fixed = ref_block - t_ref_c + t_crush + train.time_to_center(t_pre)
+
+    max_grad = system.max_grad
+    full_ramp = round_up(max_grad / system.max_slew, system.grad_raster_time)
+    g_raster = max(system.grad_raster_time, raster)
+
+    def design(te_s: float) -> _DiffusionTiming:
+        half = te_s / 2
+        lobe = _round_down(min(half - pre_fixed, half - post_fixed), g_raster)
+        lobe = max(lobe, 0.0)
+        ramp = min(full_ramp, _round_down(lobe / 2, system.grad_raster_time))
+        if ramp <= 0:
+            lobe, ramp, flat, amp = 0.0, 0.0, 0.0, 0.0
+        else:
+            flat = lobe - 2 * ramp
+            amp = min(max_grad, system.max_slew * ramp)
+        fill_pre = max(round_to(half - pre_fixed - lobe, raster), 0.0)
+        fill_post = max(round_to(half - post_fixed - lobe, raster), 0.0)
+        big_delta = lobe + fill_pre + t_crush + ref_block + t_crush + fill_post
+        te_real = pre_fixed + lobe + fill_pre + fill_post + lobe + post_fixed
+        b = stejskal_tanner_b(amp, flat + ramp, big_delta, ramp) if amp > 0 else 0.0
+        return _DiffusionTiming(
+            lobe_s=lobe, ramp_s=ramp, flat_s=flat, amplitude=amp, fill_pre_s=fill_pre,
+            fill_post_s=fill_post, big_delta_s=big_delta, te_s=te_real, b_max=b,
+        )
+
+    te_req = protocol.te_ms * 1e-3
+    te_min = 2 * max(pre_fixed, post_fixed)
+    b_req = max(protocol.b_values_s_per_mm2)
+    te_need = te_min
+    if b_req > 0:
+        # Smallest TE (0.1 ms steps) whose longest lobes reach the largest b-value.
+        te_need = math.ceil(te_min * 1e4 - 1e-6) / 1e4
+        while design(te_need).b_max < b_req and te_need < 10.0:
+            te_need = round(te_need + 1e-4, 7)
+    # The TE minimum named in the error includes what the largest b-value needs.
+    check_positive_delay(
+        te_req - max(te_min, te_need) if te_req < te_min else 0.0, what="TE", key="te_ms",
+        requested_ms=protocol.te_ms, scanner=scanner,
+    )
+    timing = design(te_req)
+    if b_req > 0 and b_req > timing.b_max * (1 + 1e-9):
+        need = f"needs TE >= {te_need * 1e3:.1f} ms" if te_need < 10.0 else (
+            "not reachable below TE 10 s"
+        )
+        raise ProtocolError(
+            f"b_values_s_per_mm2: b = {b_req:g} s/mm2 cannot be reached within TE "
+            f"{protocol.te_ms:g} ms on {scanner.name} (maximum {timing.b_max:.0f} s/mm2 at "
+            f"{scanner.max_grad_mt_per_m:g} mT/m, {scanner.max_slew_t_per_m_per_s:g} T/m/s; "
+            f"{need})"
+        )
+
+    # Encodings: (b, unit direction).
+    directions = diffusion_directions(protocol.n_directions)
+    encodings: list[tuple[float, np.ndarray]] = []
+    for b in protocol.b_values_s_per_mm2:
+        if b == 0:
+            encodings.append((0.0, np.zeros(3)))
+        else:
+            encodings.extend((float(b), d) for d in directions)
+
+    lobe = timing.lobe_s
+    min_slot = (
+        exc_block + t_gzr + 2 * lobe + timing.fill_pre_s + 2 * t_crush + ref_block
+        + timing.fill_post_s + train.duration(t_pre) + t_spoil
+    )
+    slot, tr = _slot_and_tr(protocol, scanner, system, min_slot)
+    fill = slot - min_slot
+
+    def lobes(b: float, direction: np.ndarray) -> list[SimpleNamespace]:
+        if b <= 0 or lobe <= 0:
+            return []
+        g = timing.amplitude * math.sqrt(b / timing.b_max)
+        grads = []
+        for axis, comp in zip("xyz", direction, strict=True):
+            if abs(comp * g) > 1e-9 * max_grad:
+                grads.append(
+                    pp.make_trapezoid(
+                        channel=axis, amplitude=float(comp * g), rise_time=timing.ramp_s,
+                        flat_time=timing.flat_s, fall_time=timing.ramp_s, system=system,
+                    )
+                )
+        return grads
+
+    positions = slice_positions_m(protocol)
+    volumes: list[tuple[int | None, float, np.ndarray]] = [
+        (None, 0.0, np.zeros(3))
+    ] * protocol.dummy_scans + [(i, b, d) for i, (b, d) in enumerate(encodings)]
+    for i_enc, b, direction in volumes:
+        acquire = i_enc is not None
+        diff = lobes(b, direction)
+        for i_slice, pos in enumerate(positions):
+            set_slice_offset(rf, gz.amplitude, float(pos))
+            set_slice_offset(rf180, gz180.amplitude, float(pos))
+            rf180.phase_offset += math.pi / 2
+            seq.add_block(rf, gz, label("TRID", 2 if acquire else 1))
+            seq.add_block(gzr, pp.make_delay(t_gzr))
+            if lobe > 0:
+                seq.add_block(*diff, pp.make_delay(lobe))
+            if timing.fill_pre_s > 0:
+                seq.add_block(pp.make_delay(timing.fill_pre_s))
+            seq.add_block(crusher, pp.make_delay(t_crush))
+            seq.add_block(rf180, gz180, pp.make_delay(ref_block))
+            seq.add_block(crusher, pp.make_delay(t_crush))
+            if timing.fill_post_s > 0:
+                seq.add_block(pp.make_delay(timing.fill_post_s))
+            if lobe > 0:
+                seq.add_block(*diff, pp.make_delay(lobe))
+            labels = [label("SLC", i_slice)]
+            if acquire:
+                labels.append(label("SET", i_enc))
+            train.add_to(seq, system, prep_grads, t_pre, acquire=acquire, labels=labels)
+            seq.add_block(spoil, pp.make_delay(t_spoil + fill))
+
+    extra = train.definitions()
+    extra.update(
+        {
+            "BValues": [b for b, _ in encodings],
+            "DiffusionDirections": [float(c) for _, d in encodings for c in d],
+            "DiffusionSmallDelta": timing.flat_s + timing.ramp_s,
+            "DiffusionBigDelta": timing.big_delta_s,
+            "DiffusionRampTime": timing.ramp_s,
+            "DiffusionGradientMax": (
+                timing.amplitude * math.sqrt(b_req / timing.b_max) / scanner.max_grad_hz_per_m
+                * scanner.max_grad_mt_per_m if b_req > 0 and timing.b_max > 0 else 0.0
+            ),
+            "DummyScans": protocol.dummy_scans,
+        }
+    )
+    return finalize(
+        seq,
+        protocol,
+        scanner,
+        te_s=timing.te_s,
+        tr_s=tr,
+        trajectory="epi",
+        ordering="epi-single-shot-linear-sequential-slices-encodings-outer",
+        extra=extra,
+    )
