@@ -62,6 +62,21 @@ def round_to(t: float, raster: float) -> float:
     return round(t / raster) * raster
 
 
+def trapezoid(*, channel: str, area: float, duration: float, system: pp.Opts) -> SimpleNamespace:
+    """Trapezoid of ``area`` (1/m) lasting ``duration`` (s), also when that is the shortest.
+
+    pypulseq compares the requested duration with its own float sum of ramp and flat
+    times; when ``duration`` is exactly the shortest design it can refuse by 1e-19 s.
+    """
+    try:
+        return pp.make_trapezoid(channel=channel, area=area, duration=duration, system=system)
+    except AssertionError:
+        shortest = pp.make_trapezoid(channel=channel, area=area, system=system)
+        if pp.calc_duration(shortest) > duration + 1e-9:
+            raise
+        return shortest
+
+
 def new_sequence(scanner: ScannerProfile) -> tuple[pp.Sequence, pp.Opts]:
     """A fresh pypulseq Sequence bound to this scanner's limits (no global defaults)."""
     system = scanner.to_opts()

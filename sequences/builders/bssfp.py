@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 import pypulseq as pp
 
 from mrharmony.errors import ProtocolError
 from mrharmony.sequences.builders._common import (
-    Readout,
     excitation_pulse,
     finalize,
     label,
@@ -35,24 +33,6 @@ _TRID_PREP, _TRID_DUMMY, _TRID_IMAGING = 1, 2, 3
 def _floor_to(t: float, raster: float) -> float:
     return math.floor(t / raster + 1e-9) * raster
 
-
-def _adc_start_on_rf_raster(ro: Readout, system: pp.Opts) -> Readout:
-    """Move the ADC start onto the RF raster (pypulseq's check_timing demands it).
-
-    ``make_readout`` centres the ADC on the ADC raster only; the shift is below one RF
-    raster (well inside the flat top's ADC dead-time margin) and the centre-sample time
-    and area are recomputed.
-    """
-    delay = round_to(ro.adc.delay, system.rf_raster_time)
-    shift = delay - ro.adc.delay
-    if abs(shift) < 1e-12:
-        return ro
-    ro.adc.delay = delay
-    return replace(
-        ro,
-        time_to_center_s=ro.time_to_center_s + shift,
-        area_to_center=ro.area_to_center + ro.gx.amplitude * shift,
-    )
 
 
 def build_bssfp(protocol: BSSFPProtocol, scanner: ScannerProfile) -> pp.Sequence:
@@ -121,16 +101,13 @@ def build_bssfp(protocol: BSSFPProtocol, scanner: ScannerProfile) -> pp.Sequence
     }
     rf, gz, _ = excitation_pulse(system, scanner, flip_deg=protocol.flip_deg, **common)
     rf_half, _, _ = excitation_pulse(system, scanner, flip_deg=protocol.flip_deg / 2, **common)
-    ro = _adc_start_on_rf_raster(
-        make_readout(
-            system,
-            scanner,
-            fov_m=fov_m[0],
-            n=nx,
-            bandwidth_hz_per_px=protocol.readout_bandwidth_hz_per_px,
-            oversampling=protocol.readout_oversampling,
-        ),
+    ro = make_readout(
         system,
+        scanner,
+        fov_m=fov_m[0],
+        n=nx,
+        bandwidth_hz_per_px=protocol.readout_bandwidth_hz_per_px,
+        oversampling=protocol.readout_oversampling,
     )
     ky_areas = phase_encode_areas(fov_m[1], ny)
     ky_max = float(np.max(np.abs(ky_areas)))

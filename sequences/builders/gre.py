@@ -20,6 +20,7 @@ from mrharmony.sequences.builders._common import (
     round_up,
     set_slice_offset,
     slice_positions_m,
+    trapezoid,
 )
 from mrharmony.sequences.protocol import Gre2DProtocol, Gre3DProtocol
 from mrharmony.sequences.scanner import ScannerProfile
@@ -69,7 +70,7 @@ def _spoiled_gre(
         max(pp.calc_duration(pre_x), pp.calc_duration(pre_y), pp.calc_duration(pre_z)),
         system.block_duration_raster,
     )
-    gx_pre = pp.make_trapezoid(channel="x", area=-ro.area_to_center, duration=t_pre, system=system)
+    gx_pre = trapezoid(channel="x", area=-ro.area_to_center, duration=t_pre, system=system)
 
     # Spoilers: 2 cycles across a voxel along x and 4 cycles across the slice along z.
     spoil_x = pp.make_trapezoid(channel="x", area=2 * nx / fov_m[0], system=system)
@@ -114,8 +115,8 @@ def _spoiled_gre(
             rf_inc = (rf_inc + inc) % (2 * math.pi)
             rf_phase = (rf_phase + rf_inc) % (2 * math.pi)
             seq.add_block(rf, gz, label("TRID", 1 if dummy else 2))
-            gy_pre = pp.make_trapezoid(channel="y", area=ky, duration=t_pre, system=system)
-            gz_pre = pp.make_trapezoid(
+            gy_pre = trapezoid(channel="y", area=ky, duration=t_pre, system=system)
+            gz_pre = trapezoid(
                 channel="z", area=gz_reph_area + kz, duration=t_pre, system=system
             )
             seq.add_block(gx_pre, gy_pre, gz_pre)
@@ -130,8 +131,8 @@ def _spoiled_gre(
                     label("LIN", iy),
                     label("PAR" if three_d else "SLC", iz if three_d else i_slice),
                 )
-            gy_rew = pp.make_trapezoid(channel="y", area=-ky, duration=t_spoil, system=system)
-            gz_rew = pp.make_trapezoid(
+            gy_rew = trapezoid(channel="y", area=-ky, duration=t_spoil, system=system)
+            gz_rew = trapezoid(
                 channel="z", area=spoil_z.area - kz, duration=t_spoil, system=system
             )
             seq.add_block(spoil_x, gy_rew, gz_rew, pp.make_delay(t_spoil + delay_tr))

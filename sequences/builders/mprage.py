@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pypulseq as pp
@@ -19,6 +18,7 @@ from mrharmony.sequences.builders._common import (
     rf_center_time,
     round_to,
     round_up,
+    trapezoid,
 )
 from mrharmony.sequences.protocol import MPRAGEProtocol
 from mrharmony.sequences.scanner import ScannerProfile
@@ -30,16 +30,6 @@ INVERSION_DURATION_S = 10e-3
 INVERSION_BETA = 800.0
 INVERSION_MU = 4.9
 
-
-def _trap(*, channel: str, area: float, duration: float, system: pp.Opts) -> SimpleNamespace:
-    """Trapezoid of ``area`` lasting ``duration``, robust when that is the shortest design."""
-    try:
-        return pp.make_trapezoid(channel=channel, area=area, duration=duration, system=system)
-    except AssertionError:
-        shortest = pp.make_trapezoid(channel=channel, area=area, system=system)
-        if pp.calc_duration(shortest) > duration + 1e-9:
-            raise
-        return shortest
 
 
 def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequence:
@@ -98,7 +88,7 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
     t_isp = round_up(
         max(pp.calc_duration(isp_x), pp.calc_duration(isp_y), pp.calc_duration(isp_z)), raster
     )
-    isp = [_trap(channel=g.channel, area=g.area, duration=t_isp, system=system)
+    isp = [trapezoid(channel=g.channel, area=g.area, duration=t_isp, system=system)
            for g in (isp_x, isp_y, isp_z)]
 
     rf, gz, _ = excitation_pulse(
@@ -134,7 +124,7 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
     t_pre = round_up(
         max(pp.calc_duration(pre_x), pp.calc_duration(pre_y), pp.calc_duration(pre_z)), raster
     )
-    gx_pre = _trap(channel="x", area=-ro.area_to_center, duration=t_pre, system=system)
+    gx_pre = trapezoid(channel="x", area=-ro.area_to_center, duration=t_pre, system=system)
     spoil_x = pp.make_trapezoid(channel="x", area=2 * nx / fov_m[0], system=system)
     spoil_z = pp.make_trapezoid(channel="z", area=4 * nz / fov_m[2], system=system)
     rew_z = pp.make_trapezoid(
@@ -143,7 +133,7 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
     t_spoil = round_up(
         max(pp.calc_duration(spoil_x), pp.calc_duration(rew_z), pp.calc_duration(pre_y)), raster
     )
-    gx_spoil = _trap(channel="x", area=spoil_x.area, duration=t_spoil, system=system)
+    gx_spoil = trapezoid(channel="x", area=spoil_x.area, duration=t_spoil, system=system)
 
     # --- timing -------------------------------------------------------------------
     te_s = protocol.te_ms * 1e-3
@@ -181,9 +171,9 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
     tr = min_tr + fill_tr
 
     # --- blocks -------------------------------------------------------------------
-    gy_pre = {iy: _trap(channel="y", area=float(a), duration=t_pre, system=system)
+    gy_pre = {iy: trapezoid(channel="y", area=float(a), duration=t_pre, system=system)
               for iy, a in enumerate(ky_areas)}
-    gy_rew = {iy: _trap(channel="y", area=-float(a), duration=t_spoil, system=system)
+    gy_rew = {iy: trapezoid(channel="y", area=-float(a), duration=t_spoil, system=system)
               for iy, a in enumerate(ky_areas)}
     rf_phase = 0.0
     rf_inc = 0.0
@@ -192,8 +182,8 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
     for iz in partitions:
         dummy = iz is None
         kz = 0.0 if dummy else float(kz_areas[iz])
-        gz_pre = _trap(channel="z", area=gz_reph_area + kz, duration=t_pre, system=system)
-        gz_rew = _trap(channel="z", area=spoil_z.area - kz, duration=t_spoil, system=system)
+        gz_pre = trapezoid(channel="z", area=gz_reph_area + kz, duration=t_pre, system=system)
+        gz_rew = trapezoid(channel="z", area=spoil_z.area - kz, duration=t_spoil, system=system)
         seq.add_block(rf_inv, pp.make_delay(t_inv), label("TRID", 1 if dummy else 2))
         seq.add_block(*isp)
         if delay_ti > 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +14,6 @@ from scipy.linalg import solve_banded
 from mrharmony.errors import ProtocolError
 from mrharmony.sequences.builders._common import (
     GOLDEN_ANGLE_DEG,
-    Readout,
     check_positive_delay,
     excitation_pulse,
     finalize,
@@ -41,19 +40,6 @@ MAX_SPIRAL_READOUT_S = 0.1
 
 # --------------------------------------------------------------------------- helpers
 
-
-def _adc_start_on_rf_raster(ro: Readout, system: pp.Opts) -> Readout:
-    """Move the ADC start onto the RF raster (pypulseq's check_timing demands it)."""
-    delay = round_to(ro.adc.delay, system.rf_raster_time)
-    shift = delay - ro.adc.delay
-    if abs(shift) < 1e-12:
-        return ro
-    ro.adc.delay = delay
-    return replace(
-        ro,
-        time_to_center_s=ro.time_to_center_s + shift,
-        area_to_center=ro.area_to_center + ro.gx.amplitude * shift,
-    )
 
 
 def _rotated(grad: SimpleNamespace, angle_rad: float) -> list[SimpleNamespace]:
@@ -152,16 +138,13 @@ def build_radial(protocol: RadialProtocol, scanner: ScannerProfile) -> pp.Sequen
     nx = protocol.matrix[0]
     thickness = protocol.slice_thickness_mm * 1e-3
     rf, gz, exc_block, t_rf_center = _excitation(protocol, system, scanner)
-    ro = _adc_start_on_rf_raster(
-        make_readout(
-            system,
-            scanner,
-            fov_m=fov_x,
-            n=nx,
-            bandwidth_hz_per_px=protocol.readout_bandwidth_hz_per_px,
-            oversampling=protocol.readout_oversampling,
-        ),
+    ro = make_readout(
         system,
+        scanner,
+        fov_m=fov_x,
+        n=nx,
+        bandwidth_hz_per_px=protocol.readout_bandwidth_hz_per_px,
+        oversampling=protocol.readout_oversampling,
     )
     gz_reph_area = -gz.area / 2
     t_pre = round_up(

@@ -40,6 +40,7 @@ from mrharmony.sequences.builders._common import (
     round_up,
     set_slice_offset,
     slice_positions_m,
+    trapezoid,
 )
 from mrharmony.sequences.protocol import IRSEProtocol, MultiEchoSEProtocol, TSEProtocol
 from mrharmony.sequences.scanner import ScannerProfile
@@ -185,20 +186,6 @@ class _TrainTiming:
         return [self.te_first + i * self.esp for i in range(self.n_echoes)]
 
 
-def _trap(*, channel: str, area: float, duration: float, system: pp.Opts) -> SimpleNamespace:
-    """Trapezoid of ``area`` lasting ``duration`` (robust when that is the minimum).
-
-    pypulseq compares the requested duration with its own float sum of ramp and flat
-    times; when ``duration`` is exactly the shortest design it can refuse by 1e-19 s.
-    """
-    try:
-        return pp.make_trapezoid(channel=channel, area=area, duration=duration, system=system)
-    except AssertionError:
-        shortest = pp.make_trapezoid(channel=channel, area=area, system=system)
-        if pp.calc_duration(shortest) > duration + 1e-9:
-            raise
-        return shortest
-
 
 def _blk(t: float, system: pp.Opts) -> float:
     return round_up(t, system.block_duration_raster)
@@ -255,8 +242,8 @@ def _train_parts(
         ),
         system,
     )
-    gz_p = _trap(channel="z", area=gz_p_area, duration=t_p, system=system)
-    gx_p = _trap(channel="x", area=a, duration=t_p, system=system)
+    gz_p = trapezoid(channel="z", area=gz_p_area, duration=t_p, system=system)
+    gx_p = trapezoid(channel="x", area=a, duration=t_p, system=system)
 
     crusher = pp.make_trapezoid(channel="z", area=crusher_area, system=system)
     pe = pp.make_trapezoid(channel="y", area=pe_max, system=system)
@@ -265,10 +252,10 @@ def _train_parts(
     if delta_x:
         dx = pp.make_trapezoid(channel="x", area=delta_x, system=system)
         t_c1 = _blk(max(t_c2, pp.calc_duration(dx)), system)
-    gz_c1 = _trap(channel="z", area=crusher_area, duration=t_c1, system=system)
-    gz_c2 = _trap(channel="z", area=crusher_area, duration=t_c2, system=system)
+    gz_c1 = trapezoid(channel="z", area=crusher_area, duration=t_c1, system=system)
+    gz_c2 = trapezoid(channel="z", area=crusher_area, duration=t_c2, system=system)
     gx_c1 = (
-        _trap(channel="x", area=delta_x, duration=t_c1, system=system)
+        trapezoid(channel="x", area=delta_x, duration=t_c1, system=system)
         if delta_x
         else None
     )
@@ -281,8 +268,8 @@ def _train_parts(
     t_spoil = _blk(
         max(pp.calc_duration(spoil_x), pp.calc_duration(spoil_z), pp.calc_duration(pe)), system
     )
-    gx_spoil = _trap(channel="x", area=spoil_x.area, duration=t_spoil, system=system)
-    gz_spoil = _trap(channel="z", area=spoil_z.area, duration=t_spoil, system=system)
+    gx_spoil = trapezoid(channel="x", area=spoil_x.area, duration=t_spoil, system=system)
+    gz_spoil = trapezoid(channel="z", area=spoil_z.area, duration=t_spoil, system=system)
 
     return _TrainParts(
         system=system,
@@ -348,7 +335,7 @@ class _PECache:
     def get(self, area: float) -> SimpleNamespace | None:
         if area not in self._cache:
             self._cache[area] = (
-                _trap(
+                trapezoid(
                     channel="y", area=area, duration=self.duration, system=self.system
                 )
                 if area != 0.0
@@ -581,8 +568,8 @@ def build_irse(protocol: IRSEProtocol, scanner: ScannerProfile) -> pp.Sequence:
         system=system,
     )
     t_isp = _blk(max(pp.calc_duration(isp_z), pp.calc_duration(isp_x)), system)
-    isp_z = _trap(channel="z", area=isp_z.area, duration=t_isp, system=system)
-    isp_x = _trap(channel="x", area=isp_x.area, duration=t_isp, system=system)
+    isp_z = trapezoid(channel="z", area=isp_z.area, duration=t_isp, system=system)
+    isp_x = trapezoid(channel="x", area=isp_x.area, duration=t_isp, system=system)
 
     ti_fixed = t_inv - inv_c + t_isp + parts.exc_c
     ti_list = [t * 1e-3 for t in protocol.ti_ms]
