@@ -21,14 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from mrharmony.sequences import build, load_protocol, write_seq  # noqa: E402
+from mrharmony.sequences import build_file, load_protocol  # noqa: E402
 
 from seqtools import pypulseq_examples_dir, run_pypulseq_example  # noqa: E402
 
 #: Our builder -> the closest pypulseq example script.
 PEERS = {
     "gre2d": "write_gre",
-    "gre3d": "write_3Dt1_mprage",
     "epi": "write_epi",
     "dwi_epi": "write_epi_se",
     "tse": "write_tse",
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             out = tmp_path / f"{protocol.builder}.seq"
 
             def ours(protocol=protocol, out=out):
-                return write_seq(build(protocol, args.scanner), out, overwrite=True)
+                return build_file(protocol, args.scanner, out, overwrite=True)
 
             t_ours, _ = _best(ours, args.repeat)
             n_ours = _blocks_in(out)

@@ -53,7 +53,9 @@ def build(protocol: Protocol | str | Path, scanner: ScannerProfile | str) -> pp.
     return get_builder(protocol.builder)(protocol, profile)
 
 
-def write_seq(seq: pp.Sequence, path: str | Path, *, overwrite: bool = False) -> Path:
+def write_seq(
+    seq: pp.Sequence, path: str | Path, *, overwrite: bool = False, check_timing: bool = True
+) -> Path:
     """Write a sequence to ``path`` atomically (temporary file, then rename).
 
     Parameters
@@ -64,6 +66,9 @@ def write_seq(seq: pp.Sequence, path: str | Path, *, overwrite: bool = False) ->
         Target file; ``.seq`` is appended if missing.
     overwrite : bool
         Replace an existing file. Without it an existing file is an error.
+    check_timing : bool
+        Let pypulseq re-check the timing while writing (it only warns). Builders have
+        already checked (and raised) in ``finalize``, so :func:`build_file` skips it.
 
     Returns
     -------
@@ -84,7 +89,7 @@ def write_seq(seq: pp.Sequence, path: str | Path, *, overwrite: bool = False) ->
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".seq", dir=path.parent)
     os.close(fd)
     try:
-        seq.write(tmp_name, create_signature=True)
+        seq.write(tmp_name, create_signature=True, check_timing=check_timing)
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -111,8 +116,8 @@ def build_file(
         target = target.with_name(target.name + ".seq")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target}: exists (use --force / overwrite=True to replace it)")
-    seq = build(protocol, scanner)
-    return seq, write_seq(seq, target, overwrite=overwrite)
+    seq = build(protocol, scanner)  # raises if the timing check fails
+    return seq, write_seq(seq, target, overwrite=overwrite, check_timing=False)
 
 
 def read_seq(path: str | Path, scanner: ScannerProfile | str | None = None) -> pp.Sequence:
