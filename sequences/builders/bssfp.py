@@ -20,6 +20,7 @@ from mrharmony.sequences.builders._common import (
     round_up,
     set_slice_offset,
     slice_positions_m,
+    trapezoid,
 )
 from mrharmony.sequences.protocol import BSSFPProtocol
 from mrharmony.sequences.scanner import ScannerProfile
@@ -151,12 +152,12 @@ def build_bssfp(protocol: BSSFPProtocol, scanner: ScannerProfile) -> pp.Sequence
     delay_rew = round_to(slack - delay_pre, raster)
     te = first_min + delay_pre
     t_prep_block = max(round_to(tr / 2 - exc_block, raster), t_prep_grad)
-    gz_prep = pp.make_trapezoid(channel="z", area=prep_area, duration=t_prep_grad, system=system)
+    gz_prep = trapezoid(channel="z", area=prep_area, duration=t_prep_grad, system=system)
 
-    gx_pre = pp.make_trapezoid(channel="x", area=pre_x_area, duration=t_pre, system=system)
-    gx_rew = pp.make_trapezoid(channel="x", area=rew_x_area, duration=t_rew, system=system)
-    gz_pre = pp.make_trapezoid(channel="z", area=gz_reph_area, duration=t_pre, system=system)
-    gz_rew = pp.make_trapezoid(channel="z", area=gz_reph_area, duration=t_rew, system=system)
+    gx_pre = trapezoid(channel="x", area=pre_x_area, duration=t_pre, system=system)
+    gx_rew = trapezoid(channel="x", area=rew_x_area, duration=t_rew, system=system)
+    gz_pre = trapezoid(channel="z", area=gz_reph_area, duration=t_pre, system=system)
+    gz_rew = trapezoid(channel="z", area=gz_reph_area, duration=t_rew, system=system)
 
     for i_slice, pos in enumerate(slice_positions_m(protocol)):
         set_slice_offset(rf, gz.amplitude, float(pos))
@@ -177,7 +178,7 @@ def build_bssfp(protocol: BSSFPProtocol, scanner: ScannerProfile) -> pp.Sequence
                 rf, gz, label("TRID", _TRID_DUMMY if dummy else _TRID_IMAGING),
                 pp.make_delay(exc_block),
             )
-            gy_pre = pp.make_trapezoid(channel="y", area=ky, duration=t_pre, system=system)
+            gy_pre = trapezoid(channel="y", area=ky, duration=t_pre, system=system)
             seq.add_block(gx_pre, gy_pre, gz_pre, pp.make_delay(t_pre + delay_pre))
             if dummy:
                 seq.add_block(ro.gx, pp.make_delay(t_ro))
@@ -186,7 +187,7 @@ def build_bssfp(protocol: BSSFPProtocol, scanner: ScannerProfile) -> pp.Sequence
                     ro.gx, ro.adc, label("LIN", iy), label("SLC", i_slice),
                     pp.make_delay(t_ro),
                 )
-            gy_rew = pp.make_trapezoid(channel="y", area=-ky, duration=t_rew, system=system)
+            gy_rew = trapezoid(channel="y", area=-ky, duration=t_rew, system=system)
             seq.add_block(gx_rew, gy_rew, gz_rew, pp.make_delay(t_rew + delay_rew))
 
     return finalize(

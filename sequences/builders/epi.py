@@ -52,6 +52,7 @@ from mrharmony.sequences.builders._common import (
     round_up,
     set_slice_offset,
     slice_positions_m,
+    trapezoid,
 )
 from mrharmony.sequences.protocol import DWIEPIProtocol, EPIProtocol
 from mrharmony.sequences.scanner import ScannerProfile
@@ -139,7 +140,7 @@ class _EPITrain:
         t_pre = round_up(max(durations, default=system.grad_raster_time),
                          system.block_duration_raster)
         grads = [
-            pp.make_trapezoid(channel=ch, area=a, duration=t_pre, system=system)
+            trapezoid(channel=ch, area=a, duration=t_pre, system=system)
             for ch, a in areas.items()
             if abs(a) > 0
         ]
@@ -181,7 +182,7 @@ class _EPITrain:
             seq.add_block(*events)
             m += 1
         if self.n_nav:
-            gy2 = pp.make_trapezoid(
+            gy2 = trapezoid(
                 channel="y", area=self.pre2_y_area, duration=self.t_pre2_s, system=system
             )
             seq.add_block(gy2, pp.make_delay(self.t_pre2_s))

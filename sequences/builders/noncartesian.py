@@ -25,6 +25,7 @@ from mrharmony.sequences.builders._common import (
     round_up,
     set_slice_offset,
     slice_positions_m,
+    trapezoid,
 )
 from mrharmony.sequences.protocol import RadialProtocol, SpiralProtocol
 from mrharmony.sequences.scanner import ScannerProfile
@@ -154,8 +155,8 @@ def build_radial(protocol: RadialProtocol, scanner: ScannerProfile) -> pp.Sequen
         ),
         raster,
     )
-    pre = pp.make_trapezoid(channel="x", area=-ro.area_to_center, duration=t_pre, system=system)
-    gz_pre = pp.make_trapezoid(channel="z", area=gz_reph_area, duration=t_pre, system=system)
+    pre = trapezoid(channel="x", area=-ro.area_to_center, duration=t_pre, system=system)
+    gz_pre = trapezoid(channel="z", area=gz_reph_area, duration=t_pre, system=system)
     spoil = pp.make_trapezoid(channel="x", area=2 * nx / fov_x, system=system)
     spoil_z = pp.make_trapezoid(channel="z", area=4 / thickness, system=system)
     t_spoil = round_up(max(pp.calc_duration(spoil), pp.calc_duration(spoil_z)), raster)
@@ -584,7 +585,7 @@ def build_spiral(protocol: SpiralProtocol, scanner: ScannerProfile) -> pp.Sequen
     rew = pp.make_trapezoid(channel="x", area=-abs(k_end), system=system)
     spoil_z = pp.make_trapezoid(channel="z", area=4 / thickness, system=system)
     t_spoil = round_up(max(pp.calc_duration(rew), pp.calc_duration(spoil_z)), raster)
-    rew = pp.make_trapezoid(channel="x", area=-abs(k_end), duration=t_spoil, system=system)
+    rew = trapezoid(channel="x", area=-abs(k_end), duration=t_spoil, system=system)
 
     min_te = exc_block - t_rf_center + t_reph + t0 + 0.5 * dwell
     check_positive_delay(
