@@ -281,6 +281,48 @@ def check_positive_delay(
         )
 
 
+def te_tr_fill(
+    *,
+    min_te_s: float,
+    fixed_tr_s: float,
+    protocol: Protocol,
+    scanner: ScannerProfile,
+    raster_s: float,
+) -> tuple[float, float, float, float]:
+    """Fill delays that bring TE and TR to the protocol's values (single-echo builders).
+
+    Parameters
+    ----------
+    min_te_s : float
+        Shortest TE the events allow (s).
+    fixed_tr_s : float
+        TR without the TE fill delay (s); the shortest TR is this plus the TE fill.
+    raster_s : float
+        Raster the fill delays are rounded to (s), usually the block-duration raster.
+
+    Returns
+    -------
+    delay_te, delay_tr, te, tr : float
+        The two fill delays and the achieved TE and TR, in seconds.
+
+    Raises
+    ------
+    ProtocolError
+        If ``te_ms`` or ``tr_ms`` is below its minimum (named, with the minimum).
+    """
+    te_req, tr_req = protocol.te_ms * 1e-3, protocol.tr_ms * 1e-3
+    check_positive_delay(
+        te_req - min_te_s, what="TE", key="te_ms", requested_ms=protocol.te_ms, scanner=scanner
+    )
+    delay_te = max(round_to(te_req - min_te_s, raster_s), 0.0)
+    min_tr = fixed_tr_s + delay_te
+    check_positive_delay(
+        tr_req - min_tr, what="TR", key="tr_ms", requested_ms=protocol.tr_ms, scanner=scanner
+    )
+    delay_tr = max(round_to(tr_req - min_tr, raster_s), 0.0)
+    return delay_te, delay_tr, min_te_s + delay_te, min_tr + delay_tr
+
+
 def finalize(
     seq: pp.Sequence,
     protocol: Protocol,

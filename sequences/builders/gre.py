@@ -8,7 +8,6 @@ import numpy as np
 import pypulseq as pp
 
 from mrharmony.sequences.builders._common import (
-    check_positive_delay,
     excitation_pulse,
     finalize,
     label,
@@ -16,10 +15,10 @@ from mrharmony.sequences.builders._common import (
     new_sequence,
     phase_encode_areas,
     rf_center_time,
-    round_to,
     round_up,
     set_slice_offset,
     slice_positions_m,
+    te_tr_fill,
     trapezoid,
 )
 from mrharmony.sequences.protocol import Gre2DProtocol, Gre3DProtocol
@@ -79,22 +78,14 @@ def _spoiled_gre(
 
     exc_block = pp.calc_duration(rf, gz)
     t_rf_center = rf_center_time(rf)
-    min_te = exc_block - t_rf_center + t_pre + ro.time_to_center_s
-    delay_te = round_to(protocol.te_ms * 1e-3 - min_te, system.block_duration_raster)
-    check_positive_delay(
-        protocol.te_ms * 1e-3 - min_te, what="TE", key="te_ms", requested_ms=protocol.te_ms,
-        scanner=scanner,
-    )
-    delay_te = max(delay_te, 0.0)
     t_ro = pp.calc_duration(ro.gx, ro.adc)
-    min_tr = exc_block + t_pre + delay_te + t_ro + t_spoil
-    check_positive_delay(
-        protocol.tr_ms * 1e-3 - min_tr, what="TR", key="tr_ms", requested_ms=protocol.tr_ms,
+    delay_te, delay_tr, te, tr = te_tr_fill(
+        min_te_s=exc_block - t_rf_center + t_pre + ro.time_to_center_s,
+        fixed_tr_s=exc_block + t_pre + t_ro + t_spoil,
+        protocol=protocol,
         scanner=scanner,
+        raster_s=system.block_duration_raster,
     )
-    delay_tr = max(round_to(protocol.tr_ms * 1e-3 - min_tr, system.block_duration_raster), 0.0)
-    te = exc_block - t_rf_center + t_pre + delay_te + ro.time_to_center_s
-    tr = min_tr + delay_tr
 
     positions = np.zeros(1) if three_d else slice_positions_m(protocol)
     rf_phase = 0.0

@@ -14,7 +14,6 @@ from scipy.linalg import solve_banded
 from mrharmony.errors import ProtocolError
 from mrharmony.sequences.builders._common import (
     GOLDEN_ANGLE_DEG,
-    check_positive_delay,
     excitation_pulse,
     finalize,
     label,
@@ -25,6 +24,7 @@ from mrharmony.sequences.builders._common import (
     round_up,
     set_slice_offset,
     slice_positions_m,
+    te_tr_fill,
     trapezoid,
 )
 from mrharmony.sequences.protocol import RadialProtocol, SpiralProtocol
@@ -162,20 +162,13 @@ def build_radial(protocol: RadialProtocol, scanner: ScannerProfile) -> pp.Sequen
     t_spoil = round_up(max(pp.calc_duration(spoil), pp.calc_duration(spoil_z)), raster)
     t_ro = round_up(pp.calc_duration(ro.gx, ro.adc), raster)
 
-    min_te = exc_block - t_rf_center + t_pre + ro.time_to_center_s
-    check_positive_delay(
-        protocol.te_ms * 1e-3 - min_te, what="TE", key="te_ms", requested_ms=protocol.te_ms,
+    delay_te, delay_tr, te, tr = te_tr_fill(
+        min_te_s=exc_block - t_rf_center + t_pre + ro.time_to_center_s,
+        fixed_tr_s=exc_block + t_pre + t_ro + t_spoil,
+        protocol=protocol,
         scanner=scanner,
+        raster_s=raster,
     )
-    delay_te = max(round_to(protocol.te_ms * 1e-3 - min_te, raster), 0.0)
-    min_tr = exc_block + t_pre + delay_te + t_ro + t_spoil
-    check_positive_delay(
-        protocol.tr_ms * 1e-3 - min_tr, what="TR", key="tr_ms", requested_ms=protocol.tr_ms,
-        scanner=scanner,
-    )
-    delay_tr = max(round_to(protocol.tr_ms * 1e-3 - min_tr, raster), 0.0)
-    te = min_te + delay_te
-    tr = min_tr + delay_tr
 
     angles = spoke_angles(protocol.n_spokes, protocol.angle_ordering)
     inc = math.radians(protocol.rf_spoiling_inc_deg)
@@ -587,20 +580,13 @@ def build_spiral(protocol: SpiralProtocol, scanner: ScannerProfile) -> pp.Sequen
     t_spoil = round_up(max(pp.calc_duration(rew), pp.calc_duration(spoil_z)), raster)
     rew = trapezoid(channel="x", area=-abs(k_end), duration=t_spoil, system=system)
 
-    min_te = exc_block - t_rf_center + t_reph + t0 + 0.5 * dwell
-    check_positive_delay(
-        protocol.te_ms * 1e-3 - min_te, what="TE", key="te_ms", requested_ms=protocol.te_ms,
+    delay_te, delay_tr, te, tr = te_tr_fill(
+        min_te_s=exc_block - t_rf_center + t_reph + t0 + 0.5 * dwell,
+        fixed_tr_s=exc_block + t_reph + t_sp_block + t_spoil,
+        protocol=protocol,
         scanner=scanner,
+        raster_s=raster,
     )
-    delay_te = max(round_to(protocol.te_ms * 1e-3 - min_te, raster), 0.0)
-    min_tr = exc_block + t_reph + delay_te + t_sp_block + t_spoil
-    check_positive_delay(
-        protocol.tr_ms * 1e-3 - min_tr, what="TR", key="tr_ms", requested_ms=protocol.tr_ms,
-        scanner=scanner,
-    )
-    delay_tr = max(round_to(protocol.tr_ms * 1e-3 - min_tr, raster), 0.0)
-    te = min_te + delay_te
-    tr = min_tr + delay_tr
 
     il_angles = 2 * np.pi * np.arange(n_il) / n_il
     readouts = []
