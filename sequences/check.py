@@ -111,7 +111,7 @@ def _as_tuple(value: Any) -> tuple[float, ...] | None:
     return tuple(float(v) for v in np.atleast_1d(value))
 
 
-def _format_error(seq: pp.Sequence, err: Any) -> str:
+def _format_error(err: Any) -> str:
     kind = getattr(err, "error_type", "?")
     where = f"block {getattr(err, 'block', '?')} {getattr(err, 'event', '')}"
     fld = getattr(err, "field", "")
@@ -150,7 +150,7 @@ def check_sequence(
     return CheckReport(
         scanner=profile.name if profile else None,
         timing_ok=bool(ok),
-        timing_errors=tuple(_format_error(seq, e) for e in errors[:max_errors]),
+        timing_errors=tuple(_format_error(e) for e in errors[:max_errors]),
         duration_s=float(duration),
         n_blocks=int(n_blocks),
         te_s=_as_tuple(defs.get("TE")),

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mrharmony.config import from_mapping, load_toml, param
-from mrharmony.errors import ConfigError, ProtocolError
+from mrharmony.errors import ConfigError
 
 __all__ = [
     "PROTOCOL_CLASSES",
@@ -336,8 +336,3 @@ def load_protocol(path: str | Path) -> Protocol:
     """
     return protocol_from_mapping(load_toml(path), source=str(path))
 
-
-def require(condition: bool, message: str) -> None:
-    """Raise :class:`ProtocolError` with ``message`` unless ``condition`` holds."""
-    if not condition:
-        raise ProtocolError(message)

@@ -36,6 +36,7 @@ __all__ = [
     "Readout",
     "check_positive_delay",
     "excitation_pulse",
+    "fill_delay",
     "finalize",
     "label",
     "make_readout",
@@ -281,6 +282,28 @@ def check_positive_delay(
         )
 
 
+def fill_delay(
+    minimum_s: float,
+    *,
+    what: str,
+    key: str,
+    requested_ms: float,
+    scanner: ScannerProfile,
+    raster_s: float,
+) -> float:
+    """Fill delay (s) that brings a time from its minimum to the requested value.
+
+    Refuses the protocol (naming ``key``, the request and the minimum) when the request
+    is below ``minimum_s``; otherwise returns the difference rounded to ``raster_s``,
+    never negative.
+    """
+    requested_s = requested_ms * 1e-3
+    check_positive_delay(
+        requested_s - minimum_s, what=what, key=key, requested_ms=requested_ms, scanner=scanner
+    )
+    return max(round_to(requested_s - minimum_s, raster_s), 0.0)
+
+
 def te_tr_fill(
     *,
     min_te_s: float,
@@ -310,16 +333,15 @@ def te_tr_fill(
     ProtocolError
         If ``te_ms`` or ``tr_ms`` is below its minimum (named, with the minimum).
     """
-    te_req, tr_req = protocol.te_ms * 1e-3, protocol.tr_ms * 1e-3
-    check_positive_delay(
-        te_req - min_te_s, what="TE", key="te_ms", requested_ms=protocol.te_ms, scanner=scanner
+    delay_te = fill_delay(
+        min_te_s, what="TE", key="te_ms", requested_ms=protocol.te_ms, scanner=scanner,
+        raster_s=raster_s,
     )
-    delay_te = max(round_to(te_req - min_te_s, raster_s), 0.0)
     min_tr = fixed_tr_s + delay_te
-    check_positive_delay(
-        tr_req - min_tr, what="TR", key="tr_ms", requested_ms=protocol.tr_ms, scanner=scanner
+    delay_tr = fill_delay(
+        min_tr, what="TR", key="tr_ms", requested_ms=protocol.tr_ms, scanner=scanner,
+        raster_s=raster_s,
     )
-    delay_tr = max(round_to(tr_req - min_tr, raster_s), 0.0)
     return delay_te, delay_tr, min_te_s + delay_te, min_tr + delay_tr
 
 

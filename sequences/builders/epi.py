@@ -44,6 +44,7 @@ from mrharmony.errors import ProtocolError
 from mrharmony.sequences.builders._common import (
     check_positive_delay,
     excitation_pulse,
+    fill_delay,
     finalize,
     label,
     new_sequence,
@@ -472,11 +473,10 @@ def build_epi(protocol: EPIProtocol, scanner: ScannerProfile) -> pp.Sequence:
     exc_block = round_up(pp.calc_duration(rf, gz), system.block_duration_raster)
     t_rf_center = rf_center_time(rf)
     min_te = exc_block - t_rf_center + train.time_to_center(t_pre)
-    check_positive_delay(
-        protocol.te_ms * 1e-3 - min_te, what="TE", key="te_ms", requested_ms=protocol.te_ms,
-        scanner=scanner,
+    delay_te = fill_delay(
+        min_te, what="TE", key="te_ms", requested_ms=protocol.te_ms, scanner=scanner,
+        raster_s=system.block_duration_raster,
     )
-    delay_te = max(round_to(protocol.te_ms * 1e-3 - min_te, system.block_duration_raster), 0.0)
     te = min_te + delay_te
     min_slot = exc_block + delay_te + train.duration(t_pre) + t_spoil
     slot, tr = _slot_and_tr(protocol, scanner, system, min_slot)

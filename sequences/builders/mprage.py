@@ -10,6 +10,7 @@ import pypulseq as pp
 from mrharmony.sequences.builders._common import (
     check_positive_delay,
     excitation_pulse,
+    fill_delay,
     finalize,
     label,
     make_readout,
@@ -136,12 +137,11 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
     gx_spoil = trapezoid(channel="x", area=spoil_x.area, duration=t_spoil, system=system)
 
     # --- timing -------------------------------------------------------------------
-    te_s = protocol.te_ms * 1e-3
     min_te = t_exc - exc_c + t_pre + ro.time_to_center_s
-    check_positive_delay(
-        te_s - min_te, what="TE", key="te_ms", requested_ms=protocol.te_ms, scanner=scanner
+    delay_te = fill_delay(
+        min_te, what="TE", key="te_ms", requested_ms=protocol.te_ms, scanner=scanner,
+        raster_s=raster,
     )
-    delay_te = max(round_to(te_s - min_te, raster), 0.0)
     te = min_te + delay_te
     esp_min = t_exc + t_pre + delay_te + t_ro + t_spoil
     if protocol.echo_spacing_ms is None:
@@ -155,19 +155,17 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
     fill_esp = esp - esp_min
 
     n_before_center = ny // 2
-    ti_s = protocol.ti_ms * 1e-3
     min_ti = t_inv - inv_c + t_isp + exc_c + n_before_center * esp
-    check_positive_delay(
-        ti_s - min_ti, what="TI", key="ti_ms", requested_ms=protocol.ti_ms, scanner=scanner
+    delay_ti = fill_delay(
+        min_ti, what="TI", key="ti_ms", requested_ms=protocol.ti_ms, scanner=scanner,
+        raster_s=raster,
     )
-    delay_ti = max(round_to(ti_s - min_ti, raster), 0.0)
     ti = min_ti + delay_ti
     min_tr = t_inv + t_isp + delay_ti + ny * esp
-    tr_s = protocol.tr_ms * 1e-3
-    check_positive_delay(
-        tr_s - min_tr, what="TR", key="tr_ms", requested_ms=protocol.tr_ms, scanner=scanner
+    fill_tr = fill_delay(
+        min_tr, what="TR", key="tr_ms", requested_ms=protocol.tr_ms, scanner=scanner,
+        raster_s=raster,
     )
-    fill_tr = max(round_to(tr_s - min_tr, raster), 0.0)
     tr = min_tr + fill_tr
 
     # --- blocks -------------------------------------------------------------------
