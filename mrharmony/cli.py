@@ -7,6 +7,8 @@ would be overwritten without ``--force``) print one line and exit with status 2;
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import sys
 import traceback
@@ -31,7 +33,54 @@ def _console():
     return Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A click group whose subcommands live in other modules and load on first use.
+
+    ``lazy_commands`` maps a command name to ``"module:attribute"``; keeping the
+    imports lazy keeps ``mrharmony --help`` fast and free of heavy optional imports.
+    """
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def _available(self, name: str) -> bool:
+        module = self.lazy_commands[name].split(":")[0]
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            return False
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        lazy = [n for n in self.lazy_commands if self._available(n)]
+        return sorted(set(super().list_commands(ctx)) | set(lazy))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy_commands and cmd_name not in self.commands:
+            module, attr = self.lazy_commands[cmd_name].split(":")
+            if not self._available(cmd_name):
+                return None
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, cmd_name)
+
+
+LAZY_COMMANDS = {
+    "phantom": "mrharmony.phantoms.cli:phantom",
+    "simulate": "mrharmony.simulation.cli:simulate",
+    "site": "mrharmony.simulation.cli:site",
+    "recon": "mrharmony.recon.cli:recon",
+    "serve": "mrharmony.recon.stream_cli:serve",
+    "stream": "mrharmony.recon.stream_cli:stream",
+    "scan": "mrharmony.recon.stream_cli:scan",
+    "harmonize": "mrharmony.harmonize.cli:harmonize",
+    "evaluate": "mrharmony.harmonize.cli_eval:evaluate",
+    "study": "mrharmony.study.cli:study",
+}
+
+
+@click.group(cls=LazyGroup, lazy_commands=LAZY_COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="mrharmony")
 @click.option("--verbose", is_flag=True, help="Show full tracebacks for errors.")
 def cli(verbose: bool) -> None:

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "HarmonizeError",
+    "ModelFileError",
     "MrHarmonyError",
+    "PhantomError",
     "ProtocolError",
+    "RawDataError",
+    "ReconError",
     "ScannerError",
     "SequenceFileError",
+    "SimulationError",
+    "SiteError",
+    "StreamError",
+    "StudyError",
 ]
 
 
@@ -34,3 +43,39 @@ class ScannerError(ConfigError):
 
 class SequenceFileError(MrHarmonyError, ValueError):
     """A ``.seq`` file cannot be read or does not carry what the caller needs."""
+
+
+class PhantomError(MrHarmonyError, ValueError):
+    """A phantom is inconsistent or its files are corrupt (names the map and the problem)."""
+
+
+class SiteError(ConfigError):
+    """A virtual-site definition is unknown or malformed."""
+
+
+class SimulationError(MrHarmonyError, ValueError):
+    """A sequence cannot be simulated on a phantom as requested."""
+
+
+class RawDataError(MrHarmonyError, ValueError):
+    """ISMRMRD raw data are unreadable, incomplete or inconsistent."""
+
+
+class ReconError(MrHarmonyError, ValueError):
+    """A reconstruction cannot be done as requested (method, backend, missing data)."""
+
+
+class StreamError(MrHarmonyError, ValueError):
+    """A violation of the MRD streaming protocol (names the message and the problem)."""
+
+
+class HarmonizeError(MrHarmonyError, ValueError):
+    """Harmonization input is unusable: confounded covariates, unknown batch, bad shapes."""
+
+
+class ModelFileError(MrHarmonyError, ValueError):
+    """A saved model file is corrupt or from an incompatible format version."""
+
+
+class StudyError(ConfigError):
+    """A study definition is invalid (names the entry) or a study stage failed."""
