@@ -128,6 +128,8 @@ def ismrmrd_header(
     matrix = np.concatenate([matrix, np.ones(3 - matrix.size, dtype=int)])[:3]
     os_ = int(_first(defs, "ReadoutOversampling", 1))
     trajectory = str(_first(defs, "Trajectory", "cartesian")).lower()
+    if trajectory == "radial" and str(_first(defs, "AngleOrdering", "")).lower() == "golden":
+        trajectory = "goldenangle"
 
     encoded = mrd.encodingSpaceType(
         matrixSize=mrd.matrixSizeType(x=int(matrix[0] * os_), y=int(matrix[1]), z=int(matrix[2])),
@@ -173,6 +175,12 @@ def ismrmrd_header(
             identifier=f"mrharmony-{trajectory}",
             comment="k-space positions are given per acquisition (trajectory arrays)",
         )
+        # what a reconstruction needs when the acquisitions carry no trajectory arrays
+        encoding.trajectoryDescription.userParameterDouble = [
+            mrd.userParameterDoubleType(name=k, value=float(_first(defs, k)))
+            for k in ("RampSampling", "ReadoutRampTime", "ReadoutFlatTime", "ADCDelayInLine",
+                      "ADCDwell", "AngleIncrement") if k in defs
+        ]
     if "EchoTrainLength" in defs:
         encoding.echoTrainLength = int(_first(defs, "EchoTrainLength"))
 
