@@ -67,6 +67,9 @@ class Protocol:
     rf_time_bw_product: float = param(
         4.0, doc="time-bandwidth product of slice-selective pulses", gt=0.5, le=20
     )
+    rf_apodization: float = param(
+        0.5, doc="window of the sinc pulses: 0.5 Hanning, 0.46 Hamming, 0 none", ge=0, le=1
+    )
     dummy_scans: int = param(0, doc="repetitions played without ADC before the scan", ge=0)
 
     #: Number of spatial dimensions of the encoding (2 for slices, 3 for slabs).
@@ -117,6 +120,12 @@ class Gre2DProtocol(_Slices2D):
     """2D multi-slice RF-spoiled gradient echo."""
 
     builder: Literal["gre2d"] = param(doc="sequence builder name")
+    spoiler_cycles_per_voxel: float = param(
+        2.0, doc="readout-axis spoiler after the readout, in cycles across a voxel", ge=0, le=20
+    )
+    crusher_cycles_per_slice: float = param(
+        4.0, doc="slice-axis spoiler / crusher area, in cycles across the slice", ge=0, le=40
+    )
     flip_deg: float = param(doc="excitation flip angle", unit="deg", gt=0, le=90)
     rf_spoiling_inc_deg: float = param(
         117.0, doc="quadratic RF-spoiling phase increment", unit="deg", ge=0, lt=360
@@ -128,6 +137,12 @@ class Gre3DProtocol(_Volume3D):
     """3D RF-spoiled gradient echo with slab-selective excitation."""
 
     builder: Literal["gre3d"] = param(doc="sequence builder name")
+    spoiler_cycles_per_voxel: float = param(
+        2.0, doc="readout-axis spoiler after the readout, in cycles across a voxel", ge=0, le=20
+    )
+    crusher_cycles_per_slice: float = param(
+        4.0, doc="slice-axis spoiler / crusher area, in cycles across the slice", ge=0, le=40
+    )
     flip_deg: float = param(doc="excitation flip angle", unit="deg", gt=0, le=90)
     rf_spoiling_inc_deg: float = param(
         117.0, doc="quadratic RF-spoiling phase increment", unit="deg", ge=0, lt=360
@@ -139,6 +154,12 @@ class MultiEchoSEProtocol(_Slices2D):
     """Multi-echo spin echo (CPMG) for T2 mapping: echoes at ``te_ms * (1..n_echoes)``."""
 
     builder: Literal["mese"] = param(doc="sequence builder name")
+    spoiler_cycles_per_voxel: float = param(
+        2.0, doc="readout-axis spoiler after the readout, in cycles across a voxel", ge=0, le=20
+    )
+    crusher_cycles_per_slice: float = param(
+        4.0, doc="slice-axis spoiler / crusher area, in cycles across the slice", ge=0, le=40
+    )
     n_echoes: int = param(doc="number of echoes per excitation", ge=1, le=64)
     refocusing_flip_deg: float = param(
         180.0, doc="refocusing flip angle", unit="deg", gt=0, le=180
@@ -150,6 +171,12 @@ class IRSEProtocol(_Slices2D):
     """Inversion-recovery spin echo with a list of inversion times (T1 mapping)."""
 
     builder: Literal["irse"] = param(doc="sequence builder name")
+    spoiler_cycles_per_voxel: float = param(
+        2.0, doc="readout-axis spoiler after the readout, in cycles across a voxel", ge=0, le=20
+    )
+    crusher_cycles_per_slice: float = param(
+        4.0, doc="slice-axis spoiler / crusher area, in cycles across the slice", ge=0, le=40
+    )
     ti_ms: tuple[float, ...] = param(
         doc="inversion times, one contrast each", unit="ms", gt=0, le=30000, min_length=1
     )
@@ -178,6 +205,12 @@ class TSEProtocol(_Slices2D):
     """2D turbo spin echo; ``te_ms`` is the effective TE (ky = 0)."""
 
     builder: Literal["tse"] = param(doc="sequence builder name")
+    spoiler_cycles_per_voxel: float = param(
+        2.0, doc="readout-axis spoiler after the readout, in cycles across a voxel", ge=0, le=20
+    )
+    crusher_cycles_per_slice: float = param(
+        4.0, doc="slice-axis spoiler / crusher area, in cycles across the slice", ge=0, le=40
+    )
     turbo_factor: int = param(doc="echoes per excitation", ge=1, le=256)
     refocusing_flip_deg: float = param(
         180.0, doc="refocusing flip angle", unit="deg", gt=0, le=180

@@ -35,18 +35,26 @@ from mrharmony.simulation.site import NativeConfig, Site
 
 __all__ = [
     "MISSING_PROTOCOL_FIELDS",
+    "RF_SHAPE_APODIZATION",
     "kspace_filter_weights",
     "native_changes",
     "native_protocol",
     "prescan_normalize",
 ]
 
-#: Vendor choices the protocol classes have no field for yet (recorded, not applied).
-MISSING_PROTOCOL_FIELDS: dict[str, str] = {
-    "rf_shape": "excitation pulse shape / apodisation (e.g. rf_apodization, or an SLR option)",
-    "spoiler_cycles_per_voxel": "readout-axis spoiler moment (cycles across a voxel)",
-    "crusher_cycles_per_slice": "slice-axis spoiler / crusher moment (cycles across a slice)",
+#: Window of the sinc excitation for each vendor pulse shape (``Protocol.rf_apodization``).
+#: An SLR pulse is not a windowed sinc; it is modelled by the Hamming-windowed sinc of the
+#: same time-bandwidth product, whose flatter passband is closest to it.
+RF_SHAPE_APODIZATION: dict[str, float] = {
+    "sinc-hanning": 0.5,
+    "sinc-hamming": 0.46,
+    "sinc": 0.0,
+    "slr": 0.46,
 }
+
+#: Vendor choices that are recorded but no protocol field applies (none at present
+#: beyond the approximation of SLR pulses above).
+MISSING_PROTOCOL_FIELDS: dict[str, str] = {}
 
 # Builders whose excitation is kept as the protocol gives it: bSSFP needs its short,
 # low time-bandwidth pulse for the shortest TR (vendors do the same).
@@ -72,8 +80,18 @@ def native_changes(protocol: Protocol, site: Site) -> dict[str, Any]:
             protocol.rf_spoiling_inc_deg,  # type: ignore[attr-defined]
             cfg.rf_spoiling_inc_deg,
         )
+    if "rf_apodization" in fields and protocol.builder not in _KEEP_RF:
+        if cfg.rf_shape not in RF_SHAPE_APODIZATION:
+            raise SiteError(f"native.rf_shape: unknown shape {cfg.rf_shape!r} "
+                            f"(one of {', '.join(RF_SHAPE_APODIZATION)})")
+        applied["rf_apodization"] = (protocol.rf_apodization,
+                                     RF_SHAPE_APODIZATION[cfg.rf_shape])
+    for key in ("spoiler_cycles_per_voxel", "crusher_cycles_per_slice"):
+        if key in fields:
+            applied[key] = (getattr(protocol, key), getattr(cfg, key))
     applied = {k: v for k, v in applied.items() if v[0] != v[1]}
     recorded = {key: getattr(cfg, key) for key in MISSING_PROTOCOL_FIELDS}
+    recorded["rf_shape"] = cfg.rf_shape
     recorded["slice_profile"] = cfg.slice_profile
     return {"applied": applied, "recorded": recorded}
 
@@ -81,9 +99,9 @@ def native_changes(protocol: Protocol, site: Site) -> dict[str, Any]:
 def native_protocol(protocol: Protocol, site: Site) -> Protocol:
     """The site vendor's implementation of ``protocol``.
 
-    Replaces the excitation time-bandwidth product (not for bSSFP) and the RF-spoiling
-    increment with the vendor's values of ``site.native``; everything the protocol has
-    no field for is listed by :func:`native_changes` and :data:`MISSING_PROTOCOL_FIELDS`.
+    Replaces the excitation time-bandwidth product and pulse window (not for bSSFP),
+    the spoiler and crusher moments and the RF-spoiling increment with the vendor's
+    values of ``site.native``, wherever the protocol class has the field.
 
     Parameters
     ----------

@@ -18,6 +18,7 @@ from mrharmony.simulation.coils import (
     receive_sensitivities,
 )
 from mrharmony.simulation.native import (
+    RF_SHAPE_APODIZATION,
     kspace_filter_weights,
     native_changes,
     native_protocol,
@@ -273,6 +274,10 @@ def test_native_protocol_uses_vendor_choices():
         assert type(nat) is type(proto) and proto.rf_spoiling_inc_deg == 117.0  # unchanged
         rec = native_changes(proto, site)["recorded"]
         assert rec["rf_shape"] == site.native.rf_shape
+        # pulse window and spoiler moments are protocol fields, so they are applied
+        assert nat.rf_apodization == RF_SHAPE_APODIZATION[site.native.rf_shape]
+        assert nat.spoiler_cycles_per_voxel == site.native.spoiler_cycles_per_voxel
+        assert nat.crusher_cycles_per_slice == site.native.crusher_cycles_per_slice
     bssfp = load_protocol(EXAMPLES / "bssfp.toml") if (EXAMPLES / "bssfp.toml").exists() else None
     if bssfp is not None:
         assert native_protocol(bssfp, load_site("ge-mr750-3t")).rf_time_bw_product == (

@@ -99,6 +99,7 @@ def build_bssfp(protocol: BSSFPProtocol, scanner: ScannerProfile) -> pp.Sequence
         "duration_s": rf_duration,
         "time_bw_product": protocol.rf_time_bw_product,
         "thickness_m": thickness,
+        "apodization": protocol.rf_apodization,
     }
     rf, gz, _ = excitation_pulse(system, scanner, flip_deg=protocol.flip_deg, **common)
     rf_half, _, _ = excitation_pulse(system, scanner, flip_deg=protocol.flip_deg / 2, **common)

@@ -460,6 +460,7 @@ def build_epi(protocol: EPIProtocol, scanner: ScannerProfile) -> pp.Sequence:
     rf, gz, _ = excitation_pulse(
         system,
         scanner,
+        apodization=protocol.rf_apodization,
         flip_deg=protocol.flip_deg,
         duration_s=protocol.rf_duration_ms * 1e-3,
         time_bw_product=protocol.rf_time_bw_product,
@@ -644,11 +645,13 @@ def build_dwi_epi(protocol: DWIEPIProtocol, scanner: ScannerProfile) -> pp.Seque
     thickness = protocol.slice_thickness_mm * 1e-3
     rf_dur = protocol.rf_duration_ms * 1e-3
     rf, gz, gzr = excitation_pulse(
-        system, scanner, flip_deg=90.0, duration_s=rf_dur,
+        system, scanner, apodization=protocol.rf_apodization,
+        flip_deg=90.0, duration_s=rf_dur,
         time_bw_product=protocol.rf_time_bw_product, thickness_m=thickness,
     )
     rf180, gz180, _ = excitation_pulse(
-        system, scanner, flip_deg=180.0, duration_s=rf_dur,
+        system, scanner, apodization=protocol.rf_apodization,
+        flip_deg=180.0, duration_s=rf_dur,
         time_bw_product=protocol.rf_time_bw_product, thickness_m=thickness, use="refocusing",
     )
     train = _design_epi(system, scanner, protocol)

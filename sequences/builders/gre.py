@@ -40,6 +40,7 @@ def _spoiled_gre(
     rf, gz, _ = excitation_pulse(
         system,
         scanner,
+        apodization=protocol.rf_apodization,
         flip_deg=protocol.flip_deg,
         duration_s=protocol.rf_duration_ms * 1e-3,
         time_bw_product=protocol.rf_time_bw_product,
@@ -71,10 +72,18 @@ def _spoiled_gre(
     )
     gx_pre = trapezoid(channel="x", area=-ro.area_to_center, duration=t_pre, system=system)
 
-    # Spoilers: 2 cycles across a voxel along x and 4 cycles across the slice along z.
-    spoil_x = pp.make_trapezoid(channel="x", area=2 * nx / fov_m[0], system=system)
-    spoil_z = pp.make_trapezoid(channel="z", area=4 / (thickness / nz), system=system)
-    t_spoil = max(pp.calc_duration(spoil_x), pp.calc_duration(spoil_z), pp.calc_duration(pre_y))
+    # Spoilers: cycles across a voxel along x and across the slice (partition) along z.
+    spoil_x = pp.make_trapezoid(
+        channel="x", area=protocol.spoiler_cycles_per_voxel * nx / fov_m[0], system=system
+    )
+    spoil_z = pp.make_trapezoid(
+        channel="z", area=protocol.crusher_cycles_per_slice / (thickness / nz), system=system
+    )
+    # the z spoiler also rewinds the partition encoding: size it for the largest sum
+    rew_z = pp.make_trapezoid(
+        channel="z", area=abs(spoil_z.area) + float(np.max(np.abs(kz_areas))), system=system
+    )
+    t_spoil = max(pp.calc_duration(spoil_x), pp.calc_duration(rew_z), pp.calc_duration(pre_y))
 
     exc_block = pp.calc_duration(rf, gz)
     t_rf_center = rf_center_time(rf)

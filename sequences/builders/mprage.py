@@ -95,6 +95,7 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
     rf, gz, _ = excitation_pulse(
         system,
         scanner,
+        apodization=protocol.rf_apodization,
         flip_deg=protocol.flip_deg,
         duration_s=protocol.rf_duration_ms * 1e-3,
         time_bw_product=protocol.rf_time_bw_product,

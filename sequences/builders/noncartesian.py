@@ -81,6 +81,7 @@ def _excitation(
     rf, gz, _ = excitation_pulse(
         system,
         scanner,
+        apodization=protocol.rf_apodization,
         flip_deg=protocol.flip_deg,
         duration_s=round_up(protocol.rf_duration_ms * 1e-3, system.grad_raster_time),
         time_bw_product=protocol.rf_time_bw_product,

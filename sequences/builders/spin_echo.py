@@ -54,10 +54,6 @@ __all__ = [
     "tse_ordering",
 ]
 
-#: Crusher area around each refocusing pulse, in cycles across the slice thickness.
-CRUSHER_CYCLES_PER_SLICE = 4.0
-#: End-of-train spoiler along the readout, in cycles per voxel.
-SPOILER_CYCLES_PER_VOXEL = 2.0
 #: The IR-SE inversion slab is this much thicker than the imaging slice (flat inversion
 #: across the excited profile; slices are acquired sequentially, so no cross-talk).
 INVERSION_THICKNESS_FACTOR = 1.5
@@ -204,6 +200,7 @@ def _train_parts(
     rf_exc, gz_exc, _ = excitation_pulse(
         system,
         scanner,
+        apodization=protocol.rf_apodization,
         flip_deg=90.0,
         duration_s=protocol.rf_duration_ms * 1e-3,
         time_bw_product=protocol.rf_time_bw_product,
@@ -212,6 +209,7 @@ def _train_parts(
     rf_ref, gz_ref, _ = excitation_pulse(
         system,
         scanner,
+        apodization=protocol.rf_apodization,
         flip_deg=refocusing_flip_deg,
         duration_s=protocol.rf_duration_ms * 1e-3,
         time_bw_product=protocol.rf_time_bw_product,
@@ -226,7 +224,7 @@ def _train_parts(
         bandwidth_hz_per_px=protocol.readout_bandwidth_hz_per_px,
         oversampling=protocol.readout_oversampling,
     )
-    crusher_area = CRUSHER_CYCLES_PER_SLICE / thickness
+    crusher_area = protocol.crusher_cycles_per_slice / thickness
     pe_max = float(np.max(np.abs(phase_encode_areas(fov_m[1], ny))))
     a = ro.area_to_center
     delta_x = 2 * a - ro.gx.area  # restores k_x = +a before the next refocusing pulse
@@ -261,9 +259,9 @@ def _train_parts(
     )
 
     spoil_x = pp.make_trapezoid(
-        channel="x", area=SPOILER_CYCLES_PER_VOXEL * nx / fov_m[0], system=system
+        channel="x", area=protocol.spoiler_cycles_per_voxel * nx / fov_m[0], system=system
     )
-    spoil_z = pp.make_trapezoid(channel="z", area=CRUSHER_CYCLES_PER_SLICE / thickness,
+    spoil_z = pp.make_trapezoid(channel="z", area=protocol.crusher_cycles_per_slice / thickness,
                                 system=system)
     t_spoil = _blk(
         max(pp.calc_duration(spoil_x), pp.calc_duration(spoil_z), pp.calc_duration(pe)), system
@@ -553,6 +551,7 @@ def build_irse(protocol: IRSEProtocol, scanner: ScannerProfile) -> pp.Sequence:
     rf_inv, gz_inv, _ = excitation_pulse(
         system,
         scanner,
+        apodization=protocol.rf_apodization,
         flip_deg=180.0,
         duration_s=protocol.rf_duration_ms * 1e-3,
         time_bw_product=protocol.rf_time_bw_product,
@@ -561,10 +560,10 @@ def build_irse(protocol: IRSEProtocol, scanner: ScannerProfile) -> pp.Sequence:
     )
     t_inv = _blk(pp.calc_duration(rf_inv, gz_inv), system)
     inv_c = rf_center_time(rf_inv)
-    isp_z = pp.make_trapezoid(channel="z", area=2 * CRUSHER_CYCLES_PER_SLICE / thickness,
+    isp_z = pp.make_trapezoid(channel="z", area=2 * protocol.crusher_cycles_per_slice / thickness,
                               system=system)
     isp_x = pp.make_trapezoid(
-        channel="x", area=SPOILER_CYCLES_PER_VOXEL * protocol.matrix[0] / fov_m[0],
+        channel="x", area=protocol.spoiler_cycles_per_voxel * protocol.matrix[0] / fov_m[0],
         system=system,
     )
     t_isp = _blk(max(pp.calc_duration(isp_z), pp.calc_duration(isp_x)), system)
