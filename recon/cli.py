@@ -1,0 +1,72 @@
+"""``mrharmony recon``: reconstruct an ISMRMRD file into NIfTI (+ JSON sidecar, maps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mrharmony.errors import ReconError
+
+__all__ = ["recon"]
+
+
+def _map_path(out: Path, name: str) -> Path:
+    text = out.name
+    stem = text[: -len(".nii.gz")] if text.endswith(".nii.gz") else text.rsplit(".nii", 1)[0]
+    suffix = ".nii.gz" if text.endswith(".nii.gz") else ".nii"
+    return out.with_name(f"{stem}_{name}{suffix}")
+
+
+@click.command("recon")
+@click.argument("raw", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "output", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Output NIfTI (.nii or .nii.gz); a .json sidecar is written beside it.")
+@click.option("--method", default="auto", show_default=True,
+              type=click.Choice(["auto", "fft", "grappa", "sense", "cs", "tv", "nufft"]),
+              help="Reconstruction method.")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "numpy", "cupy", "bart"]),
+              help="Array backend (auto: GPU when CuPy sees one).")
+@click.option("--maps", "maps", default=None, type=click.Choice(["t1", "t2", "adc", "dti"]),
+              help="Also fit quantitative maps (written as OUT_<quantity>.nii.gz).")
+@click.option("--dataset", default="dataset", show_default=True, help="HDF5 dataset group.")
+@click.option("--write-mrd", is_flag=True, help="Also append MRD images to the raw HDF5 file.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+def recon(raw: Path, output: Path, method: str, backend: str, maps: str | None, dataset: str,
+          write_mrd: bool, force: bool) -> None:
+    """Reconstruct RAW (ISMRMRD HDF5) into OUTPUT (NIfTI + JSON sidecar)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from mrharmony.recon.io import read_raw
+    from mrharmony.recon.output import write_mrd_images, write_nifti
+    from mrharmony.recon.pipeline import reconstruct
+
+    if output.exists() and not force:
+        raise FileExistsError(f"{output}: exists (use --force to replace it)")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  transient=True) as progress:
+        task = progress.add_task(f"reading {raw.name}", total=None)
+        data = read_raw(raw, dataset=dataset)
+        progress.update(task, description=f"reconstructing ({method}, {backend})")
+        images = reconstruct(data, method=method, backend=backend, maps=maps)
+        progress.update(task, description="writing")
+        plain = [im for im in images if "map" not in im.meta]
+        by_map: dict[str, list] = {}
+        for im in images:
+            if "map" in im.meta:
+                by_map.setdefault(im.meta["map"], []).append(im)
+        if maps is not None and not by_map:
+            raise ReconError(f"maps {maps!r}: nothing was fitted")
+        outputs = [(output, plain)] + [(_map_path(output, k), v) for k, v in by_map.items()]
+        for path, _ in outputs:
+            if path.exists() and not force:
+                raise FileExistsError(f"{path}: exists (use --force to replace it)")
+        written = []
+        for path, group in outputs:
+            written += write_nifti(group, path, header=data.header, force=force)
+        if write_mrd:
+            write_mrd_images(plain, raw, dataset=dataset)
+    for path in written:
+        click.echo(str(path))

@@ -1,0 +1,192 @@
+"""Write reconstructed images: NIfTI + BIDS-style JSON sidecar, and MRD images into HDF5.
+
+Images of the same contrast/set/repetition (and map) are stacked into one volume along
+the slice direction, sorted by position; several volumes become the 4th dimension
+(ordered by repetition, set, contrast). Complex images are written as magnitude
+(float32). Files are written to a temporary name and moved into place, so a failure
+never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrharmony.errors import ReconError
+from mrharmony.recon.geometry import LPS_TO_RAS
+from mrharmony.recon.image import ReconImage
+
+__all__ = ["sidecar", "stack_volume", "write_mrd_images", "write_nifti"]
+
+
+def _atomic_write(path: Path, writer, *, suffix: str = "") -> None:
+    """Write through ``writer(tmp_path)`` to a temporary file, then ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        writer(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def stack_volume(images: list[ReconImage]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack 2-D slices (or pass through one 3-D slab) into ``(nx, ny, nz)`` + affine.
+
+    Raises
+    ------
+    ReconError
+        If the slices differ in shape or orientation, or two share a position.
+    """
+    if len(images) == 1:
+        im = images[0]
+        return np.abs(im.data).astype(np.float32) if np.iscomplexobj(im.data) else \
+            np.asarray(im.data, np.float32), im.affine_ras()
+    first = images[0]
+    for im in images[1:]:
+        if im.shape != first.shape or not np.allclose(
+            np.stack([im.read_dir, im.phase_dir, im.slice_dir]),
+            np.stack([first.read_dir, first.phase_dir, first.slice_dir]), atol=1e-4,
+        ):
+            raise ReconError("write_nifti: slices differ in shape or orientation")
+    if first.shape[2] != 1:
+        raise ReconError("write_nifti: several 3-D slabs of one contrast cannot be stacked")
+    proj = np.array([im.position @ first.slice_dir for im in images])
+    order = np.argsort(proj)
+    if np.any(np.diff(proj[order]) < 1e-6):
+        raise ReconError("write_nifti: two slices share the same position")
+    imgs = [images[i] for i in order]
+    data = np.concatenate([np.abs(im.data) for im in imgs], axis=2).astype(np.float32)
+    aff = imgs[0].affine_ras()
+    step_lps = (imgs[-1].position - imgs[0].position) / (len(imgs) - 1)
+    aff[:3, 2] = LPS_TO_RAS @ step_lps
+    return data, aff
+
+
+def sidecar(images: list[ReconImage], *, header: Any = None) -> dict[str, Any]:
+    """BIDS-style JSON sidecar: times in seconds, field in tesla, recon settings."""
+    meta = images[0].meta
+    out: dict[str, Any] = {}
+    if "field_strength_t" in meta:
+        out["MagneticFieldStrength"] = meta["field_strength_t"]
+    tes = sorted({im.meta["te_ms"] for im in images if "te_ms" in im.meta})
+    if tes:
+        out["EchoTime"] = tes[0] / 1e3 if len(tes) == 1 else [t / 1e3 for t in tes]
+    if "tr_ms" in meta:
+        out["RepetitionTime"] = meta["tr_ms"] / 1e3
+    tis = sorted({im.meta["ti_ms"] for im in images if "ti_ms" in im.meta})
+    if tis:
+        out["InversionTime"] = tis[0] / 1e3 if len(tis) == 1 else [t / 1e3 for t in tis]
+    if "flip_deg" in meta:
+        out["FlipAngle"] = meta["flip_deg"]
+    if "sequence_name" in meta:
+        out["SequenceName"] = meta["sequence_name"]
+    if "manufacturer" in meta:
+        out["Manufacturer"] = meta["manufacturer"]
+    if "model" in meta:
+        out["ManufacturersModelName"] = meta["model"]
+    if "map" in meta:
+        out["Quantity"] = meta["map"]
+    out["ReconstructionSettings"] = meta.get("recon", {})
+    if header is not None and getattr(header, "encoding", None):
+        enc = header.encoding[0]
+        out["ReconMatrix"] = [int(enc.reconSpace.matrixSize.x), int(enc.reconSpace.matrixSize.y),
+                              int(enc.reconSpace.matrixSize.z or 1)]
+    return out
+
+
+def _volumes(images: list[ReconImage]) -> list[tuple[tuple, list[ReconImage]]]:
+    groups: dict[tuple, list[ReconImage]] = {}
+    for im in images:
+        key = (str(im.meta.get("map", "")), im.repetition, im.set, im.contrast)
+        groups.setdefault(key, []).append(im)
+    return sorted(groups.items())
+
+
+def write_nifti(
+    images: list[ReconImage],
+    out_path: str | Path,
+    *,
+    header: Any = None,
+    force: bool = False,
+) -> list[Path]:
+    """Write images as one NIfTI (3-D, or 4-D for several volumes) plus a JSON sidecar.
+
+    Parameters
+    ----------
+    images : list of ReconImage
+        Images of one kind (all reconstructed images, or all of one map).
+    out_path : str or Path
+        ``.nii`` or ``.nii.gz``; the sidecar is the same name with ``.json``.
+    header : ismrmrd.xsd.ismrmrdHeader, optional
+        Adds the recon matrix to the sidecar.
+    force : bool
+        Overwrite existing files.
+
+    Returns
+    -------
+    list of Path
+        ``[nifti, json]``.
+
+    Raises
+    ------
+    FileExistsError
+        If an output exists and ``force`` is False.
+    ReconError
+        If there are no images or they cannot be stacked.
+    """
+    import nibabel as nib
+
+    if not images:
+        raise ReconError("write_nifti: no images to write")
+    out = Path(out_path)
+    name = out.name
+    if not (name.endswith((".nii", ".nii.gz"))):
+        raise ReconError(f"{out}: expected a .nii or .nii.gz file name")
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
+    json_path = out.with_name(stem + ".json")
+    for p in (out, json_path):
+        if p.exists() and not force:
+            raise FileExistsError(f"{p}: exists (use --force to replace it)")
+    vols = [stack_volume(group) for _, group in _volumes(images)]
+    shapes = {v[0].shape for v in vols}
+    if len(shapes) > 1:
+        raise ReconError(f"write_nifti: volumes of different shapes {sorted(shapes)}")
+    affine = vols[0][1]
+    data = vols[0][0] if len(vols) == 1 else np.stack([v[0] for v in vols], axis=-1)
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = sidecar(images, header=header)
+    # the JSON is written after the NIfTI; both through temp files in the same folder
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
+    _atomic_write(out, lambda tmp: nib.save(img, str(tmp)), suffix=suffix)
+    _atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    return [out, json_path]
+
+
+def write_mrd_images(
+    images: list[ReconImage], h5_path: str | Path, *, dataset: str = "dataset",
+    group: str = "mrharmony",
+) -> int:
+    """Append images as MRD images to ``dataset/group`` of an ISMRMRD HDF5 file.
+
+    Returns
+    -------
+    int
+        Number of images written.
+    """
+    import ismrmrd
+
+    with ismrmrd.Dataset(str(h5_path), dataset, create_if_needed=False) as ds:
+        for i, im in enumerate(images):
+            ds.append_image(group, im.to_ismrmrd_image(image_index=i))
+    return len(images)
