@@ -767,8 +767,10 @@ def _acquisitions(
                             for i in range(len(records))])
     heads = acquisition_table(records, n_coils=n_coils, slice_positions_mm=slice_pos,
                               center_samples=centers, trajectory_dims=traj_dims)
+    # a noise-free simulation has no noise to measure: no (all-zero) noise scans
+    n_noise = chain.noise_lines if np.any(chain.noise_scan) else 0
     noise_records = [_NoiseRecord(0.0, chain.noise_samples, chain.noise_dwell_s)
-                     for _ in range(chain.noise_lines)]
+                     for _ in range(n_noise)]
     noise_heads = acquisition_table(noise_records, n_coils=n_coils)
     noise_heads["flags"] = _bit("IS_NOISE_MEASUREMENT")
     all_heads = np.concatenate([noise_heads, heads])
@@ -777,7 +779,7 @@ def _acquisitions(
     trajs = None
     if traj_dims and k_cyc is not None:
         k32 = k_cyc[:, :traj_dims].astype(np.float32)
-        trajs = [np.zeros((chain.noise_samples, traj_dims), np.float32)] * chain.noise_lines
+        trajs = [np.zeros((chain.noise_samples, traj_dims), np.float32)] * n_noise
         trajs += [k32[offsets[i]:offsets[i + 1]] for i in range(len(records))]
     return all_heads, data, trajs
 

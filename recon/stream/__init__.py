@@ -1,0 +1,10 @@
+"""Online reconstruction over the MRD (Gadgetron/ISMRMRD) streaming protocol.
+
+* :mod:`.protocol` — message reading/writing on asyncio streams with limits;
+* :mod:`.server` — ``mrharmony serve``: slice-by-slice reconstruction server;
+* :mod:`.client` — ``mrharmony stream``: send a file, receive images (also to Gadgetron);
+* :mod:`.gadget` — the reconstruction as a Gadgetron external Python gadget;
+* :mod:`.scanner` — ``mrharmony scan``: a virtual scanner streaming simulated data.
+
+See ``docs/streaming.md``.
+"""

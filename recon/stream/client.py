@@ -1,0 +1,323 @@
+"""An MRD streaming client, like Gadgetron's ``gadgetron_ismrmrd_client``.
+
+It sends a config (a name such as ``default.xml``, or XML text), the ISMRMRD header,
+the acquisitions and CLOSE, while it receives images (and TEXT messages) until the
+server's CLOSE. Sending and receiving run concurrently, so images come back while the
+scan is still being sent. It speaks the same protocol as a Gadgetron server, so it
+works against ``mrharmony serve`` and against a real Gadgetron (port 9002).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ismrmrd
+import numpy as np
+
+from mrharmony.errors import StreamError
+from mrharmony.recon.stream.protocol import (
+    ConfigFile,
+    ConfigText,
+    EndOfStream,
+    MessageId,
+    StreamLimits,
+    encode_message,
+    read_message,
+    write_message,
+)
+
+__all__ = [
+    "StreamResult",
+    "client_ssl_context",
+    "image_to_recon",
+    "stream_acquisitions",
+    "stream_file",
+    "write_stream_outputs",
+]
+
+_FLAG_LAST_IN_SLICE = 8
+_FLAG_NOISE = 19
+_WRITE_BUFFER_BYTES = 1 << 20  # drain the socket buffer beyond this
+_CLIENT_LIMITS = StreamLimits(max_image_bytes=1 << 31, max_text_bytes=16 << 20)
+
+
+@dataclass
+class StreamResult:
+    """What came back from one streamed scan.
+
+    Attributes
+    ----------
+    images : list of ismrmrd.Image
+        Images in arrival order.
+    texts : list of str
+        TEXT messages from the server (errors start with ``mrharmony error:`` on ours).
+    image_times_s : list of float
+        ``time.perf_counter()`` at the arrival of each image.
+    last_sent_s : dict
+        ``(slice, repetition) -> time.perf_counter()`` after the acquisition carrying
+        ``ACQ_LAST_IN_SLICE`` of that slice was handed to the socket.
+    closed : bool
+        The server ended with CLOSE.
+    """
+
+    images: list[Any] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    image_times_s: list[float] = field(default_factory=list)
+    last_sent_s: dict[tuple[int, int], float] = field(default_factory=dict)
+    closed: bool = False
+    image_event: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def latencies_s(self) -> list[float]:
+        """Per image: arrival minus the send time of its slice's last acquisition (s)."""
+        out = []
+        for img, t in zip(self.images, self.image_times_s, strict=True):
+            key = (int(img.slice), int(img.repetition))
+            if key in self.last_sent_s:
+                out.append(t - self.last_sent_s[key])
+        return out
+
+
+def client_ssl_context(*, ca: Path | None = None, cert: Path | None = None,
+                       key: Path | None = None, check_hostname: bool = True) -> ssl.SSLContext:
+    """TLS context for the client: verify the server with ``ca`` (default: system CAs),
+    present ``cert``/``key`` when the server requires client certificates.
+
+    Raises
+    ------
+    StreamError
+        If a file is missing or does not load.
+    """
+    ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+    ctx.check_hostname = check_hostname
+    try:
+        if cert is not None:
+            ctx.load_cert_chain(str(cert), str(key) if key else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise StreamError(f"TLS: cannot load client certificate {cert}: {exc}") from None
+    return ctx
+
+
+Pace = Callable[[int, Any, StreamResult], Awaitable[None]]
+
+
+async def stream_acquisitions(
+    header: Any,
+    acquisitions: list[Any],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 9002,
+    config: str = "default.xml",
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    pace: Pace | None = None,
+    timeout_s: float = 600.0,
+    connect_timeout_s: float = 30.0,
+) -> StreamResult:
+    """Stream one scan to a server and collect the images it sends back.
+
+    Parameters
+    ----------
+    header : ismrmrd.xsd.ismrmrdHeader or str
+        ISMRMRD header (object or XML).
+    acquisitions : list of ismrmrd.Acquisition
+        Sent in order (noise scans first, as a scanner does).
+    host, port : str, int
+        Server address.
+    config : str
+        Config name (CONFIG_FILE, e.g. ``default.xml``) or XML text starting with
+        ``<`` (CONFIG_TEXT).
+    ssl_context : ssl.SSLContext, optional
+        TLS (see :func:`client_ssl_context`).
+    server_hostname : str, optional
+        Name to verify the server certificate against (default ``host``).
+    pace : callable, optional
+        ``await pace(i, acq, result)`` before acquisition ``i`` is sent: real-time
+        playback, or waiting for images (``result.image_event``).
+    timeout_s : float
+        Longest wait for the server's CLOSE after everything was sent (s).
+    connect_timeout_s : float
+        Longest wait for the TCP/TLS connection (s).
+
+    Returns
+    -------
+    StreamResult
+
+    Raises
+    ------
+    StreamError
+        Connection refused or lost, a malformed reply, or no CLOSE within the timeout.
+    """
+    if isinstance(header, str | bytes):
+        from mrharmony.recon.stream.protocol import parse_header_xml
+
+        header = parse_header_xml(header, source="header")
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ssl_context, limit=1 << 20,
+                                    server_hostname=(server_hostname or host)
+                                    if ssl_context else None),
+            connect_timeout_s)
+    except (OSError, TimeoutError, ssl.SSLError) as exc:
+        raise StreamError(f"cannot connect to {host}:{port}: {exc}") from None
+    result = StreamResult()
+    receiver = asyncio.create_task(_receive(reader, result))
+    try:
+        cfg: Any = ConfigText(config) if config.lstrip().startswith("<") else ConfigFile(config)
+        await write_message(writer, cfg)
+        await write_message(writer, header)
+        for i, acq in enumerate(acquisitions):
+            if pace is not None:
+                await pace(i, acq, result)
+            if receiver.done():
+                break  # the server ended the connection (error text received)
+            writer.write(encode_message(acq))
+            if acq.is_flag_set(_FLAG_LAST_IN_SLICE):
+                await writer.drain()
+                result.last_sent_s[(int(acq.idx.slice), int(acq.idx.repetition))] = \
+                    time.perf_counter()
+            elif writer.transport.get_write_buffer_size() > _WRITE_BUFFER_BYTES:
+                await writer.drain()
+        if not receiver.done():
+            await write_message(writer, None)
+    except (ConnectionError, ssl.SSLError):
+        pass  # the receiver reports what the server said before it closed
+    try:
+        await asyncio.wait_for(receiver, timeout_s)
+    except TimeoutError:
+        raise StreamError(f"{host}:{port}: no CLOSE from the server within {timeout_s:g} s "
+                          f"({len(result.images)} image(s) received)") from None
+    finally:
+        receiver.cancel()
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError, OSError):
+            await writer.wait_closed()
+    return result
+
+
+async def _receive(reader: asyncio.StreamReader, result: StreamResult) -> None:
+    while True:
+        try:
+            msg = await read_message(reader, limits=_CLIENT_LIMITS)
+        except (EndOfStream, ConnectionError):
+            return
+        except ssl.SSLError as exc:
+            raise StreamError(f"TLS: the server ended the session ({exc.reason or exc})") from None
+        if msg.id == MessageId.IMAGE:
+            result.images.append(msg.value)
+            result.image_times_s.append(time.perf_counter())
+            result.image_event.set()
+        elif msg.id == MessageId.TEXT:
+            result.texts.append(str(msg.value))
+        elif msg.id == MessageId.CLOSE:
+            result.closed = True
+            return
+        # acquisitions/waveforms/arrays returned by a pass-through chain are ignored
+
+
+async def stream_file(path: str | Path, **kwargs: Any) -> tuple[Any, StreamResult]:
+    """Read an ISMRMRD file and :func:`stream_acquisitions` it (noise scans first).
+
+    Returns
+    -------
+    (header, StreamResult)
+
+    Raises
+    ------
+    RawDataError
+        If the file cannot be read.
+    StreamError
+        See :func:`stream_acquisitions`.
+    """
+    from mrharmony.recon.io import read_raw
+
+    raw = read_raw(path)
+    acqs = list(raw.noise) + list(raw.acquisitions)
+    return raw.header, await stream_acquisitions(raw.header, acqs, **kwargs)
+
+
+def _meta_value(text: str) -> Any:
+    for cast in (int, float):
+        with contextlib.suppress(ValueError):
+            return cast(text)
+    return text
+
+
+def image_to_recon(img: Any) -> Any:
+    """Turn a received :class:`ismrmrd.Image` into a :class:`~mrharmony.recon.ReconImage`.
+
+    The MRD array ``(channels, z, y, x)`` becomes ``(x, y, z)`` (or ``(x, y, z, channels)``);
+    geometry comes from the image header, ``meta`` from its attributes (our server's
+    ``mrharmony_recon`` JSON becomes ``meta["recon"]``).
+    """
+    from mrharmony.recon.image import ReconImage
+
+    data = np.transpose(np.asarray(img.data), (3, 2, 1, 0))
+    if data.shape[3] == 1:
+        data = data[..., 0]
+    meta: dict[str, Any] = {}
+    if img.attribute_string:
+        try:
+            parsed = ismrmrd.Meta.deserialize(img.attribute_string)
+        except Exception:  # foreign attribute XML: keep the image, drop the meta
+            parsed = {}
+        for key, value in dict(parsed).items():
+            meta[key] = _meta_value(value) if isinstance(value, str) else value
+    if "mrharmony_recon" in meta:
+        with contextlib.suppress(ValueError, TypeError):
+            meta["recon"] = json.loads(str(meta.pop("mrharmony_recon")))
+    return ReconImage(
+        data=data, slice=int(img.slice), contrast=int(img.contrast),
+        repetition=int(img.repetition), set=int(img.set), average=int(img.average),
+        position=np.array(img.position[:], float), read_dir=np.array(img.read_dir[:], float),
+        phase_dir=np.array(img.phase_dir[:], float), slice_dir=np.array(img.slice_dir[:], float),
+        field_of_view_mm=np.array(img.field_of_view[:], float), meta=meta,
+    )
+
+
+def write_stream_outputs(images: list[Any], out_dir: str | Path, stem: str, *,
+                         header: Any = None, force: bool = False) -> list[Path]:
+    """Write received images as NIfTI + JSON sidecars (one file per image series).
+
+    Parameters
+    ----------
+    images : list of ismrmrd.Image
+    out_dir : str or Path
+        Output folder (created).
+    stem : str
+        File name stem (``<stem>.nii.gz``; ``<stem>_series<k>.nii.gz`` when the server
+        sent several series).
+    header : ismrmrd.xsd.ismrmrdHeader, optional
+        Adds the recon matrix to the sidecar.
+    force : bool
+        Overwrite existing files.
+
+    Returns
+    -------
+    list of Path
+
+    Raises
+    ------
+    StreamError
+        If there are no images.
+    """
+    from mrharmony.recon.output import write_nifti
+
+    if not images:
+        raise StreamError("no images were received, nothing to write")
+    series: dict[int, list[Any]] = {}
+    for img in images:
+        series.setdefault(int(img.image_series_index), []).append(image_to_recon(img))
+    out = Path(out_dir)
+    written: list[Path] = []
+    for k, group in sorted(series.items()):
+        name = f"{stem}.nii.gz" if len(series) == 1 else f"{stem}_series{k}.nii.gz"
+        written += write_nifti(group, out / name, header=header, force=force)
+    return written

@@ -1,0 +1,396 @@
+"""MRD (Gadgetron/ISMRMRD) streaming messages on asyncio streams, with limits.
+
+The message formats are those of :mod:`ismrmrd.serialization` (``ProtocolSerializer``
+and ``ProtocolDeserializer``), which this module uses to encode and decode every
+message. What they lack for a network server is added here:
+
+* incremental asynchronous reads (``StreamReader.readexactly``): a message is only
+  decoded once all of its bytes have arrived, so a slow client never blocks the loop;
+* limits checked from the fixed-size part of a message *before* its payload is read
+  (header XML size, samples x channels, image size, text size), so a hostile length
+  field cannot make the server allocate gigabytes;
+* message-id validation and a distinction between a clean end of stream (at a message
+  boundary) and a truncated message;
+* a safe ISMRMRD XML header parse (no DTD / entities) with a :class:`StreamError`
+  naming the problem.
+
+Wire format (little-endian): ``uint16`` message id, then
+
+=====  ==================  ====================================================
+id     name                payload
+=====  ==================  ====================================================
+1      CONFIG_FILE         1024 bytes, NUL-padded config name (``default.xml``)
+2      CONFIG_TEXT         ``uint32`` length + XML text
+3      HEADER              ``uint32`` length + ISMRMRD header XML
+4      CLOSE               none
+5      TEXT                ``uint32`` length + UTF-8 text
+1008   ACQUISITION         340-byte header, trajectory (float32), data (complex64)
+1022   IMAGE               198-byte header, ``uint64`` attribute length + XML, data
+1026   WAVEFORM            40-byte header, data (uint32)
+1030   NDARRAY             ``uint16`` type, version, ndim, ``uint64`` dims, data
+=====  ==================  ====================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import io
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import ismrmrd
+from ismrmrd.image import get_dtype_from_data_type
+from ismrmrd.serialization import (
+    ConfigFile,
+    ConfigText,
+    ISMRMRDMessageID,
+    ProtocolDeserializer,
+    ProtocolSerializer,
+)
+
+from mrharmony.errors import StreamError
+
+__all__ = [
+    "CLOSE_BYTES",
+    "KNOWN_IDS",
+    "ConfigFile",
+    "ConfigText",
+    "EndOfStream",
+    "Message",
+    "MessageId",
+    "StreamLimits",
+    "encode_message",
+    "parse_header_xml",
+    "read_message",
+    "write_message",
+]
+
+MessageId = ISMRMRDMessageID
+KNOWN_IDS = frozenset(int(m) for m in ISMRMRDMessageID if m != ISMRMRDMessageID.UNPEEKED)
+CLOSE_BYTES = struct.pack("<H", int(MessageId.CLOSE))
+
+_ACQ_HEADER_BYTES = ctypes.sizeof(ismrmrd.AcquisitionHeader)  # 340
+_IMAGE_HEADER_BYTES = ctypes.sizeof(ismrmrd.ImageHeader)  # 198
+_WAVEFORM_HEADER_BYTES = ctypes.sizeof(ismrmrd.WaveformHeader)  # 40
+_CONFIG_FILE_BYTES = 1024
+_NAMES = {int(m): m.name for m in ISMRMRDMessageID}
+_DTD = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Size limits applied to incoming messages (checked before a payload is read).
+
+    Attributes
+    ----------
+    max_config_bytes : int
+        Largest CONFIG_TEXT payload (bytes).
+    max_header_bytes : int
+        Largest ISMRMRD XML header (bytes).
+    max_text_bytes : int
+        Largest TEXT payload (bytes).
+    max_samples_x_channels : int
+        Largest ``number_of_samples * active_channels`` of one acquisition (complex
+        samples); 2**22 is 4 M samples = 32 MiB of complex64.
+    max_trajectory_dimensions : int
+        Largest ``trajectory_dimensions`` of one acquisition.
+    max_waveform_values : int
+        Largest ``number_of_samples * channels`` of one waveform.
+    max_image_bytes : int
+        Largest image payload (pixel data) in bytes.
+    max_attribute_bytes : int
+        Largest image attribute (meta XML) string in bytes.
+    max_ndarray_bytes : int
+        Largest NDARRAY payload in bytes.
+    """
+
+    max_config_bytes: int = 1 << 20
+    max_header_bytes: int = 4 << 20
+    max_text_bytes: int = 1 << 20
+    max_samples_x_channels: int = 1 << 22
+    max_trajectory_dimensions: int = 4
+    max_waveform_values: int = 1 << 20
+    max_image_bytes: int = 1 << 30
+    max_attribute_bytes: int = 4 << 20
+    max_ndarray_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if int(value) < 0:
+                raise StreamError(f"StreamLimits.{name}: {value} is negative")
+
+
+class EndOfStream(Exception):
+    """The peer closed the connection cleanly at a message boundary (no CLOSE sent)."""
+
+
+@dataclass
+class Message:
+    """One decoded message.
+
+    Attributes
+    ----------
+    id : int
+        Message id (:class:`MessageId`).
+    value : Any
+        The decoded object: :class:`ConfigFile`, :class:`ConfigText`, ISMRMRD header,
+        ``str`` (TEXT), :class:`ismrmrd.Acquisition`, :class:`ismrmrd.Image`,
+        :class:`ismrmrd.Waveform`, ``numpy.ndarray`` or None (CLOSE).
+    nbytes : int
+        Bytes on the wire, id included.
+    payload : bytes
+        The message bytes after the id for ACQUISITION, IMAGE, WAVEFORM and NDARRAY
+        (what ``ismrmrd`` objects' ``to_bytes`` gives), the XML text as received for
+        HEADER, empty otherwise.
+    """
+
+    id: int
+    value: Any
+    nbytes: int
+    payload: bytes = b""
+
+    @property
+    def name(self) -> str:
+        """Protocol name of the message (``ACQUISITION``, ...)."""
+        return _NAMES.get(self.id, str(self.id))
+
+
+def message_name(msg_id: int) -> str:
+    """Protocol name of a message id (the number itself when unknown)."""
+    return _NAMES.get(int(msg_id), str(msg_id))
+
+
+async def _read(reader: asyncio.StreamReader, n: int, what: str) -> bytes:
+    try:
+        return await reader.readexactly(n)
+    except asyncio.IncompleteReadError as exc:
+        raise StreamError(
+            f"{what}: truncated message, expected {n} bytes, got {len(exc.partial)} "
+            "before the connection ended"
+        ) from None
+
+
+def _over(what: str, field: str, value: int, limit: int) -> StreamError:
+    return StreamError(f"{what}: {field} = {value} is over the limit of {limit}")
+
+
+async def _read_length_prefixed(
+    reader: asyncio.StreamReader, what: str, limit: int, field: str
+) -> tuple[bytes, bytes]:
+    raw_len = await _read(reader, 4, what)
+    (length,) = struct.unpack("<I", raw_len)
+    if length > limit:
+        raise _over(what, field, length, limit)
+    return raw_len, await _read(reader, length, what)
+
+
+def parse_header_xml(xml: bytes | str, *, source: str = "HEADER") -> Any:
+    """Parse ISMRMRD header XML safely.
+
+    Parameters
+    ----------
+    xml : bytes or str
+        The header document.
+    source : str
+        Name used in error messages.
+
+    Returns
+    -------
+    ismrmrd.xsd.ismrmrdHeader
+
+    Raises
+    ------
+    StreamError
+        If the document declares a DTD or entities, does not parse as ISMRMRD XML, or
+        has no ``<encoding>``.
+    """
+    data = xml.encode() if isinstance(xml, str) else bytes(xml)
+    if _DTD.search(data):
+        raise StreamError(f"{source}: DTDs and entity declarations are not allowed")
+    try:
+        header = ismrmrd.xsd.CreateFromDocument(data)
+    except Exception as exc:  # xsdata raises parser-specific exception types
+        raise StreamError(f"{source}: not valid ISMRMRD header XML ({exc})") from None
+    if not getattr(header, "encoding", None):
+        raise StreamError(f"{source}: the ISMRMRD header has no <encoding>")
+    return header
+
+
+def _deserialize(blob: bytes) -> Any:
+    """Decode one complete message (id included) with ismrmrd's ProtocolDeserializer."""
+    return next(ProtocolDeserializer(io.BytesIO(blob)).deserialize())
+
+
+async def read_message(
+    reader: asyncio.StreamReader, *, limits: StreamLimits | None = None,
+    decode_acquisitions: bool = True,
+) -> Message:
+    """Read and decode the next message, checking ids and limits before payloads.
+
+    Parameters
+    ----------
+    reader : asyncio.StreamReader
+        The connection.
+    limits : StreamLimits, optional
+        Size limits (defaults: :class:`StreamLimits`).
+    decode_acquisitions : bool
+        False: an ACQUISITION's ``value`` is only its :class:`ismrmrd.AcquisitionHeader`
+        (flags and counters) and the data stay in ``payload``, to be decoded elsewhere
+        (a worker) with :meth:`ismrmrd.Acquisition.from_bytes`.
+
+    Returns
+    -------
+    Message
+
+    Raises
+    ------
+    EndOfStream
+        The peer closed the connection before the first byte of a message.
+    StreamError
+        Truncated message, unknown message id, a length over a limit, or a payload
+        that does not decode (for a HEADER: invalid ISMRMRD XML).
+    """
+    limits = limits or StreamLimits()
+    try:
+        raw_id = await reader.readexactly(2)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise EndOfStream("connection closed") from None
+        raise StreamError("message id: truncated message, expected 2 bytes, got 1 before "
+                          "the connection ended") from None
+    (msg_id,) = struct.unpack("<H", raw_id)
+    if msg_id not in KNOWN_IDS:
+        raise StreamError(
+            f"message id {msg_id}: unknown (expected one of {sorted(KNOWN_IDS)})"
+        )
+    what = message_name(msg_id)
+    parts = [raw_id]
+    if msg_id == MessageId.CLOSE:
+        return Message(msg_id, None, 2)
+    if msg_id == MessageId.CONFIG_FILE:
+        payload = await _read(reader, _CONFIG_FILE_BYTES, what)
+        try:
+            name = payload.split(b"\x00", 1)[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise StreamError(f"{what}: the config name is not UTF-8") from None
+        return Message(msg_id, ConfigFile(name), 2 + _CONFIG_FILE_BYTES)
+    if msg_id in (MessageId.CONFIG_TEXT, MessageId.TEXT, MessageId.HEADER):
+        limit, field = {
+            MessageId.CONFIG_TEXT: (limits.max_config_bytes, "config length"),
+            MessageId.TEXT: (limits.max_text_bytes, "text length"),
+            MessageId.HEADER: (limits.max_header_bytes, "header length"),
+        }[msg_id]
+        raw_len, body = await _read_length_prefixed(reader, what, limit, field)
+        nbytes = 6 + len(body)
+        if msg_id == MessageId.HEADER:
+            return Message(msg_id, parse_header_xml(body, source=what), nbytes, body)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise StreamError(f"{what}: the payload is not UTF-8 text") from None
+        value = ConfigText(text) if msg_id == MessageId.CONFIG_TEXT else text
+        return Message(msg_id, value, nbytes)
+    if msg_id == MessageId.ACQUISITION:
+        head_bytes = await _read(reader, _ACQ_HEADER_BYTES, what)
+        head = ismrmrd.AcquisitionHeader.from_buffer_copy(head_bytes)
+        ns, nc, nt = int(head.number_of_samples), int(head.active_channels), int(
+            head.trajectory_dimensions)
+        if ns * nc > limits.max_samples_x_channels:
+            raise _over(what, f"samples x channels ({ns} x {nc})", ns * nc,
+                        limits.max_samples_x_channels)
+        if nt > limits.max_trajectory_dimensions:
+            raise _over(what, "trajectory_dimensions", nt, limits.max_trajectory_dimensions)
+        body = await _read(reader, 4 * ns * nt + 8 * ns * nc, what)
+        if not decode_acquisitions:
+            return Message(msg_id, head, 2 + len(head_bytes) + len(body), head_bytes + body)
+        parts += [head_bytes, body]
+    elif msg_id == MessageId.WAVEFORM:
+        head_bytes = await _read(reader, _WAVEFORM_HEADER_BYTES, what)
+        head = ismrmrd.WaveformHeader.from_buffer_copy(head_bytes)
+        n = int(head.number_of_samples) * int(head.channels)
+        if n > limits.max_waveform_values:
+            raise _over(what, "samples x channels", n, limits.max_waveform_values)
+        parts += [head_bytes, await _read(reader, 4 * n, what)]
+    elif msg_id == MessageId.IMAGE:
+        head_bytes = await _read(reader, _IMAGE_HEADER_BYTES, what)
+        head = ismrmrd.ImageHeader.from_buffer_copy(head_bytes)
+        try:
+            itemsize = get_dtype_from_data_type(int(head.data_type)).itemsize
+        except TypeError:
+            raise StreamError(f"{what}: unknown image data_type {int(head.data_type)}") from None
+        n = int(head.channels) * int(head.matrix_size[0]) * int(head.matrix_size[1]) * int(
+            head.matrix_size[2])
+        if n * itemsize > limits.max_image_bytes:
+            raise _over(what, "pixel bytes", n * itemsize, limits.max_image_bytes)
+        raw_len = await _read(reader, 8, what)
+        (attr_len,) = struct.unpack("<Q", raw_len)
+        if attr_len > limits.max_attribute_bytes:
+            raise _over(what, "attribute length", attr_len, limits.max_attribute_bytes)
+        parts += [head_bytes, raw_len, await _read(reader, attr_len + n * itemsize, what)]
+    else:  # NDARRAY
+        fixed = await _read(reader, 6, what)
+        dtype_code, _ver, ndim = struct.unpack("<HHH", fixed)
+        if ndim > 8:
+            raise _over(what, "ndim", ndim, 8)
+        dims_raw = await _read(reader, 8 * ndim, what)
+        dims = struct.unpack("<" + "Q" * ndim, dims_raw)
+        try:
+            itemsize = get_dtype_from_data_type(dtype_code).itemsize
+        except TypeError:
+            raise StreamError(f"{what}: unknown data type {dtype_code}") from None
+        n = 1
+        for d in dims:
+            n *= int(d)
+        if n * itemsize > limits.max_ndarray_bytes:
+            raise _over(what, "bytes", n * itemsize, limits.max_ndarray_bytes)
+        parts += [fixed, dims_raw, await _read(reader, n * itemsize, what)]
+    blob = b"".join(parts)
+    try:
+        value = _deserialize(blob)
+    except (ValueError, TypeError, EOFError, UnicodeDecodeError) as exc:
+        raise StreamError(f"{what}: payload does not decode ({exc})") from None
+    return Message(msg_id, value, len(blob), blob[2:])
+
+
+def encode_message(obj: Any) -> bytes:
+    """Encode one object as an MRD message with :class:`ProtocolSerializer`.
+
+    Parameters
+    ----------
+    obj : ConfigFile, ConfigText, ismrmrdHeader, str, Acquisition, Image, Waveform or ndarray
+        ``str`` is sent as TEXT; wrap config names in :class:`ConfigFile` and config
+        XML in :class:`ConfigText`.
+
+    Returns
+    -------
+    bytes
+        The message, id included.
+
+    Raises
+    ------
+    StreamError
+        If the object type has no message, or a config name is 1024 bytes or longer.
+    """
+    buf = io.BytesIO()
+    try:
+        ProtocolSerializer(buf).serialize(obj)
+    except (TypeError, ValueError) as exc:
+        raise StreamError(f"cannot encode {type(obj).__name__}: {exc}") from None
+    return buf.getvalue()
+
+
+async def write_message(writer: asyncio.StreamWriter, obj: Any | None) -> int:
+    """Encode and send one message (``None`` sends CLOSE), waiting for buffer space.
+
+    Returns
+    -------
+    int
+        Bytes written.
+    """
+    data = CLOSE_BYTES if obj is None else encode_message(obj)
+    writer.write(data)
+    await writer.drain()
+    return len(data)

@@ -1,0 +1,792 @@
+"""An asyncio MRD streaming server that reconstructs slice by slice.
+
+A client (``gadgetron_ismrmrd_client``, :mod:`mrharmony.recon.stream.client`, a scanner)
+sends a config (name or XML), the ISMRMRD header, then acquisitions, and finally CLOSE.
+The config selects a :class:`Pipeline` from :data:`PIPELINES`. Acquisitions are
+collected per slice by :class:`SliceAssembler`; when the last acquisition of a slice
+arrives (flag ``ACQ_LAST_IN_SLICE``, or ``ACQ_LAST_IN_MEASUREMENT``), that slice's
+acquisitions (with all noise scans so far, for prewhitening) are reconstructed by
+:func:`mrharmony.recon.reconstruct_acquisitions` in a process or thread pool, and the
+images are sent back at once, while the client keeps streaming. Whatever is left at
+CLOSE is reconstructed then. Images sent by the client are echoed back unchanged
+(pass-through, as in a Gadgetron chain); waveforms are saved with ``--save-raw``.
+
+Errors (truncated or unknown messages, over-limit lengths, bad header XML, data before
+the header, a second header) end that connection with a TEXT message naming the
+problem followed by CLOSE; the server keeps serving everyone else. A silent client is
+dropped after ``idle_timeout_s``. :meth:`StreamServer.shutdown` (SIGTERM in
+``mrharmony serve``) stops accepting, lets running connections finish, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import ssl
+import struct
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import ismrmrd
+import numpy as np
+
+from mrharmony.errors import ReconError, StreamError
+from mrharmony.recon.stream.protocol import (
+    ConfigText,
+    EndOfStream,
+    MessageId,
+    StreamLimits,
+    read_message,
+    write_message,
+)
+
+__all__ = [
+    "PIPELINES",
+    "Pipeline",
+    "RawStreamWriter",
+    "ServerSettings",
+    "SliceAssembler",
+    "StreamServer",
+    "pipeline_from_config",
+    "reconstruct_to_mrd",
+    "server_ssl_context",
+]
+
+log = logging.getLogger("mrharmony.stream")
+
+_FLAG_LAST_IN_SLICE = 8
+_FLAG_NOISE = 19
+_FLAG_LAST_IN_MEASUREMENT = 25
+_IMAGE_INDEX_OFFSET = ismrmrd.ImageHeader.image_index.offset
+_RECON_METHODS = ("auto", "fft", "grappa", "sense", "cs", "tv", "nufft")
+_RECON_BACKENDS = ("auto", "numpy", "cupy", "bart")
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A reconstruction selected by a config name.
+
+    Attributes
+    ----------
+    name : str
+        Config name the client sends (``default.xml``).
+    method : str
+        :func:`~mrharmony.recon.reconstruct_acquisitions` method.
+    backend : str or None
+        Array backend; None uses the server's ``--backend``.
+    description : str
+        One line for ``mrharmony serve --list-pipelines`` and the docs.
+    """
+
+    name: str
+    method: str
+    backend: str | None = None
+    description: str = ""
+
+
+def _pipelines() -> MappingProxyType:
+    items = [
+        Pipeline("default.xml", "auto", None, "automatic: FFT (fully sampled Cartesian), "
+                 "CG-SENSE (undersampled), gridding/EPI by trajectory"),
+        Pipeline("mrharmony_auto.xml", "auto", None, "same as default.xml"),
+        Pipeline("mrharmony_fft.xml", "fft", None, "zero-filled FFT, POCS partial Fourier, SoS"),
+        Pipeline("mrharmony_grappa.xml", "grappa", None, "GRAPPA"),
+        Pipeline("mrharmony_sense.xml", "sense", None, "CG-SENSE with ESPIRiT maps"),
+        Pipeline("mrharmony_cs.xml", "cs", None, "L1-wavelet compressed sensing"),
+        Pipeline("mrharmony_tv.xml", "tv", None, "total-variation SENSE"),
+        Pipeline("mrharmony_nufft.xml", "nufft", None, "non-Cartesian NUFFT gridding"),
+        Pipeline("mrharmony_bart.xml", "sense", "bart", "BART ecalib + pics"),
+        Pipeline("Generic_Cartesian_FFT.xml", "fft", None, "Gadgetron name alias: FFT"),
+        Pipeline("Generic_Cartesian_Grappa.xml", "grappa", None, "Gadgetron name alias: GRAPPA"),
+    ]
+    return MappingProxyType({p.name: p for p in items})
+
+
+PIPELINES: MappingProxyType = _pipelines()
+_DTD = re.compile(r"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
+
+
+def _config_properties(text: str, *, source: str) -> dict[str, str]:
+    """``name -> value`` of ``<property>``/``<parameter>`` elements of a config XML.
+
+    Both ``<property name="method" value="sense"/>`` and Gadgetron's
+    ``<property><name>method</name><value>sense</value></property>`` are understood.
+    """
+    if _DTD.search(text):
+        raise StreamError(f"{source}: DTDs and entity declarations are not allowed")
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise StreamError(f"{source}: the config is not well-formed XML ({exc})") from None
+    props: dict[str, str] = {}
+    for el in root.iter():
+        tag = el.tag.rsplit("}", 1)[-1]
+        if tag not in ("property", "parameter"):
+            continue
+        name = el.get("name") or (el.findtext("name") or "")
+        value = el.get("value") if el.get("value") is not None else (el.findtext("value") or "")
+        if name:
+            props[name.strip()] = value.strip()
+    return props
+
+
+def pipeline_from_config(config: Any) -> Pipeline:
+    """Select the pipeline for a CONFIG_FILE name or a CONFIG_TEXT document.
+
+    Parameters
+    ----------
+    config : ConfigFile, ConfigText or str
+        A name from :data:`PIPELINES` (a path is reduced to its file name), or XML
+        whose ``property``/``parameter`` elements name ``pipeline``, ``method`` and/or
+        ``backend``. An XML config without these selects ``default.xml``.
+
+    Returns
+    -------
+    Pipeline
+
+    Raises
+    ------
+    StreamError
+        Unknown pipeline name, method or backend, or malformed XML.
+    """
+    text = str(config)
+    if isinstance(config, ConfigText) or text.lstrip().startswith("<"):
+        props = _config_properties(text, source="CONFIG_TEXT")
+        base = PIPELINES["default.xml"]
+        if "pipeline" in props:
+            base = _named_pipeline(props["pipeline"])
+        method = props.get("method", base.method)
+        backend = props.get("backend", base.backend)
+        if method not in _RECON_METHODS:
+            raise StreamError(f"CONFIG_TEXT: method {method!r}: expected one of "
+                              f"{', '.join(_RECON_METHODS)}")
+        if backend is not None and backend not in _RECON_BACKENDS:
+            raise StreamError(f"CONFIG_TEXT: backend {backend!r}: expected one of "
+                              f"{', '.join(_RECON_BACKENDS)}")
+        return replace(base, name="CONFIG_TEXT", method=method, backend=backend)
+    return _named_pipeline(text)
+
+
+def _named_pipeline(name: str) -> Pipeline:
+    key = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
+    if key not in PIPELINES:
+        raise StreamError(f"config {name!r}: unknown pipeline (known: {', '.join(PIPELINES)})")
+    return PIPELINES[key]
+
+
+# --------------------------------------------------------------------------- slices
+
+
+class SliceAssembler:
+    """Collect acquisitions until a slice is complete.
+
+    A slice ``(slice, repetition)`` is complete when an acquisition of it carries
+    ``ACQ_LAST_IN_SLICE``; ``ACQ_LAST_IN_MEASUREMENT`` completes everything. Noise
+    scans are kept and prepended to every completed group (they prewhiten it), so a
+    slice reconstructed here equals the same slice of the offline reconstruction.
+    """
+
+    def __init__(self) -> None:
+        self.noise: list[Any] = []
+        self._pending: dict[tuple[int, int], list[Any]] = {}
+        self._done: set[tuple[int, int]] = set()
+        self.reopened: list[tuple[int, int]] = []
+
+    def add(self, acq: Any, item: Any = None) -> list[list[Any]]:
+        """Add one acquisition; return the groups it completes (noise first in each).
+
+        Parameters
+        ----------
+        acq : ismrmrd.Acquisition
+            Its flags and counters decide the grouping.
+        item : Any, optional
+            What to store and return for it (default: ``acq`` itself), e.g. a pair of
+            the acquisition and its wire bytes.
+        """
+        item = acq if item is None else item
+        flags = int(acq.flags)
+        if flags & (1 << (_FLAG_NOISE - 1)):
+            self.noise.append(item)
+            return []
+        key = (int(acq.idx.slice), int(acq.idx.repetition))
+        if key in self._done and key not in self._pending:
+            self.reopened.append(key)  # more data after the slice was declared complete
+        self._pending.setdefault(key, []).append(item)
+        if flags & (1 << (_FLAG_LAST_IN_MEASUREMENT - 1)):
+            return self.flush()
+        if flags & (1 << (_FLAG_LAST_IN_SLICE - 1)):
+            self._done.add(key)
+            return [self.noise + self._pending.pop(key)]
+        return []
+
+    def flush(self) -> list[list[Any]]:
+        """Return every incomplete group (at the end of the stream)."""
+        groups = [self.noise + self._pending[k] for k in sorted(self._pending)]
+        self._done.update(self._pending)
+        self._pending.clear()
+        return groups
+
+    @property
+    def pending_acquisitions(self) -> int:
+        """Acquisitions waiting for their slice to complete."""
+        return sum(len(v) for v in self._pending.values())
+
+
+# --------------------------------------------------------------------------- recon jobs
+
+
+@functools.lru_cache(maxsize=32)
+def _header_from_xml(xml: str) -> Any:
+    return ismrmrd.xsd.CreateFromDocument(xml)
+
+
+def _to_mrd_bytes(images: list[Any]) -> list[bytes]:
+    out = []
+    for im in images:
+        meta = dict(im.meta)
+        if "recon" in meta:
+            meta["mrharmony_recon"] = json.dumps(meta["recon"], default=str)
+        img = replace(im, meta=meta).to_ismrmrd_image()
+        img.image_type = (ismrmrd.IMTYPE_COMPLEX if np.iscomplexobj(im.data)
+                          else ismrmrd.IMTYPE_MAGNITUDE)
+        out.append(img.to_bytes())
+    return out
+
+
+def reconstruct_to_mrd(header: Any, acquisitions: list[Any], *, method: str,
+                       backend: str) -> list[bytes]:
+    """Reconstruct one group and return serialised MRD images (IMAGE payloads, no id).
+
+    Parameters
+    ----------
+    header : ismrmrd.xsd.ismrmrdHeader
+    acquisitions : list of ismrmrd.Acquisition
+        Noise scans and all acquisitions of one slice.
+    method, backend : str
+        See :func:`mrharmony.recon.reconstruct_acquisitions`.
+
+    Returns
+    -------
+    list of bytes
+        One :meth:`ismrmrd.Image.to_bytes` per image.
+    """
+    from mrharmony.recon.pipeline import reconstruct_acquisitions
+
+    images = reconstruct_acquisitions(header, acquisitions, method=method, backend=backend)
+    return _to_mrd_bytes(images)
+
+
+def _recon_job_blobs(header_xml: str, blobs: list[bytes], method: str,
+                     backend: str) -> list[bytes]:
+    """Pool entry point (threads or processes): acquisitions as wire bytes in, images as
+    bytes out."""
+    header = _header_from_xml(header_xml)
+    acqs = [ismrmrd.Acquisition.from_bytes(b) for b in blobs]
+    return reconstruct_to_mrd(header, acqs, method=method, backend=backend)
+
+
+def _warm_up() -> int:
+    """Run a tiny reconstruction in a pool worker, so the first real slice does not pay
+    for imports and FFT set-up; the short sleep spreads the calls over all workers."""
+    from mrharmony.recon.stream.scanner import synthetic_cartesian_scan
+
+    header, acqs = synthetic_cartesian_scan(nx=16, ny=16, n_coils=2, n_slices=1)
+    reconstruct_to_mrd(header, acqs, method="auto", backend="numpy")
+    time.sleep(0.2)
+    return os.getpid()
+
+
+# --------------------------------------------------------------------------- raw files
+
+
+class RawStreamWriter:
+    """Write a received stream into an ISMRMRD HDF5 file as it arrives.
+
+    The file is written under ``<path>.part`` and flushed after every acquisition, so
+    it is readable at any moment; :meth:`close` (always called, also when the client
+    disconnects) renames it to ``path``.
+
+    Parameters
+    ----------
+    path : Path
+        Final file name.
+    header_xml : str
+        ISMRMRD header of the stream.
+    """
+
+    def __init__(self, path: Path, header_xml: str) -> None:
+        import h5py
+
+        self.path = Path(path)
+        self.part = self.path.with_name(self.path.name + ".part")
+        self.count = 0
+        self.waveforms = 0
+        self._file = h5py.File(self.part, "w")
+        grp = self._file.create_group("dataset")
+        xml = grp.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
+        xml[0] = header_xml.encode()
+        self._group = grp
+        self._file.flush()
+
+    def append(self, payload: bytes) -> None:
+        """Append one acquisition given as its wire bytes (header, trajectory, data) and
+        flush."""
+        from ismrmrd.hdf5 import acquisition_dtype, acquisition_header_dtype
+
+        if "data" not in self._group:
+            self._group.create_dataset("data", shape=(0,), maxshape=(None,),
+                                       dtype=acquisition_dtype, chunks=(64,))
+        ds = self._group["data"]
+        head = np.frombuffer(payload, acquisition_header_dtype, count=1)
+        ns, nc, nt = (int(head[0][k]) for k in ("number_of_samples", "active_channels",
+                                                 "trajectory_dimensions"))
+        off = acquisition_header_dtype.itemsize
+        rec = np.empty((1,), dtype=acquisition_dtype)
+        rec[0]["head"] = head[0]
+        rec[0]["traj"] = np.frombuffer(payload, np.float32, count=ns * nt, offset=off)
+        rec[0]["data"] = np.frombuffer(payload, np.float32, count=2 * ns * nc,
+                                       offset=off + 4 * ns * nt)
+        ds.resize(self.count + 1, axis=0)
+        ds[self.count] = rec[0]
+        self.count += 1
+        self._file.flush()
+
+    def append_waveform(self, wav: Any) -> None:
+        """Append one waveform and flush."""
+        from ismrmrd.hdf5 import waveform_dtype, waveform_header_dtype
+
+        if "waveforms" not in self._group:
+            self._group.create_dataset("waveforms", shape=(0,), maxshape=(None,),
+                                       dtype=waveform_dtype, chunks=(64,))
+        ds = self._group["waveforms"]
+        rec = np.empty((1,), dtype=waveform_dtype)
+        rec[0]["head"] = np.frombuffer(wav.getHead(), dtype=waveform_header_dtype)[0]
+        rec[0]["data"] = np.ascontiguousarray(wav.data, np.uint32).reshape(-1)
+        ds.resize(self.waveforms + 1, axis=0)
+        ds[self.waveforms] = rec[0]
+        self.waveforms += 1
+        self._file.flush()
+
+    def close(self) -> Path:
+        """Close the file and move it to its final name."""
+        if self._file:
+            self._file.close()
+            os.replace(self.part, self.path)
+        return self.path
+
+
+# --------------------------------------------------------------------------- server
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Settings of :class:`StreamServer`.
+
+    Attributes
+    ----------
+    host : str
+        Address to bind; loopback unless set explicitly.
+    port : int
+        TCP port; 0 picks a free one (see :attr:`StreamServer.port`).
+    workers : int
+        Reconstruction workers (processes or threads).
+    executor : {"thread", "process"}
+        Pool kind. Threads: no transfer cost, lowest latency on small machines (the FFTs
+        and BLAS release the GIL). Processes: isolation and parallel Python-heavy recon
+        on many cores (started with ``spawn``: a script that starts the server needs an
+        ``if __name__ == "__main__":`` guard).
+    backend : str
+        Array backend for pipelines that do not name one.
+    save_raw : Path or None
+        Folder for one ISMRMRD file (+ JSON log) per connection.
+    idle_timeout_s : float
+        A connection that sends nothing for this long is dropped (s).
+    drain_timeout_s : float
+        Graceful shutdown waits this long for running connections (s).
+    limits : StreamLimits
+        Message size limits.
+    tls_cert, tls_key : Path or None
+        PEM certificate chain and key; both set enables TLS.
+    tls_client_ca : Path or None
+        CA bundle; set to require and verify client certificates.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 9002
+    workers: int = 2
+    executor: str = "thread"
+    backend: str = "numpy"
+    save_raw: Path | None = None
+    idle_timeout_s: float = 60.0
+    drain_timeout_s: float = 300.0
+    limits: StreamLimits = field(default_factory=StreamLimits)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise StreamError(f"workers: {self.workers} must be >= 1")
+        if self.executor not in ("process", "thread"):
+            raise StreamError(f"executor {self.executor!r}: expected 'process' or 'thread'")
+        if not 0 <= self.port <= 65535:
+            raise StreamError(f"port: {self.port} is outside 0..65535")
+        if self.idle_timeout_s <= 0:
+            raise StreamError(f"idle_timeout_s: {self.idle_timeout_s} must be > 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise StreamError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise StreamError("--tls-client-ca needs --tls-cert and --tls-key")
+
+
+def server_ssl_context(cert: Path, key: Path, *, client_ca: Path | None = None) -> ssl.SSLContext:
+    """TLS context for the server (TLS 1.2+); ``client_ca`` requires client certificates.
+
+    Raises
+    ------
+    StreamError
+        If a file is missing or the certificate/key do not load.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+        if client_ca is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=str(client_ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise StreamError(f"TLS: cannot load {cert} / {key} / {client_ca}: {exc}") from None
+    return ctx
+
+
+class StreamServer:
+    """The MRD streaming server: ``async with StreamServer(settings) as server:`` (or
+    :meth:`start`, then :meth:`shutdown`).
+
+    Parameters
+    ----------
+    settings : ServerSettings
+    """
+
+    def __init__(self, settings: ServerSettings | None = None) -> None:
+        self.settings = settings or ServerSettings()
+        self._server: asyncio.Server | None = None
+        self._executor: Executor | None = None
+        self._sessions: set[asyncio.Task] = set()
+        self._next_id = 0
+        self.connections_served = 0
+
+    async def __aenter__(self) -> StreamServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.shutdown()
+
+    @property
+    def port(self) -> int:
+        """The bound port (after :meth:`start`)."""
+        if self._server is None or not self._server.sockets:
+            raise StreamError("server is not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _make_executor(self) -> Executor:
+        s = self.settings
+        if s.executor == "thread":
+            return ThreadPoolExecutor(max_workers=s.workers, thread_name_prefix="mrh-recon")
+        import multiprocessing
+
+        return ProcessPoolExecutor(max_workers=s.workers,
+                                   mp_context=multiprocessing.get_context("spawn"))
+
+    async def start(self) -> StreamServer:
+        """Start the worker pool and listen.
+
+        Raises
+        ------
+        StreamError
+            TLS files unusable, or the address cannot be bound.
+        """
+        s = self.settings
+        ctx = None
+        if s.tls_cert is not None and s.tls_key is not None:
+            ctx = server_ssl_context(s.tls_cert, s.tls_key, client_ca=s.tls_client_ca)
+        if s.save_raw is not None:
+            Path(s.save_raw).mkdir(parents=True, exist_ok=True)
+        self._executor = self._make_executor()
+        if s.executor == "process":
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(loop.run_in_executor(self._executor, _warm_up)
+                                   for _ in range(s.workers)))
+        try:
+            self._server = await asyncio.start_server(self._on_connect, s.host, s.port, ssl=ctx,
+                                                      limit=1 << 20)
+        except OSError as exc:
+            self._executor.shutdown(wait=False)
+            raise StreamError(f"cannot listen on {s.host}:{s.port}: {exc}") from None
+        log.info("listening on %s:%d (%d %s workers, TLS %s)", s.host, self.port, s.workers,
+                 s.executor, "on" if ctx else "off")
+        return self
+
+    async def _on_connect(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        self._next_id += 1
+        session = _Session(self, reader, writer, self._next_id)
+        task = asyncio.current_task()
+        if task is not None:
+            self._sessions.add(task)
+        try:
+            await session.run()
+        finally:
+            self.connections_served += 1
+            if task is not None:
+                self._sessions.discard(task)
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then shut down gracefully."""
+        await stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let running connections finish (up to ``drain_timeout_s``),
+        cancel the rest, and stop the workers."""
+        if self._server is not None:
+            self._server.close()
+        active = set(self._sessions)
+        if active:
+            log.info("shutdown: waiting for %d connection(s) to finish", len(active))
+            _, pending = await asyncio.wait(active, timeout=self.settings.drain_timeout_s)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        log.info("shutdown complete")
+
+    async def run_job(self, header_xml: str, blobs: list[bytes], pipeline: Pipeline) -> list[bytes]:
+        """Reconstruct one group of acquisitions (wire bytes) in the pool.
+
+        The acquisitions are decoded in the worker, not on the event loop. Returns
+        serialised images.
+        """
+        loop = asyncio.get_running_loop()
+        backend = pipeline.backend or self.settings.backend
+        return await loop.run_in_executor(self._executor, _recon_job_blobs, header_xml, blobs,
+                                          pipeline.method, backend)
+
+
+@dataclass
+class _Counts:
+    received: dict[str, int] = field(default_factory=dict)
+    bytes_in: int = 0
+    images_sent: int = 0
+    texts_sent: int = 0
+    groups: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class _Session:
+    """One client connection."""
+
+    def __init__(self, server: StreamServer, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, conn_id: int) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.id = conn_id
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.log = logging.LoggerAdapter(log, {"conn": conn_id})
+        self.counts = _Counts()
+        self.assembler = SliceAssembler()
+        self.jobs: set[asyncio.Task] = set()
+        self.lock = asyncio.Lock()
+        self.raw: RawStreamWriter | None = None
+        self.pipeline: Pipeline | None = None
+        self.header: Any = None
+        self.header_xml = ""
+        self.image_index = 0
+        self.t0 = time.monotonic()
+
+    # ---- sending
+    async def send(self, obj: Any) -> None:
+        async with self.lock:
+            await write_message(self.writer, obj)
+
+    async def send_image_bytes(self, blob: bytes) -> None:
+        buf = bytearray(struct.pack("<H", int(MessageId.IMAGE)) + blob)
+        async with self.lock:
+            self.image_index += 1
+            struct.pack_into("<H", buf, 2 + _IMAGE_INDEX_OFFSET, self.image_index & 0xFFFF)
+            self.writer.write(bytes(buf))
+            await self.writer.drain()
+            self.counts.images_sent += 1
+
+    async def send_text(self, text: str) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.send(text)
+            self.counts.texts_sent += 1
+
+    # ---- receiving
+    async def next_message(self):
+        limits = self.server.settings.limits
+        timeout = self.server.settings.idle_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                msg = await read_message(self.reader, limits=limits, decode_acquisitions=False)
+        except TimeoutError:
+            raise StreamError(f"timeout: nothing received for {timeout:g} s") from None
+        name = msg.name
+        self.counts.received[name] = self.counts.received.get(name, 0) + 1
+        self.counts.bytes_in += msg.nbytes
+        return msg
+
+    async def run(self) -> None:
+        self.log.info("conn %d: connected from %s", self.id, self.peer)
+        reason = "closed by client"
+        try:
+            await self._serve()
+        except StreamError as exc:
+            reason = f"error: {exc}"
+            self.counts.errors.append(str(exc))
+            self.log.warning("conn %d: %s", self.id, exc)
+            await self.send_text(f"mrharmony error: {exc}")
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.send(None)
+        except EndOfStream:
+            reason = "client disconnected without CLOSE"
+            self.log.warning("conn %d: %s", self.id, reason)
+        except (ConnectionError, ssl.SSLError) as exc:
+            reason = f"connection lost ({exc})"
+            self.log.warning("conn %d: %s", self.id, reason)
+        except asyncio.CancelledError:
+            reason = "cancelled at shutdown"
+            raise
+        except Exception as exc:  # a server-side fault (disk full, ...): keep serving others
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            self.counts.errors.append(reason)
+            self.log.exception("conn %d: %s", self.id, reason)
+            await self.send_text(f"mrharmony error: {reason}")
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.send(None)
+        finally:
+            for t in self.jobs:
+                t.cancel()
+            if self.raw is not None:
+                try:
+                    self._write_log(self.raw.close(), reason)
+                except OSError as exc:
+                    self.log.error("conn %d: cannot finish the raw file %s: %s", self.id,
+                                   self.raw.part, exc)
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            self.log.info(
+                "conn %d: %s after %.2f s; received %s (%d bytes); sent %d image(s), %d text(s)",
+                self.id, reason, time.monotonic() - self.t0, self.counts.received,
+                self.counts.bytes_in, self.counts.images_sent, self.counts.texts_sent)
+
+    async def _serve(self) -> None:
+        msg = await self.next_message()
+        if msg.id == MessageId.CLOSE:
+            await self.send(None)
+            return
+        if msg.id not in (MessageId.CONFIG_FILE, MessageId.CONFIG_TEXT):
+            raise StreamError(f"{msg.name}: expected CONFIG_FILE or CONFIG_TEXT first")
+        self.pipeline = pipeline_from_config(msg.value)
+        self.log.info("conn %d: pipeline %s (method %s)", self.id, self.pipeline.name,
+                      self.pipeline.method)
+        msg = await self.next_message()
+        if msg.id == MessageId.CLOSE:
+            await self.send(None)
+            return
+        if msg.id != MessageId.HEADER:
+            raise StreamError(f"{msg.name} before the HEADER")
+        self.header = msg.value
+        self.header_xml = msg.payload.decode("utf-8", errors="replace")  # as sent
+        settings = self.server.settings
+        if settings.save_raw is not None:
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            path = Path(settings.save_raw) / f"{stamp}_{os.getpid()}_conn{self.id:05d}.h5"
+            self.raw = RawStreamWriter(path, self.header_xml)
+        while True:
+            msg = await self.next_message()
+            if msg.id == MessageId.ACQUISITION:
+                head = msg.value  # AcquisitionHeader only: data are decoded in the worker
+                if self.raw is not None:
+                    self.raw.append(msg.payload)
+                for group in self.assembler.add(head, (head, msg.payload)):
+                    self._submit(group)
+            elif msg.id == MessageId.CLOSE:
+                break
+            elif msg.id == MessageId.WAVEFORM:
+                if self.raw is not None:
+                    self.raw.append_waveform(msg.value)
+            elif msg.id == MessageId.IMAGE:
+                await self.send(msg.value)  # pass-through
+            elif msg.id == MessageId.TEXT:
+                self.log.info("conn %d: client text: %s", self.id, str(msg.value)[:200])
+            elif msg.id == MessageId.NDARRAY:
+                self.log.info("conn %d: NDARRAY %s ignored", self.id, msg.value.shape)
+            else:
+                raise StreamError(f"{msg.name}: not allowed after the HEADER")
+        for group in self.assembler.flush():
+            self._submit(group)
+        if self.assembler.reopened:
+            self.log.warning("conn %d: data arrived after slice(s) %s were complete", self.id,
+                             sorted(set(self.assembler.reopened)))
+        if self.jobs:
+            await asyncio.gather(*self.jobs, return_exceptions=True)
+        await self.send(None)
+
+    def _submit(self, group: list[Any]) -> None:
+        self.counts.groups += 1
+        task = asyncio.create_task(self._job(group))
+        self.jobs.add(task)
+        task.add_done_callback(self.jobs.discard)
+
+    async def _job(self, group: list[Any]) -> None:
+        noise_bit = 1 << (_FLAG_NOISE - 1)
+        first = next((h for h, _ in group if not int(h.flags) & noise_bit), group[0][0])
+        where = f"slice {int(first.idx.slice)} repetition {int(first.idx.repetition)}"
+        try:
+            blobs = await self.server.run_job(self.header_xml, [b for _, b in group],
+                                              self.pipeline)
+        except (ReconError, ValueError) as exc:  # RawDataError is a ValueError
+            self.counts.errors.append(f"{where}: {exc}")
+            self.log.warning("conn %d: %s: reconstruction failed: %s", self.id, where, exc)
+            await self.send_text(f"mrharmony error: {where}: reconstruction failed: {exc}")
+            return
+        for blob in blobs:
+            await self.send_image_bytes(blob)
+        self.log.debug("conn %d: %s: sent %d image(s)", self.id, where, len(blobs))
+
+    def _write_log(self, saved: Path, reason: str) -> None:
+        doc = {
+            "connection": self.id, "peer": self.peer, "reason": reason,
+            "pipeline": self.pipeline.name if self.pipeline else None,
+            "seconds": round(time.monotonic() - self.t0, 3),
+            "received": self.counts.received, "bytes_received": self.counts.bytes_in,
+            "acquisitions_saved": self.raw.count if self.raw else 0,
+            "images_sent": self.counts.images_sent, "texts_sent": self.counts.texts_sent,
+            "errors": self.counts.errors, "raw_file": saved.name,
+        }
+        target = saved.with_suffix(".json")
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, target)

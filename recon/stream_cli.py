@@ -1,0 +1,235 @@
+"""``mrharmony serve`` / ``stream`` / ``scan``: online reconstruction over MRD streams."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mrharmony.errors import StreamError
+
+__all__ = ["parse_host_port", "scan", "serve", "stream"]
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``[IPv6]:PORT``) -> ``(host, port)``.
+
+    Raises
+    ------
+    StreamError
+        If the port is missing or not in 1..65535.
+    """
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise StreamError(f"--stream {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9002")
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise StreamError(f"--stream {text!r}: port {port!r} is not a number") from None
+    if not 0 < number < 65536:
+        raise StreamError(f"--stream {text!r}: port {number} is outside 1..65535")
+    return host, number
+
+
+def _tls_options(func):
+    for opt in reversed([
+        click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="CA bundle to verify the server (enables TLS)."),
+        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Client certificate (PEM) for servers that require one."),
+        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Key of --tls-cert (PEM)."),
+        click.option("--tls-server-name", default=None,
+                     help="Name to check the server certificate against (default: host)."),
+    ]):
+        func = opt(func)
+    return func
+
+
+def _client_tls(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None) -> Any:
+    if tls_ca is None and tls_cert is None:
+        return None
+    from mrharmony.recon.stream.client import client_ssl_context
+
+    return client_ssl_context(ca=tls_ca, cert=tls_cert, key=tls_key)
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback must be given explicitly; "
+                   "use TLS on links that leave the machine.")
+@click.option("--port", default=9002, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port (0: pick a free one; it is printed).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256),
+              help="Reconstruction workers (threads, or processes with --executor process).")
+@click.option("--executor", default="thread", show_default=True,
+              type=click.Choice(["process", "thread"]),
+              help="Worker pool: threads (lowest latency; NumPy/SciPy release the GIL) or "
+                   "processes (isolation, parallel Python-heavy recon on many cores).")
+@click.option("--backend", default="numpy", show_default=True,
+              type=click.Choice(["auto", "numpy", "cupy", "bart"]),
+              help="Array backend for pipelines that do not name one.")
+@click.option("--save-raw", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write every received stream to DIR/<time>_conn<N>.h5 (+ .json log).")
+@click.option("--idle-timeout-s", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Drop a client that sends nothing for this long (s).")
+@click.option("--drain-timeout-s", default=300.0, show_default=True,
+              type=click.FloatRange(min=0), help="On SIGTERM, wait this long for clients (s).")
+@click.option("--max-header-bytes", default=4 << 20, show_default=True,
+              type=click.IntRange(min=1), help="Largest ISMRMRD header XML (bytes).")
+@click.option("--max-samples-x-channels", default=1 << 22, show_default=True,
+              type=click.IntRange(min=1), help="Largest samples x channels of one acquisition.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Server certificate chain (PEM); with --tls-key enables TLS.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Server key (PEM).")
+@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Require client certificates signed by this CA.")
+@click.option("--list-pipelines", is_flag=True, help="List the config names and exit.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def serve(host: str, port: int, workers: int, executor: str, backend: str,
+          save_raw: Path | None, idle_timeout_s: float, drain_timeout_s: float,
+          max_header_bytes: int, max_samples_x_channels: int, tls_cert: Path | None,
+          tls_key: Path | None, tls_client_ca: Path | None, list_pipelines: bool,
+          log_level: str) -> None:
+    """Run the MRD streaming reconstruction server (Gadgetron-compatible protocol)."""
+    from mrharmony.recon.stream.protocol import StreamLimits
+    from mrharmony.recon.stream.server import PIPELINES, ServerSettings, StreamServer
+
+    if list_pipelines:
+        for p in PIPELINES.values():
+            click.echo(f"{p.name:30s} {p.method:7s} {p.description}")
+        return
+    logging.basicConfig(level=getattr(logging, log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        host=host, port=port, workers=workers, executor=executor, backend=backend,
+        save_raw=save_raw, idle_timeout_s=idle_timeout_s, drain_timeout_s=drain_timeout_s,
+        limits=StreamLimits(max_header_bytes=max_header_bytes,
+                            max_samples_x_channels=max_samples_x_channels),
+        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
+    )
+    if host not in _LOOPBACK and tls_cert is None:
+        logging.getLogger("mrharmony.stream").warning(
+            "listening on %s without TLS: raw data will cross the network unencrypted", host)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server = await StreamServer(settings).start()
+        click.echo(f"mrharmony serve: listening on {host}:{server.port}", err=True)
+        await server.serve_until(stop)
+
+    asyncio.run(main())
+
+
+@click.command("stream")
+@click.argument("raw", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Server address.")
+@click.option("--port", default=9002, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--config", "config", default="default.xml", show_default=True,
+              help="Pipeline name (see `mrharmony serve --list-pipelines`), or a Gadgetron "
+                   "config name when streaming to a Gadgetron server.")
+@click.option("--config-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Send this XML file's text as the config (CONFIG_TEXT).")
+@click.option("-o", "--output", "out_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--timeout-s", default=600.0, show_default=True, type=click.FloatRange(min=1),
+              help="Longest wait for the server after the last acquisition (s).")
+@_tls_options
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+def stream(raw: Path, host: str, port: int, config: str, config_file: Path | None,
+           out_dir: Path, timeout_s: float, tls_ca: Path | None, tls_cert: Path | None,
+           tls_key: Path | None, tls_server_name: str | None, force: bool) -> None:
+    """Stream RAW (ISMRMRD HDF5) to a server, write the images as NIfTI + JSON sidecars."""
+    from rich.progress import Progress
+
+    from mrharmony.recon.io import read_raw
+    from mrharmony.recon.stream.client import stream_acquisitions, write_stream_outputs
+
+    stem = raw.name.removesuffix(".h5").removesuffix(".mrd")
+    target = out_dir / f"{stem}.nii.gz"
+    if target.exists() and not force:
+        raise FileExistsError(f"{target}: exists (use --force to replace it)")
+    data = read_raw(raw)
+    acqs = list(data.noise) + list(data.acquisitions)
+    cfg = config_file.read_text() if config_file is not None else config
+    ctx = _client_tls(tls_ca, tls_cert, tls_key)
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"streaming {raw.name}", total=len(acqs))
+
+        async def pace(_i: int, _acq: Any, _result: Any) -> None:
+            progress.advance(task)
+
+        result = asyncio.run(stream_acquisitions(
+            data.header, acqs, host=host, port=port, config=cfg, ssl_context=ctx,
+            server_hostname=tls_server_name, pace=pace, timeout_s=timeout_s))
+    for text in result.texts:
+        click.echo(f"server: {text}", err=True)
+    if not result.images:
+        raise StreamError(f"{host}:{port} returned no images"
+                          + (f": {result.texts[-1]}" if result.texts else ""))
+    for path in write_stream_outputs(result.images, out_dir, stem, header=data.header,
+                                     force=force):
+        click.echo(str(path))
+
+
+@click.command("scan")
+@click.argument("seq", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("phantom_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--site", required=True, help="Virtual site name or TOML.")
+@click.option("--stream", "address", required=True, help="Server as HOST:PORT.")
+@click.option("--realtime", is_flag=True, help="Send each readout at its acquisition time.")
+@click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Playback speed with --realtime (2 = twice real time).")
+@click.option("--config", "config", default="default.xml", show_default=True,
+              help="Pipeline name on the server.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Noise seed.")
+@click.option("--backend", default="numpy", show_default=True,
+              type=click.Choice(["numpy", "cupy"]), help="Bloch simulation backend.")
+@click.option("--keep-raw", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also keep the simulated ISMRMRD file.")
+@click.option("-o", "--output", "out_dir", default=None,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Write the returned images here (NIfTI + JSON).")
+@_tls_options
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+def scan(seq: Path, phantom_dir: Path, site: str, address: str, realtime: bool, speed: float,
+         config: str, seed: int, backend: str, keep_raw: Path | None, out_dir: Path | None,
+         tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None,
+         tls_server_name: str | None, force: bool) -> None:
+    """Virtual scanner: simulate SEQ on PHANTOM_DIR at a site and stream it to a server."""
+    from mrharmony.recon.stream.client import write_stream_outputs
+    from mrharmony.recon.stream.scanner import scan_to_server
+
+    host, port = parse_host_port(address)
+    for path in ([keep_raw] if keep_raw else []) + (
+            [out_dir / f"{seq.stem}.nii.gz"] if out_dir else []):
+        if path.exists() and not force:
+            raise FileExistsError(f"{path}: exists (use --force to replace it)")
+    if keep_raw is not None and keep_raw.exists():
+        keep_raw.unlink()
+    ctx = _client_tls(tls_ca, tls_cert, tls_key)
+    header, result = scan_to_server(seq, phantom_dir, site, host=host, port=port, config=config,
+                                    realtime=realtime, speed=speed, seed=seed, backend=backend,
+                                    ssl_context=ctx, keep_raw=keep_raw)
+    for text in result.texts:
+        click.echo(f"server: {text}", err=True)
+    click.echo(f"received {len(result.images)} image(s) from {host}:{port}", err=True)
+    if out_dir is not None:
+        for path in write_stream_outputs(result.images, out_dir, seq.stem, header=header,
+                                         force=force):
+            click.echo(str(path))
+    elif not result.images:
+        raise StreamError(f"{host}:{port} returned no images")
