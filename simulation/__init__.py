@@ -18,6 +18,7 @@ from typing import Any
 from mrharmony.simulation.site import Site, list_sites, load_site
 
 __all__ = [
+    "PulseqSequence",
     "Site",
     "SpinSystem",
     "list_sites",
@@ -32,6 +33,7 @@ _LAZY = {
     "simulate": "mrharmony.simulation.engine",
     "SpinSystem": "mrharmony.simulation.spins",
     "read_pulseq": "mrharmony.simulation.pulseq",
+    "PulseqSequence": "mrharmony.simulation.pulseq",
 }
 
 

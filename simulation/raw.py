@@ -564,6 +564,7 @@ def simulate_raw(
         ph, isochromats_per_voxel=isochromats_per_voxel,
         b0_hz_extra=b0_residual_hz(site, affine, shape, mask=mask),
         b1_scale=b1_scale_map(site, affine, shape), seed=seed,
+        subvoxel_positions=isochromats_per_voxel > 1,
     )
     signal = simulate(
         seq, spins, coil_sens=rx.sens, backend=backend, progress=progress,

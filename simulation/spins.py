@@ -204,8 +204,10 @@ class SpinSystem:
         seed : int
             Seed for the sub-voxel positions (used only with ``subvoxel_positions``).
         subvoxel_positions : bool
-            Spread the isochromats of a voxel uniformly at random (seeded) over the voxel
-            instead of placing them all at its centre (realistic gradient spoiling).
+            Spread the isochromats of a voxel uniformly at random (seeded) over the voxel,
+            in all three axes, instead of placing them all at its centre: gradient
+            spoilers and crushers then dephase them as in tissue. For a 2-D phantom the
+            spread through the voxel's thickness also samples the slice profile.
         dtype : numpy dtype
             Precision the tissue values are rounded to (float32 by default, so that CPU
             and GPU runs see identical parameters); positions stay float64.
@@ -276,8 +278,6 @@ class SpinSystem:
         if subvoxel_positions and n_iso > 1:
             rng = np.random.default_rng(seed)
             jitter = rng.uniform(-0.5, 0.5, size=(flat.size, n_iso, 3))
-            if shape[2] == 1:
-                jitter[..., 2] = 0.0  # 2-D phantoms: the slice profile is the sequence's job
             vox = centre[:, None, :] + jitter
         else:
             vox = np.repeat(centre[:, None, :], n_iso, axis=1)

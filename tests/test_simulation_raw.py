@@ -317,7 +317,8 @@ def test_native_kspace_filter_is_the_hamming_window(tmp_path):
     ph = make_phantom(32)
     data = load_site("philips-ingenia-1.5t").to_mapping()
     data["native"].update(rf_time_bw_product=4.0, rf_spoiling_inc_deg=0.0,
-                          prescan_normalize=False)
+                          rf_shape="sinc-hanning", spoiler_cycles_per_voxel=2.0,
+                          crusher_cycles_per_slice=4.0, prescan_normalize=False)
     site = site_from_mapping(data)
     proto = gre(matrix=[16, 16])
     plain = simulate_raw(proto, ph, site, tmp_path / "plain.h5", noise=False)
