@@ -8,6 +8,12 @@ noise scans, navigator and phase-correction lines (left out), reversed lines (fl
 parallel-calibration lines (calibration buffer only) and parallel calibration *and*
 imaging lines (both). Averages are averaged. Asymmetric echoes are placed so that
 ``center_sample`` lands on ``kx = nx // 2``.
+
+Sorting works on stacked arrays (it runs for every slice a streaming server receives):
+flags and counters are read once into integer arrays, the readouts of a buffer are
+stacked once (in bounded chunks), prewhitened with one batched matrix product and
+placed with one slice or fancy index per readout window. The results are bit-identical
+to a line-by-line loop (``tests/test_recon_io_fast.py`` checks that).
 """
 
 from __future__ import annotations
@@ -230,19 +236,42 @@ def check_counters(header: Any, acquisitions: list[Any], *, source: str = "data"
             )
 
 
+def _bit(*flags: int) -> np.uint64:
+    """The ``flags`` bit mask with the given (1-based) ISMRMRD flag numbers set."""
+    return np.uint64(sum(1 << (f - 1) for f in flags))
+
+
+_ROLES = ("noise", "navigation", "other", "imaging")  # split_special's keys, by role code
+
+
+def _flags_array(acquisitions: list[Any]) -> np.ndarray:
+    """The ``flags`` field of every acquisition, read once (uint64, one per acquisition)."""
+    return np.fromiter(
+        (int(a.flags) for a in acquisitions), dtype=np.uint64, count=len(acquisitions)
+    )
+
+
+def _role_codes(flags: np.ndarray) -> np.ndarray:
+    """Index into :data:`_ROLES` per acquisition; noise wins over navigation over other."""
+    role = np.full(flags.shape, 3, np.int8)
+    role[(flags & _bit(*_NOT_IMAGING)) != 0] = 2
+    role[(flags & _bit(FLAG_NAVIGATION, FLAG_PHASECORR)) != 0] = 1
+    role[(flags & _bit(FLAG_NOISE)) != 0] = 0
+    return role
+
+
 def split_special(acquisitions: list[Any]) -> dict[str, list[Any]]:
     """Split acquisitions by role: ``noise``, ``navigation`` (incl. phase correction),
-    ``other`` (feedback, dummy scans) and ``imaging``."""
-    out: dict[str, list[Any]] = {"noise": [], "navigation": [], "other": [], "imaging": []}
-    for a in acquisitions:
-        if _flag(a, FLAG_NOISE):
-            out["noise"].append(a)
-        elif _flag(a, FLAG_NAVIGATION) or _flag(a, FLAG_PHASECORR):
-            out["navigation"].append(a)
-        elif any(_flag(a, f) for f in _NOT_IMAGING):
-            out["other"].append(a)
-        else:
-            out["imaging"].append(a)
+    ``other`` (feedback, dummy scans) and ``imaging``.
+
+    The flags are read once into an array and classified vectorised; every list keeps
+    the input order.
+    """
+    out: dict[str, list[Any]] = {name: [] for name in _ROLES}
+    lists = [out[name] for name in _ROLES]
+    roles = _role_codes(_flags_array(acquisitions)).tolist()
+    for a, role in zip(acquisitions, roles, strict=True):
+        lists[role].append(a)
     return out
 
 
@@ -281,20 +310,49 @@ def noise_prewhitener(
     return np.linalg.inv(lower).astype(np.complex64)
 
 
+def _whiten(stack: np.ndarray, whitener: np.ndarray, *, what: str) -> np.ndarray:
+    """``whitener @ stack[i]`` for every readout of a ``(n, coils, samples)`` stack.
+
+    One batched :func:`numpy.matmul` (the same BLAS product per readout as a loop, so
+    the result is bit-identical to one); complex64 out.
+    """
+    if whitener.shape != (stack.shape[1], stack.shape[1]):
+        raise RawDataError(
+            f"noise scans: the prewhitening matrix is {whitener.shape[0]} x "
+            f"{whitener.shape[1]} channels, {what} have {stack.shape[1]} channels"
+        )
+    return np.matmul(whitener, stack).astype(np.complex64, copy=False)
+
+
 def apply_prewhitening(acquisitions: list[Any], whitener: np.ndarray | None) -> list[Any]:
-    """Return copies of the acquisitions with ``whitener @ data`` (identity when None)."""
+    """Return copies of the acquisitions with ``whitener @ data`` (identity when None).
+
+    Readouts of equal shape are stacked once and whitened with one batched matrix
+    product (bit-identical to a product per readout).
+
+    Raises
+    ------
+    RawDataError
+        If an acquisition's channel count differs from the whitener's.
+    """
     import ismrmrd
 
     if whitener is None:
         return list(acquisitions)
-    out = []
-    for a in acquisitions:
-        out.append(
-            ismrmrd.Acquisition(
-                a.getHead(), data=(whitener @ a.data).astype(np.complex64), trajectory=a.traj
-            )
-        )
-    return out
+    datas = [np.asarray(a.data) for a in acquisitions]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, d in enumerate(datas):
+        by_shape.setdefault(d.shape, []).append(i)
+    white: list[Any] = [None] * len(datas)
+    for index in by_shape.values():
+        stack = _whiten(np.stack([datas[i] for i in index]), whitener,
+                        what=f"acquisition {index[0]}")
+        for j, i in enumerate(index):
+            white[i] = stack[j]
+    return [
+        ismrmrd.Acquisition(a.getHead(), data=d, trajectory=a.traj)
+        for a, d in zip(acquisitions, white, strict=True)
+    ]
 
 
 @dataclass
@@ -330,6 +388,11 @@ class CartesianBuffer:
 def sort_cartesian(header: Any, acquisitions: list[Any]) -> dict[tuple[int, int, int, int], Any]:
     """Sort Cartesian acquisitions into k-space buffers.
 
+    Counters and flags are read once into integer arrays, the readouts of a buffer are
+    stacked once and placed with fancy indexing (repeated lines, i.e. averages, are
+    summed in acquisition order and divided by their count, as a line-by-line loop
+    would).
+
     Parameters
     ----------
     header : ismrmrd.xsd.ismrmrdHeader
@@ -339,68 +402,196 @@ def sort_cartesian(header: Any, acquisitions: list[Any]) -> dict[tuple[int, int,
     Returns
     -------
     dict
-        ``(slice, contrast, repetition, set) -> CartesianBuffer``.
+        ``(slice, contrast, repetition, set) -> CartesianBuffer``, in order of first
+        appearance.
 
     Raises
     ------
     RawDataError
-        If a line falls outside the encoded matrix or readouts are longer than it.
+        If a line falls outside the encoded matrix, readouts are longer than it, lines
+        have different channel counts, or a buffer has only calibration lines.
     """
-    parts = split_special(acquisitions)
-    lines = parts["imaging"]
+    return _sort_cartesian(header, split_special(acquisitions)["imaging"])
+
+
+# columns of _line_table
+_SAMPLES, _CENTRE, _CHANNELS, _STEP1, _STEP2 = range(5)
+_KEY = slice(5, 9)  # slice, contrast, repetition, set
+
+
+def _line_table(lines: list[Any]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Header fields of every line, read once, and the lines' data arrays.
+
+    Returns ``(table, data)``: ``table`` is ``(n, 9)`` int64 with the columns named
+    above (samples and channels from the data's shape, which the header fields
+    ``number_of_samples``/``active_channels`` describe), ``data`` the ``(channels,
+    samples)`` arrays.
+    """
+    data = [np.asarray(a.data) for a in lines]
+    bad = next((i for i, d in enumerate(data) if d.ndim != 2), None)
+    if bad is not None:
+        raise RawDataError(
+            f"imaging line {bad}: data of shape {data[bad].shape}, expected (channels, samples)"
+        )
+    rows = [
+        (d.shape[1], a.center_sample, d.shape[0], i.kspace_encode_step_1,
+         i.kspace_encode_step_2, i.slice, i.contrast, i.repetition, i.set)
+        for a, d in zip(lines, data, strict=True)
+        for i in (a.idx,)
+    ]
+    return np.array(rows, dtype=np.int64).reshape(len(lines), 9), data
+
+
+def _groups(keys: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """``(key, line indices)`` per distinct row of ``keys``, keys in order of first
+    appearance, indices ascending."""
+    uniq, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    members = np.split(
+        np.argsort(inverse, kind="stable"),
+        np.cumsum(np.bincount(inverse, minlength=len(uniq)))[:-1],
+    )
+    return [(tuple(int(v) for v in uniq[g]), members[g]) for g in np.argsort(first)]
+
+
+def _occurrence(cells: np.ndarray) -> np.ndarray:
+    """For each entry, how many earlier entries have the same value (0 for the first)."""
+    order = np.argsort(cells, kind="stable")
+    ordered = cells[order]
+    pos = np.arange(cells.size)
+    new = np.ones(cells.size, bool)
+    new[1:] = ordered[1:] != ordered[:-1]
+    rank = np.empty(cells.size, np.int64)
+    rank[order] = pos - np.maximum.accumulate(np.where(new, pos, 0))
+    return rank
+
+
+_CHUNK_BYTES = 64 * 2**20  # readouts stacked at once by _place (complex64 bytes)
+
+
+def _cell_index(cells: np.ndarray) -> slice | np.ndarray:
+    """``cells`` as a slice when they are evenly spaced (a view, cheaper to assign
+    through than fancy indexing), else unchanged."""
+    if cells.size == 1:
+        return slice(int(cells[0]), int(cells[0]) + 1)
+    step = int(cells[1] - cells[0])
+    if step == 0 or np.any(np.diff(cells) != step):
+        return cells
+    stop = int(cells[-1]) + step
+    return slice(int(cells[0]), stop if stop >= 0 else None, step)
+
+
+def _place(
+    data: list[np.ndarray],
+    index: np.ndarray,
+    *,
+    start: np.ndarray,
+    samples: np.ndarray,
+    cell: np.ndarray,
+    reverse: np.ndarray,
+    whitener: np.ndarray | None,
+    shape: tuple[int, int, int, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Place the lines ``index`` into a k-space buffer.
+
+    Returns ``(kspace, counts, readout_mask)``: complex64 ``(coils, nx, ny, nz)``
+    averaged over repeated lines, int32 ``(ny, nz)`` lines per cell, bool ``(nx,)``.
+    The readouts are stacked per readout window (one for the usual equal-length lines),
+    whitened with one batched product, flipped where reversed and assigned with one
+    (fancy or, for evenly spaced lines, slice) index per window; the ``r``-th
+    repetition of a cell is added in round ``r``, so every cell sums its lines in
+    acquisition order, as a line-by-line loop does.
+    """
+    nc, nx, ny, nz = shape
+    kspace = np.zeros((nc, nx, ny * nz), np.complex64)
+    ro_mask = np.zeros(nx, bool)
+    cells = cell[index]
+    rank = _occurrence(cells)
+    windows = np.stack([start[index], samples[index]], axis=1)
+    per_window = []
+    for s, ns in np.unique(windows, axis=0).tolist():
+        per_window.append((s, ns, np.flatnonzero((windows[:, 0] == s) & (windows[:, 1] == ns))))
+        ro_mask[s:s + ns] = True
+    for r in range(int(rank.max()) + 1):
+        for s, ns, sel in per_window:
+            now = sel[rank[sel] == r]
+            # stacked in chunks of <= _CHUNK_BYTES, so large 3-D scans need little extra memory
+            step = max(1, _CHUNK_BYTES // (nc * ns * 8))
+            for lo in range(0, now.size, step):
+                part = now[lo:lo + step]
+                lines = index[part]
+                stack = np.stack([data[i] for i in lines])
+                if whitener is not None:
+                    stack = _whiten(stack, whitener, what=f"imaging line {int(lines[0])}")
+                flip = reverse[lines]
+                if flip.any():
+                    stack[flip] = stack[flip][:, :, ::-1]
+                target = _cell_index(cells[part])
+                if r == 0:
+                    kspace[:, s:s + ns, target] = stack.transpose(1, 2, 0)
+                else:
+                    kspace[:, s:s + ns, target] += stack.transpose(1, 2, 0)
+    counts = np.bincount(cells, minlength=ny * nz).astype(np.int32)
+    repeated = counts > 1
+    if repeated.any():
+        kspace[:, :, repeated] /= counts[repeated]
+    return kspace.reshape(nc, nx, ny, nz), counts.reshape(ny, nz), ro_mask
+
+
+def _sort_cartesian(
+    header: Any, lines: list[Any], *, whitener: np.ndarray | None = None
+) -> dict[tuple[int, int, int, int], CartesianBuffer]:
+    """:func:`sort_cartesian` of imaging/calibration ``lines`` (navigators and noise
+    already split off), each readout multiplied by ``whitener`` first when given."""
     if not lines:
         raise RawDataError("no imaging acquisitions to sort (only noise/navigator lines)")
     ny, nz, oy, oz = _encoded_offsets(header, lines[0])
     enc = encoding_of(header, lines[0])
-    nx = max(int(enc.encodedSpace.matrixSize.x), max(int(a.number_of_samples) for a in lines))
-    nc = int(lines[0].active_channels)
-    groups: dict[tuple[int, int, int, int], list[Any]] = {}
-    for a in lines:
-        key = (int(a.idx.slice), int(a.idx.contrast), int(a.idx.repetition), int(a.idx.set))
-        groups.setdefault(key, []).append(a)
+    table, data = _line_table(lines)
+    flags = _flags_array(lines)
+    samples = table[:, _SAMPLES]
+    nx = max(int(enc.encodedSpace.matrixSize.x), int(samples.max()))
+    nc = int(table[0, _CHANNELS])
+    odd = np.flatnonzero(table[:, _CHANNELS] != nc)
+    if odd.size:
+        i = int(odd[0])
+        raise RawDataError(
+            f"imaging line {i} has {int(table[i, _CHANNELS])} channels, the first has {nc}"
+        )
+    centre = np.where(table[:, _CENTRE] > 0, table[:, _CENTRE], samples // 2)
+    start = nx // 2 - centre
+    y = table[:, _STEP1] + oy
+    z = table[:, _STEP2] + oz
+    bad = (start < 0) | (start + samples > nx) | (y < 0) | (y >= ny) | (z < 0) | (z >= nz)
+    calib_only = ((flags & _bit(FLAG_CALIB)) != 0) & ((flags & _bit(FLAG_CALIB_AND_IMAGING)) == 0)
+    placement = {
+        "start": start, "samples": samples, "cell": y * nz + z,
+        "reverse": (flags & _bit(FLAG_REVERSE)) != 0, "whitener": whitener,
+        "shape": (nc, nx, ny, nz),
+    }
     out = {}
-    for key, acqs in groups.items():
-        k = np.zeros((nc, nx, ny, nz), np.complex64)
-        counts = np.zeros((ny, nz), np.int32)
-        kc = None
-        ccounts = np.zeros((ny, nz), np.int32)
-        ro_mask = np.zeros(nx, bool)
-        for a in acqs:
-            ns = int(a.number_of_samples)
-            centre = int(a.center_sample) if a.center_sample else ns // 2
-            start = nx // 2 - centre
-            if start < 0 or start + ns > nx:
+    for key, members in _groups(table[:, _KEY]):
+        wrong = members[bad[members]]
+        if wrong.size:
+            i = int(wrong[0])
+            step1, step2 = int(table[i, _STEP1]), int(table[i, _STEP2])
+            if start[i] < 0 or start[i] + samples[i] > nx:
                 raise RawDataError(
-                    f"slice {key[0]} line {a.idx.kspace_encode_step_1}: {ns} samples with "
-                    f"centre {centre} do not fit the encoded readout of {nx}"
+                    f"slice {key[0]} line {step1}: {int(samples[i])} samples with "
+                    f"centre {int(centre[i])} do not fit the encoded readout of {nx}"
                 )
-            data = np.asarray(a.data)
-            if _flag(a, FLAG_REVERSE):
-                data = data[:, ::-1]
-            y = int(a.idx.kspace_encode_step_1) + oy
-            z = int(a.idx.kspace_encode_step_2) + oz
-            if not (0 <= y < ny and 0 <= z < nz):
-                raise RawDataError(
-                    f"slice {key[0]}: line ({a.idx.kspace_encode_step_1}, "
-                    f"{a.idx.kspace_encode_step_2}) is outside the encoded matrix {ny} x {nz}"
-                )
-            is_calib = _flag(a, FLAG_CALIB) or _flag(a, FLAG_CALIB_AND_IMAGING)
-            if is_calib and not _flag(a, FLAG_CALIB_AND_IMAGING):
-                if kc is None:
-                    kc = np.zeros_like(k)
-                kc[:, start:start + ns, y, z] += data
-                ccounts[y, z] += 1
-                continue
-            k[:, start:start + ns, y, z] += data
-            counts[y, z] += 1
-            ro_mask[start:start + ns] = True
-        mask = counts > 0
-        if not mask.any():
+            raise RawDataError(
+                f"slice {key[0]}: line ({step1}, {step2}) is outside the encoded matrix "
+                f"{ny} x {nz}"
+            )
+        imaging = members[~calib_only[members]]
+        if not imaging.size:
             raise RawDataError(f"slice {key[0]}: only calibration lines, no imaging lines")
-        k[:, :, mask] /= counts[mask][None, None, :]
-        cmask = None
-        if kc is not None:
+        k, counts, ro_mask = _place(data, imaging, **placement)
+        kc = cmask = None
+        calib = members[calib_only[members]]
+        if calib.size:
+            kc, ccounts, _ = _place(data, calib, **placement)
             cmask = ccounts > 0
-            kc[:, :, cmask] /= ccounts[cmask][None, None, :]
-        out[key] = CartesianBuffer(k, mask, kc, cmask, ro_mask, acqs[0])
+        out[key] = CartesianBuffer(k, counts > 0, kc, cmask, ro_mask, lines[int(members[0])])
     return out

@@ -27,10 +27,10 @@ from mrharmony.recon.coils import espirit_maps, sos
 from mrharmony.recon.image import ReconImage
 from mrharmony.recon.io import (
     RawData,
+    _sort_cartesian,
     apply_prewhitening,
     encoding_of,
     noise_prewhitener,
-    sort_cartesian,
     split_special,
 )
 
@@ -165,6 +165,17 @@ def _sens_maps(k, calib_k, method_backend: str, shape):
     return maps.reshape(k.shape)
 
 
+def _calibration(buf: Any, k, lines_y: np.ndarray, xp):
+    """Calibration k-space and its ky lines: separate ACS lines, or the fully sampled
+    centre of the data."""
+    if buf.calib is not None:
+        return xp.asarray(buf.calib), buf.calib_mask.any(axis=1)
+    lo, hi = _central_block(lines_y)
+    cal_y = np.zeros(lines_y.size, bool)
+    cal_y[lo:hi] = True
+    return k * xp.asarray(cal_y)[None, None, :, None], cal_y
+
+
 def _recon_cartesian(header: Any, buf: Any, *, method: str, backend: str, options: dict):
     xp = get_xp("cuda") if backend == "cupy" else np
     k = xp.asarray(buf.kspace)
@@ -184,15 +195,8 @@ def _recon_cartesian(header: Any, buf: Any, *, method: str, backend: str, option
         raise ReconError(f"method {method!r} needs several receive coils; the data have 1")
     if method == "nufft":
         raise ReconError("method 'nufft' needs non-Cartesian data; these data are Cartesian")
-    # calibration k-space: separate ACS lines or the fully sampled centre of the data
-    if buf.calib is not None:
-        calib_k = xp.asarray(buf.calib)
-        cal_y = buf.calib_mask.any(axis=1)
-    else:
-        lo, hi = _central_block(lines_y)
-        cal_y = np.zeros(ny, bool)
-        cal_y[lo:hi] = True
-        calib_k = k * xp.asarray(cal_y)[None, None, :, None]
+    if method != "fft":  # the plain FFT needs no calibration data
+        calib_k, cal_y = _calibration(buf, k, lines_y, xp)
     settings: dict[str, Any] = {"method": method, "backend": backend}
     t0 = time.perf_counter()
     if method == "fft":
@@ -321,23 +325,26 @@ def reconstruct_acquisitions(
         raise ReconError(f"method {method!r}: expected one of {', '.join(METHODS)}")
     backend = resolve_backend(backend)
     parts = split_special(acquisitions)
-    usable = parts["imaging"] + parts["navigation"]
     if not parts["imaging"]:
         raise ReconError("no imaging acquisitions to reconstruct")
     dwell = float(parts["imaging"][0].sample_time_us) or None
     whitener = noise_prewhitener(parts["noise"] + list(noise or []), dwell_us=dwell)
-    usable = apply_prewhitening(usable, whitener)
     traj = _trajectory(header)
     images: list[ReconImage] = []
     prewhitened = whitener is not None
     if traj == "cartesian":
-        for key, buf in sorted(sort_cartesian(header, usable).items()):
+        # navigators play no part in a Cartesian recon; the imaging lines are stacked,
+        # whitened (one batched product per buffer) and placed in one pass
+        buffers = _sort_cartesian(header, parts["imaging"], whitener=whitener)
+        for key, buf in sorted(buffers.items()):
             data, settings = _recon_cartesian(header, buf, method=method, backend=backend,
                                               options=options)
             meta = _meta(header, contrast=key[1], set_=key[3])
             meta["recon"] = {**settings, "prewhitened": prewhitened, "trajectory": traj}
             images.append(_image(header, buf.reference, data, meta))
         return images
+    usable = apply_prewhitening(parts["imaging"] + parts["navigation"], whitener)
+    imaging_ids = {id(a) for a in usable[:len(parts["imaging"])]}
     xp_backend = "cupy" if backend == "cupy" else "numpy"
     for key, acqs in sorted(_group(usable).items()):
         t0 = time.perf_counter()
@@ -364,7 +371,7 @@ def reconstruct_acquisitions(
         meta = _meta(header, contrast=key[1], set_=key[3])
         meta["recon"] = {"method": used, "backend": xp_backend, "prewhitened": prewhitened,
                          "trajectory": traj, "seconds": round(time.perf_counter() - t0, 4)}
-        ref = next((a for a in acqs if a in parts["imaging"]), acqs[0])
+        ref = next((a for a in acqs if id(a) in imaging_ids), acqs[0])
         images.append(_image(header, ref, img, meta))
     return images
 
