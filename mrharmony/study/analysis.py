@@ -1,0 +1,320 @@
+"""After the tasks: gather features, harmonize, evaluate, lay out the tree, write the report.
+
+Everything here runs on the client and reads only the task store, so it is cheap and
+is redone on every run (``--resume`` included). The numbers in ``report.html`` come
+from :func:`compute_numbers`, which uses only ``features.csv`` and the evaluation API
+(:mod:`mrharmony.harmonize.evaluate`): anyone can recompute them from the CSV.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mrharmony.study.config import Study
+from mrharmony.study.plan import Plan
+from mrharmony.study.store import TaskStore
+
+__all__ = ["ID_COLUMNS", "analyse", "compute_numbers", "harmonized_tables", "wide_table"]
+
+#: Columns that identify a scan in the wide feature table.
+ID_COLUMNS = ("subject", "site", "arm", "repeat", "vendor", "field_t")
+SURVEY_FOLD = 2.5  # inter-scanner reproducibility, shared Pulseq vs vendor (the survey)
+
+
+def gather_features(plan: Plan, store: TaskStore, records: Mapping[str, Mapping[str, Any]],
+                    ) -> pd.DataFrame:
+    """Concatenate the tidy feature tables of every finished scan."""
+    frames = []
+    for scan in plan.scans:
+        record = records.get(scan.features_key)
+        if record is None or record.get("status") != "done":
+            continue
+        frames.append(pd.read_csv(store.path("features", scan.features_key) / "features.csv"))
+    if not frames:
+        return pd.DataFrame()
+    tidy = pd.concat(frames, ignore_index=True)
+    order = [c for c in ("subject", "site", "arm", "repeat", "protocol", "quantity", "region",
+                         "feature", "value") if c in tidy.columns]
+    rest = [c for c in tidy.columns if c not in order]
+    return tidy[order + rest].sort_values(
+        ["subject", "site", "arm", "repeat", "protocol", "region", "feature"],
+        kind="stable").reset_index(drop=True)
+
+
+def wide_table(tidy: pd.DataFrame, covariates: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per scan (subject, site, arm, repeat), one column per feature.
+
+    Feature columns are named ``<protocol>__<quantity>__<region>__<feature>``.
+    """
+    ids = [c for c in ID_COLUMNS if c in tidy.columns]
+    cov = [c for c in covariates if c in tidy.columns]
+    name = (tidy["protocol"].astype(str) + "__" + tidy["quantity"].astype(str) + "__"
+            + tidy["region"].astype(str) + "__" + tidy["feature"].astype(str))
+    wide = (tidy.assign(column=name)
+            .pivot_table(index=ids + cov, columns="column", values="value", aggfunc="first")
+            .reset_index())
+    wide.columns.name = None
+    return wide.sort_values(ids, kind="stable").reset_index(drop=True)
+
+
+def _feature_cols(wide: pd.DataFrame) -> list[str]:
+    return [c for c in wide.columns if "__" in str(c)]
+
+
+def _make_harmonizer(method: str) -> Any:
+    from mrharmony.harmonize import ComBat, ComBatGAM, CovBat
+
+    factories = {"combat": ComBat, "covbat": CovBat, "gam": ComBatGAM}
+    return factories[method]()
+
+
+def harmonized_tables(wide: pd.DataFrame, study: Study) -> dict[str, pd.DataFrame]:
+    """Harmonize the configured arm's rows with each configured method.
+
+    Returns
+    -------
+    dict
+        ``"<arm>+<method>"`` -> wide table (same rows and columns as the arm's rows).
+    """
+    h = study.harmonize
+    rows = wide[wide["arm"] == h.arm].reset_index(drop=True)
+    feats = _feature_cols(rows)
+    # Features that are constant or missing everywhere are kept as they are.
+    out: dict[str, pd.DataFrame] = {}
+    if rows.empty or rows[h.batch].nunique() < 2:
+        return out
+    cov = rows[list(h.covariates)] if h.covariates else None
+    for method in h.methods:
+        model = _make_harmonizer(method)
+        X = rows[feats]
+        harmonized = model.fit_transform(X, rows[h.batch], cov) if cov is not None \
+            else model.fit_transform(X, rows[h.batch])
+        table = rows.copy()
+        table[feats] = np.asarray(harmonized, dtype=np.float64)
+        out[f"{h.arm}+{method}"] = table
+    return out
+
+
+def _arm_tables(wide: pd.DataFrame, harmonized: Mapping[str, pd.DataFrame],
+                ) -> dict[str, pd.DataFrame]:
+    tables = {arm: wide[wide["arm"] == arm].reset_index(drop=True)
+              for arm in sorted(wide["arm"].unique())}
+    tables.update(harmonized)
+    return tables
+
+
+def compute_numbers(tidy: pd.DataFrame, study: Study,
+                    truth: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The report's numbers, from the tidy ``features.csv`` and the evaluation API.
+
+    Returns a JSON-serialisable dict: per arm (and harmonized arm) the inter-site CoV
+    (%) of every feature and its mean; for traveling subjects the ICC(2,1) and ICC(3,1),
+    the site-classification accuracy with the harmonizer fitted inside every fold, and
+    the recovered age slopes against the cohort's ground truth.
+    """
+    from mrharmony.harmonize.evaluate import (
+        association_effects,
+        cov_across_sites,
+        icc,
+        site_discriminability,
+    )
+
+    wide = wide_table(tidy, study.harmonize.covariates)
+    harmonized = harmonized_tables(wide, study)
+    tables = _arm_tables(wide, harmonized)
+    batch = study.harmonize.batch
+    numbers: dict[str, Any] = {"n_scans": len(wide), "arms": {}}
+    in_range = _in_range_columns(tidy)
+    if in_range is not None:
+        numbers["in_range_features"] = sorted(in_range)
+    traveling = study.cohort is not None
+    for arm, table in tables.items():
+        feats = _feature_cols(table)
+        entry: dict[str, Any] = {"n_scans": len(table)}
+        subject = table["subject"] if traveling else None
+        cov = cov_across_sites(table[feats], table[batch], subject=subject)
+        entry["cov_pct"] = {k: _num(v) for k, v in cov.items()}
+        entry["mean_cov_pct"] = _num(np.nanmean(cov.to_numpy()))
+        if in_range is not None:
+            keep = [c for c in cov.index if c in in_range]
+            entry["mean_cov_pct_in_range"] = _num(np.nanmean(cov[keep].to_numpy())) \
+                if keep else None
+        if traveling:
+            first = table[table["repeat"] == table["repeat"].min()] \
+                if "repeat" in table.columns else table
+            ic = icc(first[feats], first["subject"], first[batch])
+            entry["icc"] = {col: {k: _num(v) for k, v in ic[col].items()}
+                            for col in ("icc2_1", "icc3_1")}
+            entry["mean_icc2_1"] = _num(np.nanmean(ic["icc2_1"].to_numpy()))
+            n_sites = table[batch].nunique()
+            min_per_site = int(table[batch].value_counts().min())
+            folds = max(2, min(study.evaluate.cv_folds, min_per_site))
+            harmonizer = None
+            if arm in wide["arm"].unique() and study.harmonize.methods:
+                method = study.harmonize.methods[0]
+                harmonizer = lambda m=method: _make_harmonizer(m)  # noqa: E731
+            if arm in wide["arm"].unique():
+                disc = site_discriminability(
+                    table[feats], table[batch], n_splits=folds,
+                    n_permutations=study.evaluate.permutations, seed=study.study.seed)
+                entry["site_classification"] = _disc(disc)
+                if harmonizer is not None:
+                    covs = table[list(study.harmonize.covariates)] \
+                        if study.harmonize.covariates else None
+                    disc_h = site_discriminability(
+                        table[feats], table[batch], covariates=covs, harmonizer=harmonizer,
+                        n_splits=folds, n_permutations=study.evaluate.permutations,
+                        seed=study.study.seed)
+                    entry["site_classification_harmonized_in_cv"] = _disc(disc_h)
+            entry["chance"] = 1.0 / n_sites
+            if "age" in table.columns:
+                eff = association_effects(table[feats], table[["age"]], "age")
+                entry["age_slope"] = {k: _num(v) for k, v in eff["beta"].items()}
+        numbers["arms"][arm] = entry
+    if "native" in numbers["arms"] and "shared" in numbers["arms"]:
+        native = numbers["arms"]["native"]["cov_pct"]
+        shared = numbers["arms"]["shared"]["cov_pct"]
+        ratios = {k: native[k] / shared[k] for k in shared
+                  if k in native and shared[k] and np.isfinite(shared[k])
+                  and np.isfinite(native[k]) and shared[k] > 0
+                  and (in_range is None or k in in_range)}
+        numbers["native_over_shared_cov"] = {k: _num(v) for k, v in ratios.items()}
+        numbers["native_over_shared_cov_median"] = _num(np.median(list(ratios.values()))) \
+            if ratios else None
+        numbers["survey_fold"] = SURVEY_FOLD
+    if truth is not None and traveling:
+        numbers["truth_age_slope"] = {str(k): _num(v) for k, v in truth.items()}
+    return numbers
+
+
+def _in_range_columns(tidy: pd.DataFrame) -> set[str] | None:
+    """Wide-table columns whose true value lies in the protocol's sampled TI/TE range."""
+    if "in_range" not in tidy.columns:
+        return None
+    rows = tidy[tidy["in_range"].fillna(False).astype(bool)]
+    names = (rows["protocol"].astype(str) + "__" + rows["quantity"].astype(str) + "__"
+             + rows["region"].astype(str) + "__" + rows["feature"].astype(str))
+    return set(names)
+
+
+def _disc(result: Any) -> dict[str, Any]:
+    keys = ("accuracy", "balanced_accuracy", "chance_accuracy", "chance_balanced_accuracy",
+            "p_value", "n_splits", "n_permutations", "harmonizer")
+    return {k: _num(getattr(result, k)) for k in keys}
+
+
+def _num(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def materialise_tree(plan: Plan, store: TaskStore, records: Mapping[str, Mapping[str, Any]],
+                     out_dir: Path, study: Study) -> list[Path]:
+    """Lay out the BIDS-like tree from the task store (hard links where possible).
+
+    ``sequences/<scanner>[_native-<site>]/<protocol>.seq``,
+    ``sub-<id>/ses-<site>/anat|dwi/sub-<id>_ses-<site>_acq-<protocol>_<arm>_run-<n>_<suffix>``
+    with ``.nii.gz`` + ``.json`` images and maps, and ``raw/...h5`` ISMRMRD files.
+    """
+    written: list[Path] = []
+
+    def place(src: Path, dst: Path) -> None:
+        if not src.is_file():
+            return
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            dst.unlink()
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+        written.append(dst)
+
+    for key, info in plan.sequences.items():
+        if records.get(key, {}).get("status") != "done":
+            continue
+        folder = info["scanner"] + (f"_native-{info['site']}" if info["arm"] == "native" else "")
+        place(store.path("sequence", key) / "sequence.seq",
+              out_dir / "sequences" / folder / f"{info['protocol']}.seq")
+    maps_of = {p.name: p.maps for p in study.protocols}
+    for scan in plan.scans:
+        sub = f"sub-{_bids(scan.subject)}"
+        ses = f"ses-{_bids(scan.site)}"
+        maps = maps_of[scan.protocol]
+        kind = "dwi" if maps in ("adc", "dti") else "anat"
+        stem = (f"{sub}_{ses}_acq-{_bids(scan.protocol)}_rec-{_bids(scan.arm)}"
+                f"_run-{scan.repeat + 1}")
+        base = out_dir / sub / ses
+        if records.get(scan.simulate_key, {}).get("status") == "done":
+            place(store.path("simulate", scan.simulate_key) / "raw.h5",
+                  base / "raw" / f"{stem}_raw.h5")
+        if records.get(scan.recon_key, {}).get("status") == "done":
+            rdir = store.path("recon", scan.recon_key)
+            suffix = {"t1": "T1map", "t2": "T2map", "adc": "ADC", "dti": "FA"}.get(maps, "")
+            for ext in (".nii.gz", ".json"):
+                place(rdir / f"image{ext}", base / kind / f"{stem}_{_image_suffix(maps)}{ext}")
+                if suffix:
+                    place(rdir / f"map{ext}", base / kind / f"{stem}_{suffix}{ext}")
+    return written
+
+
+def _image_suffix(maps: str) -> str:
+    return {"t1": "IRT1", "t2": "MESE", "adc": "dwi", "dti": "dwi"}.get(maps, "T1w")
+
+
+def _bids(text: Any) -> str:
+    return "".join(ch for ch in str(text) if ch.isalnum())
+
+
+def analyse(study: Study, plan: Plan, store: TaskStore,
+            records: Mapping[str, Mapping[str, Any]], out_dir: Path,
+            ) -> tuple[Path | None, dict[str, Any]]:
+    """Write ``features.csv``, harmonized tables, the tree, ``report.json`` and
+    ``report.html``; returns the report path and its numbers."""
+    from mrharmony.study.report import write_study_report
+
+    materialise_tree(plan, store, records, out_dir, study)
+    tidy = gather_features(plan, store, records)
+    if tidy.empty:
+        return None, {}
+    _write_csv(tidy, out_dir / "features.csv")
+    truth = _cohort_truth(study)
+    numbers = compute_numbers(tidy, study, truth)
+    wide = wide_table(tidy, study.harmonize.covariates)
+    _write_csv(wide, out_dir / "features_wide.csv")
+    harmonized = harmonized_tables(wide, study)
+    for name, table in harmonized.items():
+        _write_csv(table, out_dir / f"features_harmonized_{_bids(name.split('+')[1])}.csv")
+    (out_dir / "report.json").write_text(json.dumps(numbers, indent=1, allow_nan=False))
+    report = write_study_report(study, plan, store, records, out_dir, tidy, wide,
+                                harmonized, numbers)
+    return report, numbers
+
+
+def _cohort_truth(study: Study) -> pd.Series | None:
+    """True age slopes of the cohort's features (per year), when the cohort states them."""
+    if study.cohort is None:
+        return None
+    from mrharmony.phantoms import make_cohort
+
+    c = study.cohort
+    cohort = make_cohort(c.n_subjects, c.seed, age_range=(c.age_min_years, c.age_max_years))
+    slopes = getattr(cohort, "true_age_slopes", None)
+    return None if slopes is None else pd.Series(slopes() if callable(slopes) else slopes)
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)

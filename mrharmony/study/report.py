@@ -1,0 +1,272 @@
+"""``report.html`` of a study: the tables and figures a study team puts in a paper.
+
+Every number shown comes from ``report.json`` (:func:`~mrharmony.study.analysis.
+compute_numbers`, recomputable from ``features.csv``); the figures are drawn from the
+feature tables and the reconstructed maps in the task store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mrharmony.study.analysis import SURVEY_FOLD, _feature_cols
+from mrharmony.study.config import Study
+from mrharmony.study.plan import Plan
+from mrharmony.study.store import TaskStore
+
+__all__ = ["write_study_report"]
+
+
+def _cov_table(numbers: Mapping[str, Any]) -> pd.DataFrame:
+    arms = numbers["arms"]
+    table = pd.DataFrame({arm: pd.Series(entry["cov_pct"], dtype=float)
+                          for arm, entry in arms.items()})
+    if "native_over_shared_cov" in numbers:
+        table["native / shared"] = pd.Series(numbers["native_over_shared_cov"], dtype=float)
+    if "in_range_features" in numbers:
+        table["in TI/TE range"] = [c in set(numbers["in_range_features"]) for c in table.index]
+    table.index = [_pretty(c) for c in table.index]
+    return table
+
+
+def _pretty(column: str) -> str:
+    protocol, quantity, region, feature = ([*column.split("__"), "", "", "", ""])[:4]
+    return f"{protocol} {quantity} {region} ({feature})"
+
+
+def _truth_bias_table(tidy: pd.DataFrame) -> pd.DataFrame | None:
+    """Mean relative error (%) against the phantom's true ROI value, per arm and quantity."""
+    if "truth" not in tidy.columns or tidy["truth"].isna().all():
+        return None
+    rows = tidy[tidy["truth"].notna() & (tidy["feature"] == "mean")].copy()
+    rows["error_pct"] = 100 * (rows["value"] - rows["truth"]) / rows["truth"]
+    site_err = rows.groupby(["arm", "quantity", "region", "site"])["error_pct"].mean()
+    spread = site_err.groupby(["arm", "quantity", "region"]).agg(["mean", "std"])
+    spread.columns = ["mean error across sites (%)", "SD of error across sites (%)"]
+    return spread.reset_index()
+
+
+def _montage(plan: Plan, store: TaskStore, records: Mapping[str, Any], study: Study,
+             out_dir: Path) -> list[Path]:
+    """One PNG per protocol: the reconstructed map (or image) of every site and arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    figures = []
+    subject = plan.scans[0].subject if plan.scans else None
+    for entry in study.protocols:
+        scans = [s for s in plan.scans if s.protocol == entry.name and s.subject == subject
+                 and s.repeat == 0 and records.get(s.recon_key, {}).get("status") == "done"]
+        if not scans:
+            continue
+        arms = sorted({s.arm for s in scans})
+        sites = list(dict.fromkeys(s.site for s in scans))
+        fig, axes = plt.subplots(len(arms), len(sites), squeeze=False,
+                                 figsize=(2.2 * len(sites), 2.4 * len(arms)))
+        name = "map.nii.gz" if entry.maps != "none" else "image.nii.gz"
+        vmax = None
+        for scan in scans:
+            img = np.asarray(nib.load(store.path("recon", scan.recon_key) / name).dataobj)
+            img = img.reshape((*img.shape[:3], -1))[..., img.shape[2] // 2, 0] \
+                if img.ndim >= 3 else img
+            if vmax is None:
+                vmax = float(np.nanpercentile(np.abs(img), 99.5)) or 1.0
+            ax = axes[arms.index(scan.arm), sites.index(scan.site)]
+            ax.imshow(np.rot90(np.abs(img)), cmap="gray" if entry.maps == "none" else "magma",
+                      vmin=0, vmax=vmax)
+            ax.set_title(f"{scan.site}\n{scan.arm}", fontsize=7)
+        for ax in axes.ravel():
+            ax.set_xticks([])
+            ax.set_yticks([])
+        unit = {"t1": "T1 (ms)", "t2": "T2 (ms)", "adc": "ADC (mm²/s)"}.get(entry.maps, "")
+        fig.suptitle(f"{entry.name} {unit}  (colour range 0–{vmax:.4g})", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / "figures" / f"montage_{entry.name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures.append(path)
+    return figures
+
+
+def _cov_bars(cov: pd.DataFrame, out_dir: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [c for c in cov.columns if c != "native / shared"]
+    if cov.empty or not arms:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(cov)), 3.6))
+    width = 0.8 / len(arms)
+    x = np.arange(len(cov))
+    for i, arm in enumerate(arms):
+        ax.bar(x + i * width, cov[arm].to_numpy(float), width, label=arm)
+    ax.set_xticks(x + 0.4 - width / 2, cov.index, rotation=90, fontsize=6)
+    ax.set_ylabel("inter-site CoV (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "figures" / "cov_per_feature.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _findings(numbers: Mapping[str, Any]) -> str:
+    arms = numbers["arms"]
+    lines = []
+    for arm, entry in arms.items():
+        if entry.get("mean_cov_pct") is not None:
+            text = f"Mean inter-site CoV, {arm}: {entry['mean_cov_pct']:.2f} %"
+            if entry.get("mean_cov_pct_in_range") is not None:
+                text += (f" over all regions, {entry['mean_cov_pct_in_range']:.2f} % over the "
+                         "regions whose true T1/T2 lies within the TIs/TEs the protocol "
+                         "samples")
+            lines.append(text + ".")
+    if "in_range_features" in numbers:
+        lines.append(
+            "Spheres whose reference T1 (T2) lies outside the protocol's inversion (echo) "
+            "times cannot be measured by it; they are listed in the tables but left out of "
+            "the in-range means and of the native/shared ratio.")
+    fold = numbers.get("native_over_shared_cov_median")
+    if fold is not None:
+        lines.append(
+            f"Median ratio of inter-site CoV, native / shared: {fold:.2f} "
+            f"(the survey this project follows reports {SURVEY_FOLD:g}-fold better "
+            "inter-scanner reproducibility for a shared Pulseq sequence in a phantom).")
+        lines.append(
+            "Why: in the shared arm every site plays the same RF pulses, spoilers, "
+            "crushers and timing, so what remains between sites is hardware (B0 and B1+ "
+            "non-uniformity, gradient errors, coils, noise) and field strength. In the "
+            "native arm each vendor's pulse shape and time-bandwidth product change the "
+            "slice profile, which biases T2 from multi-echo spin echoes through "
+            "stimulated echoes and biases T1 through imperfect inversion; k-space "
+            "filters and prescan normalisation add vendor-specific smoothing and "
+            "intensity scaling. The simulated fold depends on how different the native "
+            "flavours are (see each site's [native] table), and differences in field "
+            "strength (1.5 T vs 3 T) remain in both arms because the phantom's true T1 "
+            "and T2 depend on the field; the error table against the true values at "
+            "each site's field separates the two.")
+    for arm, entry in arms.items():
+        sc = entry.get("site_classification")
+        if sc:
+            lines.append(
+                f"Site classification ({arm}, {sc['n_splits']}-fold CV): accuracy "
+                f"{sc['accuracy']:.2f} (chance {entry['chance']:.2f}).")
+        sch = entry.get("site_classification_harmonized_in_cv")
+        if sch:
+            lines.append(
+                f"Site classification with {sch['harmonizer']} fitted inside each fold: "
+                f"accuracy {sch['accuracy']:.2f} (chance {entry['chance']:.2f}).")
+        if entry.get("mean_icc2_1") is not None:
+            lines.append(f"Mean ICC(2,1) across sites, {arm}: {entry['mean_icc2_1']:.3f}.")
+    return "\n\n".join(lines)
+
+
+def write_study_report(study: Study, plan: Plan, store: TaskStore,
+                       records: Mapping[str, Mapping[str, Any]], out_dir: Path,
+                       tidy: pd.DataFrame, wide: pd.DataFrame,
+                       harmonized: Mapping[str, pd.DataFrame],
+                       numbers: Mapping[str, Any]) -> Path:
+    """Write ``report.html`` (figures under ``figures/``) and return its path."""
+    from mrharmony.harmonize.plots import plot_pca, plot_site_boxplots
+    from mrharmony.harmonize.report import ReportSection, write_html_report
+
+    fig_dir = out_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    status = pd.Series([r.get("status") for r in records.values()]).value_counts()
+    overview = pd.DataFrame({
+        "item": ["scans planned", "sites", "arms", "protocols", "tasks done", "tasks failed",
+                 "tasks skipped"],
+        "value": [len(plan.scans), len(study.sites.names), ", ".join(study.sites.arms),
+                  ", ".join(p.name for p in study.protocols), int(status.get("done", 0)),
+                  int(status.get("failed", 0)), int(status.get("skipped", 0))],
+    })
+    sections = [ReportSection("Study", text=study.study.description,
+                              tables={"Overview": overview})]
+    cov = _cov_table(numbers)
+    bars = _cov_bars(cov, out_dir)
+    mean_cov = pd.DataFrame({"arm": list(numbers["arms"]),
+                             "mean CoV (%)": [e.get("mean_cov_pct")
+                                              for e in numbers["arms"].values()]})
+    if "in_range_features" in numbers:
+        mean_cov["mean CoV, in TI/TE range (%)"] = [
+            e.get("mean_cov_pct_in_range") for e in numbers["arms"].values()]
+    tables = {"Mean inter-site CoV (%) per arm": mean_cov,
+              "Inter-site coefficient of variation (%) per feature": cov}
+    bias = _truth_bias_table(tidy)
+    if bias is not None:
+        tables["Error against the phantom's true value at each site's field"] = bias
+    sections.append(ReportSection("Findings", text=_findings(numbers)))
+    sections.append(ReportSection("Reproducibility across sites", tables=tables,
+                                  figures=[bars] if bars else []))
+    montages = _montage(plan, store, records, study, out_dir)
+    if montages:
+        sections.append(ReportSection("Maps and images per site", figures=montages))
+    figures = []
+    h_arm = study.harmonize.arm
+    for name, table in harmonized.items():
+        feats = _feature_cols(table)
+        before = wide[wide["arm"] == h_arm].reset_index(drop=True)
+        tag = name.replace("+", "_")
+        figures.append(plot_site_boxplots(before[feats], before["site"],
+                                          fig_dir / f"boxplots_{tag}.png",
+                                          after=table[feats], force=True))
+        if len(feats) >= 2 and len(table) >= 3:
+            figures.append(plot_pca(before[feats], before["site"], fig_dir / f"pca_{tag}.png",
+                                    after=table[feats], force=True))
+    if figures:
+        sections.append(ReportSection(
+            "Harmonization", text="Per-site boxplots and the first two principal components "
+            "of the standardised features before and after each harmonizer.",
+            figures=figures))
+    traveling = _traveling_tables(numbers)
+    if traveling:
+        sections.append(ReportSection("Traveling subjects", tables=traveling))
+    failures = [r for r in records.values() if r.get("status") != "done"]
+    if failures:
+        sections.append(ReportSection("Failed tasks", tables={"Failures": pd.DataFrame(
+            [{"task": r.get("label"), "status": r.get("status"), "error": r.get("error")}
+             for r in failures])}))
+    return write_html_report(out_dir / "report.html", f"Study: {study.study.name}", sections,
+                             force=True)
+
+
+def _traveling_tables(numbers: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
+    out: dict[str, pd.DataFrame] = {}
+    rows = []
+    for arm, entry in numbers["arms"].items():
+        for key, label in (("site_classification", "as given"),
+                           ("site_classification_harmonized_in_cv", "harmonizer in CV")):
+            if key in entry:
+                sc = entry[key]
+                rows.append({"arm": arm, "protocol": label, "accuracy": sc["accuracy"],
+                             "balanced accuracy": sc["balanced_accuracy"],
+                             "chance": entry["chance"], "p (permutation)": sc["p_value"]})
+    if rows:
+        out["Site classification (cross-validated)"] = pd.DataFrame(rows)
+    icc = {arm: pd.Series(e["icc"]["icc2_1"], dtype=float)
+           for arm, e in numbers["arms"].items() if "icc" in e}
+    if icc:
+        table = pd.DataFrame(icc)
+        table.index = [_pretty(c) for c in table.index]
+        out["ICC(2,1) across sites"] = table
+    slopes = {arm: pd.Series(e["age_slope"], dtype=float)
+              for arm, e in numbers["arms"].items() if "age_slope" in e}
+    if slopes:
+        table = pd.DataFrame(slopes)
+        if numbers.get("truth_age_slope"):
+            table["truth"] = pd.Series(numbers["truth_age_slope"], dtype=float)
+        table.index = [_pretty(c) for c in table.index]
+        out["Age effect per year (OLS), against the cohort's ground truth"] = table
+    return out

@@ -1,0 +1,217 @@
+"""The study runner: validation before work, Dask execution, resume, report numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mrharmony.errors import StudyError
+from mrharmony.study import load_study, run_study
+from mrharmony.study.analysis import compute_numbers
+from mrharmony.study.store import TaskStore, task_key
+
+IRSE = """
+builder = "irse"
+name = "tiny-irse"
+fov_mm = [240, 240]
+matrix = [24, 24]
+slice_thickness_mm = 8
+n_slices = 1
+te_ms = 12
+tr_ms = 3000
+ti_ms = [100, 400, 1200]
+readout_bandwidth_hz_per_px = 400
+rf_duration_ms = 2
+"""
+
+STUDY = """
+[study]
+name = "tiny"
+seed = 3
+repeats = 2
+
+[phantom]
+kind = "system"
+matrix = 24
+
+[[protocols]]
+name = "t1"
+file = "irse.toml"
+maps = "t1"
+plate = "t1"
+
+[sites]
+names = ["siemens-prisma-3t", "philips-ingenia-1.5t"]
+arms = ["shared"]
+
+[simulation]
+isochromats_per_voxel = 1
+
+[harmonize]
+methods = ["combat"]
+"""
+
+
+def _write_study(folder: Path, study: str = STUDY, protocol: str = IRSE) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "irse.toml").write_text(protocol)
+    path = folder / "study.toml"
+    path.write_text(study)
+    return path
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (("siemens-prisma-3t", "nowhere-9t"), r"sites.names\[0\] 'nowhere-9t'"),
+        (('file = "irse.toml"', 'file = "missing.toml"'), r"protocols\[0\] 't1': file"),
+        (('kind = "system"', 'kind = "directory"\npath = "no-such-phantom"'),
+         r"\[phantom\] path"),
+        (("repeats = 2", "repeats = 2\nrepeat = 2"), r"repeat: unknown key"),
+        (('plate = "t1"', ""), r"protocols\[0\] 't1': the system phantom needs plate"),
+    ],
+)
+def test_invalid_study_fails_before_any_work(tmp_path, change, match):
+    path = _write_study(tmp_path / "s", STUDY.replace(*change))
+    out = tmp_path / "out"
+    with pytest.raises(StudyError, match=match):
+        run_study(path, out, workers=1, progress=False)
+    assert not out.exists()  # nothing was started
+
+
+def test_protocol_the_scanner_cannot_run_is_named(tmp_path):
+    path = _write_study(tmp_path / "s", protocol=IRSE.replace("te_ms = 12", "te_ms = 1"))
+    with pytest.raises(StudyError, match=r"protocols\[0\] 't1' cannot run at site "
+                                         r"'siemens-prisma-3t'.*TE"):
+        run_study(path, tmp_path / "out", workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- task store
+
+
+def test_task_key_is_content_addressed():
+    a = task_key("recon", {"method": "fft", "x": [1, 2]}, {"raw": "k1"})
+    assert a == task_key("recon", {"x": [1, 2], "method": "fft"}, {"raw": "k1"})
+    assert a != task_key("recon", {"method": "fft", "x": [1, 2]}, {"raw": "k2"})
+    assert a != task_key("recon", {"method": "fft", "x": [1, 3]}, {"raw": "k1"})
+
+
+def test_store_keeps_finished_work_and_drops_failed(tmp_path):
+    store = TaskStore(tmp_path)
+    calls = []
+
+    def ok(work: Path):
+        calls.append(1)
+        (work / "out.txt").write_text("x")
+        return {"n": 1}
+
+    first = store.run("s", "k", ok)
+    again = store.run("s", "k", ok)
+    assert first["status"] == "done" and not first["cached"]
+    assert again["cached"] and calls == [1]
+    assert (store.path("s", "k") / "out.txt").read_text() == "x"
+
+    def bad(work: Path):
+        (work / "partial.txt").write_text("half")
+        raise ValueError("broken input")
+
+    failed = store.run("s", "k2", bad, describe={"raw": "somefile"})
+    assert failed["status"] == "failed" and "broken input" in failed["error"]
+    assert failed["inputs"] == {"raw": "somefile"}
+    assert not store.path("s", "k2").exists()
+    assert not list((tmp_path / "s").glob(".tmp-*"))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """The tiny study on a 2-worker LocalCluster and on the default cluster."""
+    root = tmp_path_factory.mktemp("study")
+    path = _write_study(root / "def")
+    two = run_study(path, root / "two", workers=2, progress=False)
+    default = run_study(path, root / "default", progress=False)
+    return path, two, default
+
+
+def test_tiny_study_runs_end_to_end(tiny_runs):
+    _, two, _ = tiny_runs
+    assert two.failed == 0 and two.skipped == 0, two.records
+    out = two.out_dir
+    assert (out / "report.html").is_file() and (out / "features.csv").is_file()
+    tree = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                  if p.is_file() and ".mrharmony" not in p.parts)
+    assert "sequences/siemens-prisma/t1.seq" in tree
+    assert any(t.startswith("sub-phantom/ses-siemensprisma3t/anat/") and t.endswith(
+        "_T1map.nii.gz") for t in tree)
+    assert any(t.startswith("sub-phantom/ses-philipsingenia15t/raw/") for t in tree)
+    features = pd.read_csv(out / "features.csv")
+    t1 = features[(features["quantity"] == "t1") & (features["feature"] == "mean")]
+    assert set(t1["site"]) == {"siemens-prisma-3t", "philips-ingenia-1.5t"}
+    assert len(t1) > 0
+
+
+def test_two_workers_and_default_give_identical_results(tiny_runs):
+    _, two, default = tiny_runs
+    for name in ("features.csv", "report.json"):
+        assert (two.out_dir / name).read_bytes() == (default.out_dir / name).read_bytes()
+
+
+def test_report_numbers_recomputed_from_features_csv(tiny_runs):
+    path, two, _ = tiny_runs
+    numbers = json.loads((two.out_dir / "report.json").read_text())
+    recomputed = compute_numbers(pd.read_csv(two.out_dir / "features.csv"), load_study(path))
+    assert json.loads(json.dumps(recomputed, allow_nan=False)) == numbers
+    html = (two.out_dir / "report.html").read_text()
+    mean_cov = numbers["arms"]["shared"]["mean_cov_pct"]
+    assert f"{mean_cov:.2f}" in html
+
+
+def test_rerun_without_resume_refuses_and_resume_reuses_everything(tiny_runs):
+    path, two, _ = tiny_runs
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_study(path, two.out_dir, workers=1, progress=False)
+    again = run_study(path, two.out_dir, workers=1, resume=True, progress=False)
+    assert again.ran == 0 and again.cached == len(two.records)
+    assert (again.out_dir / "report.json").read_bytes() == \
+        (two.out_dir / "report.json").read_bytes()
+
+
+def test_resume_after_kill_redoes_no_finished_task(tiny_runs, tmp_path):
+    path, two, _ = tiny_runs
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mrharmony", "study", "run", str(path), "-o", str(out),
+           "--workers", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log = out / ".mrharmony" / "tasks.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        done = log.read_text().count('"status": "done"') if log.exists() else 0
+        if done >= 6 or proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {json.loads(line)["key"] for line in log.read_text().splitlines()
+                if json.loads(line)["status"] == "done"}
+    assert 0 < len(finished) < len(two.records)
+    resumed = run_study(path, out, workers=1, resume=True, progress=False)
+    reran = {k for k, r in resumed.records.items() if not r.get("cached")}
+    assert not (reran & finished)
+    assert resumed.failed == 0
+    for name in ("features.csv", "report.json"):
+        assert (out / name).read_bytes() == (two.out_dir / name).read_bytes()
