@@ -87,7 +87,12 @@ def cli(verbose: bool) -> None:
     """mrharmony: vendor-agnostic MRI from Pulseq sequences to harmonized statistics.
 
     \b
-    Sequences:  mrharmony seq list | build | build-all | check | plot | header
+    Sequences:      mrharmony seq list | build | build-all | check | plot | header
+    Phantoms:       mrharmony phantom make | cohort | show
+    Simulation:     mrharmony simulate | site list
+    Reconstruction: mrharmony recon | serve | stream | scan
+    Harmonization:  mrharmony harmonize combat | apply | image; mrharmony evaluate
+    Studies:        mrharmony study run | check
     """
 
 

@@ -516,7 +516,7 @@ def build_epi(protocol: EPIProtocol, scanner: ScannerProfile) -> pp.Sequence:
 # --------------------------------------------------------------------------------------
 
 
-def diffusion_directions(n: int, iterations: int = 600) -> np.ndarray:
+def diffusion_directions(n: int, iterations: int = 1500) -> np.ndarray:
     """Well-distributed unit vectors on the half sphere (electrostatic repulsion).
 
     Deterministic: starts from a golden-angle spiral on the upper hemisphere and
