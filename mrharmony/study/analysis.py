@@ -69,11 +69,14 @@ def _feature_cols(wide: pd.DataFrame) -> list[str]:
     return [c for c in wide.columns if "__" in str(c)]
 
 
-def _make_harmonizer(method: str) -> Any:
+def _harmonizer_class(method: str) -> Any:
     from mrharmony.harmonize import ComBat, ComBatGAM, CovBat
 
-    factories = {"combat": ComBat, "covbat": CovBat, "gam": ComBatGAM}
-    return factories[method]()
+    return {"combat": ComBat, "covbat": CovBat, "gam": ComBatGAM}[method]
+
+
+def _make_harmonizer(method: str) -> Any:
+    return _harmonizer_class(method)()
 
 
 def harmonized_tables(wide: pd.DataFrame, study: Study) -> dict[str, pd.DataFrame]:
@@ -159,8 +162,7 @@ def compute_numbers(tidy: pd.DataFrame, study: Study,
             folds = max(2, min(study.evaluate.cv_folds, min_per_site))
             harmonizer = None
             if arm in wide["arm"].unique() and study.harmonize.methods:
-                method = study.harmonize.methods[0]
-                harmonizer = lambda m=method: _make_harmonizer(m)  # noqa: E731
+                harmonizer = _harmonizer_class(study.harmonize.methods[0])
             if arm in wide["arm"].unique():
                 disc = site_discriminability(
                     table[feats], table[batch], n_splits=folds,

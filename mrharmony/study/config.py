@@ -248,6 +248,11 @@ def study_from_mapping(data: dict[str, Any], *, source: str = "study",
     for arm in kwargs["sites"].arms:
         if arm not in ("shared", "native"):
             raise StudyError(f"{source} [sites] arms: unknown arm {arm!r} (shared, native)")
+    harmonize = kwargs.get("harmonize", HarmonizeSection())
+    for method in harmonize.methods:
+        if method not in ("combat", "covbat", "gam"):
+            raise StudyError(f"{source} [harmonize] methods: unknown method {method!r} "
+                             "(combat, covbat, gam)")
     if len(set(kwargs["sites"].names)) != len(kwargs["sites"].names):
         raise StudyError(f"{source} [sites] names: a site is listed twice")
     cohort = kwargs.get("cohort")

@@ -16,7 +16,7 @@ import pandas as pd
 
 from mrharmony.study.analysis import SURVEY_FOLD, _feature_cols
 from mrharmony.study.config import Study
-from mrharmony.study.plan import Plan
+from mrharmony.study.plan import Plan, measurable_range_ms
 from mrharmony.study.store import TaskStore
 
 __all__ = ["write_study_report"]
@@ -60,6 +60,8 @@ def _montage(plan: Plan, store: TaskStore, records: Mapping[str, Any], study: St
     import matplotlib.pyplot as plt
     import nibabel as nib
 
+    from mrharmony.sequences import load_protocol
+
     figures = []
     subject = plan.scans[0].subject if plan.scans else None
     for entry in study.protocols:
@@ -69,10 +71,13 @@ def _montage(plan: Plan, store: TaskStore, records: Mapping[str, Any], study: St
             continue
         arms = sorted({s.arm for s in scans})
         sites = list(dict.fromkeys(s.site for s in scans))
-        fig, axes = plt.subplots(len(arms), len(sites), squeeze=False,
-                                 figsize=(2.2 * len(sites), 2.4 * len(arms)))
+        fig, axes = plt.subplots(len(arms), len(sites), squeeze=False, layout="constrained",
+                                 figsize=(2.2 * len(sites), 2.7 * len(arms)))
         name = "map.nii.gz" if entry.maps != "none" else "image.nii.gz"
         vmax = None
+        sampled = measurable_range_ms(load_protocol(study.protocol_path(entry)), entry.maps)
+        if sampled is not None:  # show the relaxation times the protocol can measure
+            vmax = 1.5 * sampled[1]
         for scan in scans:
             img = np.asarray(nib.load(store.path("recon", scan.recon_key) / name).dataobj)
             img = img.reshape((*img.shape[:3], -1))[..., img.shape[2] // 2, 0] \
@@ -88,7 +93,6 @@ def _montage(plan: Plan, store: TaskStore, records: Mapping[str, Any], study: St
             ax.set_yticks([])
         unit = {"t1": "T1 (ms)", "t2": "T2 (ms)", "adc": "ADC (mm²/s)"}.get(entry.maps, "")
         fig.suptitle(f"{entry.name} {unit}  (colour range 0–{vmax:.4g})", fontsize=9)
-        fig.tight_layout()
         path = out_dir / "figures" / f"montage_{entry.name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
@@ -170,6 +174,12 @@ def _findings(numbers: Mapping[str, Any]) -> str:
                 f"accuracy {sch['accuracy']:.2f} (chance {entry['chance']:.2f}).")
         if entry.get("mean_icc2_1") is not None:
             lines.append(f"Mean ICC(2,1) across sites, {arm}: {entry['mean_icc2_1']:.3f}.")
+        truth = numbers.get("truth_age_slope") or {}
+        for column, slope in (entry.get("age_slope") or {}).items():
+            true = _truth_for(column, truth)
+            if slope is not None and np.isfinite(true):
+                lines.append(f"Age slope of {_pretty(column)}, {arm}: {slope:.3g} per year "
+                             f"(cohort truth {true:.3g}).")
     return "\n\n".join(lines)
 
 
@@ -242,6 +252,19 @@ def write_study_report(study: Study, plan: Plan, store: TaskStore,
                              force=True)
 
 
+def _truth_for(column: str, truth: Mapping[str, Any]) -> float:
+    """The cohort's true age slope for a feature column, when the cohort states one.
+
+    ``<protocol>__segmentation__gm__volume_ml`` matches the truth key ``gm_volume_ml``.
+    """
+    parts = column.split("__")
+    if len(parts) == 4:
+        value = truth.get(f"{parts[2]}_{parts[3]}")
+        if value is not None:
+            return float(value)
+    return float("nan")
+
+
 def _traveling_tables(numbers: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     out: dict[str, pd.DataFrame] = {}
     rows = []
@@ -266,7 +289,7 @@ def _traveling_tables(numbers: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     if slopes:
         table = pd.DataFrame(slopes)
         if numbers.get("truth_age_slope"):
-            table["truth"] = pd.Series(numbers["truth_age_slope"], dtype=float)
+            table["truth"] = [_truth_for(c, numbers["truth_age_slope"]) for c in table.index]
         table.index = [_pretty(c) for c in table.index]
         out["Age effect per year (OLS), against the cohort's ground truth"] = table
     return out
