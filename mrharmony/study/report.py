@@ -101,21 +101,25 @@ def _montage(plan: Plan, store: TaskStore, records: Mapping[str, Any], study: St
     return figures
 
 
-def _cov_bars(cov: pd.DataFrame, out_dir: Path) -> Path | None:
+def _cov_bars(cov: pd.DataFrame, arms: list[str], out_dir: Path) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = [c for c in cov.columns if c != "native / shared"]
+    arms = [c for c in cov.columns if c in arms]
     if cov.empty or not arms:
         return None
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(cov)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(cov)), 5.6))
     width = 0.8 / len(arms)
     x = np.arange(len(cov))
     for i, arm in enumerate(arms):
         ax.bar(x + i * width, cov[arm].to_numpy(float), width, label=arm)
-    ax.set_xticks(x + 0.4 - width / 2, cov.index, rotation=90, fontsize=6)
+    labels = list(cov.index)
+    if "in TI/TE range" in cov.columns:  # mark what the protocol cannot measure
+        labels = [name if ok else f"{name} [out of range]"
+                  for name, ok in zip(cov.index, cov["in TI/TE range"], strict=True)]
+    ax.set_xticks(x + 0.4 - width / 2, labels, rotation=90, fontsize=6)
     ax.set_ylabel("inter-site CoV (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -205,7 +209,7 @@ def write_study_report(study: Study, plan: Plan, store: TaskStore,
     sections = [ReportSection("Study", text=study.study.description,
                               tables={"Overview": overview})]
     cov = _cov_table(numbers)
-    bars = _cov_bars(cov, out_dir)
+    bars = _cov_bars(cov, list(numbers["arms"]), out_dir)
     mean_cov = pd.DataFrame({"arm": list(numbers["arms"]),
                              "mean CoV (%)": [e.get("mean_cov_pct")
                                               for e in numbers["arms"].values()]})
