@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ismrmrd
+import numpy as np
 from ismrmrd.image import get_dtype_from_data_type
 from ismrmrd.serialization import (
     ConfigFile,
@@ -61,7 +62,11 @@ __all__ = [
     "EndOfStream",
     "Message",
     "MessageId",
+    "MessageReader",
     "StreamLimits",
+    "acquisition_sizes",
+    "decode_acquisition",
+    "decode_acquisitions",
     "encode_message",
     "parse_header_xml",
     "read_message",
@@ -76,6 +81,13 @@ _ACQ_HEADER_BYTES = ctypes.sizeof(ismrmrd.AcquisitionHeader)  # 340
 _IMAGE_HEADER_BYTES = ctypes.sizeof(ismrmrd.ImageHeader)  # 198
 _WAVEFORM_HEADER_BYTES = ctypes.sizeof(ismrmrd.WaveformHeader)  # 40
 _CONFIG_FILE_BYTES = 1024
+# (number_of_samples, available_channels, active_channels) are adjacent uint16 fields
+_ACQ_SIZES = struct.Struct("<HxxH")
+_ACQ_SIZES_OFFSET = ismrmrd.AcquisitionHeader.number_of_samples.offset
+_ACQ_TRAJ_DIMS = struct.Struct("<H")
+_ACQ_TRAJ_DIMS_OFFSET = ismrmrd.AcquisitionHeader.trajectory_dimensions.offset
+_ACQ_ID = int(ISMRMRDMessageID.ACQUISITION)
+_ACQ_ID_LO, _ACQ_ID_HI = _ACQ_ID & 0xFF, _ACQ_ID >> 8
 _NAMES = {int(m): m.name for m in ISMRMRDMessageID}
 _DTD = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
 
@@ -225,14 +237,14 @@ def _deserialize(blob: bytes) -> Any:
 
 
 async def read_message(
-    reader: asyncio.StreamReader, *, limits: StreamLimits | None = None,
+    reader: asyncio.StreamReader | MessageReader, *, limits: StreamLimits | None = None,
     decode_acquisitions: bool = True,
 ) -> Message:
     """Read and decode the next message, checking ids and limits before payloads.
 
     Parameters
     ----------
-    reader : asyncio.StreamReader
+    reader : asyncio.StreamReader or MessageReader
         The connection.
     limits : StreamLimits, optional
         Size limits (defaults: :class:`StreamLimits`).
@@ -294,19 +306,22 @@ async def read_message(
         value = ConfigText(text) if msg_id == MessageId.CONFIG_TEXT else text
         return Message(msg_id, value, nbytes)
     if msg_id == MessageId.ACQUISITION:
+        # fast path: the sizes come from the fixed-size header with struct, the arrays
+        # are decoded with np.frombuffer (no per-field Python, no deep copies)
         head_bytes = await _read(reader, _ACQ_HEADER_BYTES, what)
-        head = ismrmrd.AcquisitionHeader.from_buffer_copy(head_bytes)
-        ns, nc, nt = int(head.number_of_samples), int(head.active_channels), int(
-            head.trajectory_dimensions)
+        ns, nc = _ACQ_SIZES.unpack_from(head_bytes, _ACQ_SIZES_OFFSET)
+        (nt,) = _ACQ_TRAJ_DIMS.unpack_from(head_bytes, _ACQ_TRAJ_DIMS_OFFSET)
         if ns * nc > limits.max_samples_x_channels:
             raise _over(what, f"samples x channels ({ns} x {nc})", ns * nc,
                         limits.max_samples_x_channels)
         if nt > limits.max_trajectory_dimensions:
             raise _over(what, "trajectory_dimensions", nt, limits.max_trajectory_dimensions)
         body = await _read(reader, 4 * ns * nt + 8 * ns * nc, what)
+        payload = head_bytes + body
         if not decode_acquisitions:
-            return Message(msg_id, head, 2 + len(head_bytes) + len(body), head_bytes + body)
-        parts += [head_bytes, body]
+            head = ismrmrd.AcquisitionHeader.from_buffer_copy(head_bytes)
+            return Message(msg_id, head, 2 + len(payload), payload)
+        return Message(msg_id, decode_acquisition(payload), 2 + len(payload), payload)
     elif msg_id == MessageId.WAVEFORM:
         head_bytes = await _read(reader, _WAVEFORM_HEADER_BYTES, what)
         head = ismrmrd.WaveformHeader.from_buffer_copy(head_bytes)
@@ -353,6 +368,183 @@ async def read_message(
     except (ValueError, TypeError, EOFError, UnicodeDecodeError) as exc:
         raise StreamError(f"{what}: payload does not decode ({exc})") from None
     return Message(msg_id, value, len(blob), blob[2:])
+
+
+def acquisition_sizes(payload: bytes | memoryview, *,
+                      what: str = "ACQUISITION") -> tuple[int, int, int]:
+    """``(number_of_samples, active_channels, trajectory_dimensions)`` of an ACQUISITION
+    payload (bytes after the id), read with ``struct`` from its fixed-size header.
+
+    Raises
+    ------
+    StreamError
+        If the payload length does not match these sizes.
+    """
+    if len(payload) < _ACQ_HEADER_BYTES:
+        raise StreamError(f"{what}: {len(payload)} bytes is shorter than the "
+                          f"{_ACQ_HEADER_BYTES}-byte acquisition header")
+    ns, nc = _ACQ_SIZES.unpack_from(payload, _ACQ_SIZES_OFFSET)
+    (nt,) = _ACQ_TRAJ_DIMS.unpack_from(payload, _ACQ_TRAJ_DIMS_OFFSET)
+    expected = _ACQ_HEADER_BYTES + 4 * ns * nt + 8 * ns * nc
+    if len(payload) != expected:
+        raise StreamError(f"{what}: payload is {len(payload)} bytes, the header "
+                          f"({ns} samples x {nc} channels, {nt} trajectory dimensions) "
+                          f"needs {expected}")
+    return ns, nc, nt
+
+
+def decode_acquisition(payload: bytes | memoryview, *, what: str = "ACQUISITION") -> Any:
+    """Decode one ACQUISITION payload (header, trajectory, data; no message id).
+
+    Equivalent to :meth:`ismrmrd.Acquisition.from_bytes` (same header, ``data`` of shape
+    ``(active_channels, number_of_samples)`` complex64 and ``traj`` of shape
+    ``(number_of_samples, trajectory_dimensions)`` float32, both owned, aligned and
+    writable), without its per-field Python paths: one ``from_buffer_copy`` of the
+    fixed-size header and one ``np.frombuffer`` per array.
+
+    Parameters
+    ----------
+    payload : bytes or memoryview
+        The message bytes after the ``uint16`` id.
+    what : str
+        Name used in error messages.
+
+    Returns
+    -------
+    ismrmrd.Acquisition
+
+    Raises
+    ------
+    StreamError
+        If the payload length does not match the sizes in its header.
+    """
+    ns, nc, nt = acquisition_sizes(payload, what=what)
+    head = ismrmrd.AcquisitionHeader.from_buffer_copy(payload)
+    off = _ACQ_HEADER_BYTES
+    traj = np.frombuffer(payload, np.float32, count=ns * nt, offset=off).reshape(ns, nt).copy()
+    data = np.frombuffer(payload, np.complex64, count=ns * nc,
+                         offset=off + 4 * ns * nt).reshape(nc, ns).copy()
+    return ismrmrd.Acquisition(head, data=data, trajectory=traj)
+
+
+def decode_acquisitions(payloads: list[bytes], *, what: str = "ACQUISITION") -> list[Any]:
+    """Decode many ACQUISITION payloads, batching those of equal size.
+
+    Acquisitions with the same ``(number_of_samples, active_channels,
+    trajectory_dimensions)`` are decoded together: their bytes are joined once and their
+    trajectories and data are cut out as two stacked arrays (one copy each); every
+    :class:`ismrmrd.Acquisition` holds a view of one row. The result equals
+    ``[decode_acquisition(p) for p in payloads]`` (and :meth:`ismrmrd.Acquisition.from_bytes`).
+
+    Parameters
+    ----------
+    payloads : list of bytes
+        Message bytes after the id, in order.
+    what : str
+        Name used in error messages.
+
+    Returns
+    -------
+    list of ismrmrd.Acquisition
+        In the order of ``payloads``.
+
+    Raises
+    ------
+    StreamError
+        If a payload length does not match the sizes in its header.
+    """
+    by_size: dict[tuple[int, int, int], list[int]] = {}
+    for i, p in enumerate(payloads):
+        by_size.setdefault(acquisition_sizes(p, what=what), []).append(i)
+    out: list[Any] = [None] * len(payloads)
+    from_buffer_copy = ismrmrd.AcquisitionHeader.from_buffer_copy
+    acquisition = ismrmrd.Acquisition
+    off = _ACQ_HEADER_BYTES
+    for (ns, nc, nt), idx in by_size.items():
+        if len(idx) == 1:
+            out[idx[0]] = decode_acquisition(payloads[idx[0]], what=what)
+            continue
+        rows = np.frombuffer(b"".join([payloads[i] for i in idx]), np.uint8).reshape(len(idx), -1)
+        doff = off + 4 * ns * nt
+        trajs = rows[:, off:doff].copy().view(np.float32).reshape(len(idx), ns, nt)
+        datas = rows[:, doff:].copy().view(np.complex64).reshape(len(idx), nc, ns)
+        for k, i in enumerate(idx):
+            out[i] = acquisition(from_buffer_copy(payloads[i]), data=datas[k], trajectory=trajs[k])
+    return out
+
+
+class MessageReader:
+    """A buffered reader for a server's receive loop: many messages per socket read.
+
+    It wraps an :class:`asyncio.StreamReader`, reads from it in chunks of up to
+    ``chunk_bytes`` and serves :meth:`readexactly` from its own buffer, so
+    :func:`read_message` accepts it in place of the StreamReader (same results, same
+    errors). :meth:`pop_acquisition` additionally decodes, without awaiting, an
+    ACQUISITION that is already complete in the buffer, which takes the per-message
+    cost of the event loop (three ``readexactly`` awaits, a timeout, a header object
+    and a copy of the payload per acquisition) down to a few ``struct`` reads.
+
+    Parameters
+    ----------
+    reader : asyncio.StreamReader
+        The connection.
+    chunk_bytes : int
+        Largest single read from ``reader`` (bytes).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, *, chunk_bytes: int = 1 << 20) -> None:
+        self._reader = reader
+        self._buf = bytearray()
+        self._chunk = int(chunk_bytes)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet consumed."""
+        return len(self._buf)
+
+    async def readexactly(self, n: int) -> bytes:
+        """Read exactly ``n`` bytes (as :meth:`asyncio.StreamReader.readexactly`).
+
+        Raises
+        ------
+        asyncio.IncompleteReadError
+            The connection ended first; ``partial`` holds what was received.
+        """
+        buf = self._buf
+        while len(buf) < n:
+            chunk = await self._reader.read(max(self._chunk, n - len(buf)))
+            if not chunk:
+                partial = bytes(buf)
+                buf.clear()
+                raise asyncio.IncompleteReadError(partial, n)
+            buf += chunk
+        with memoryview(buf) as view:
+            out = bytes(view[:n])
+        del buf[:n]  # O(1) in CPython: the bytearray start moves
+        return out
+
+    def pop_acquisition(self, limits: StreamLimits) -> Message | None:
+        """The next message if it is an ACQUISITION already complete in the buffer.
+
+        Its value is the :class:`ismrmrd.AcquisitionHeader` and its payload the wire
+        bytes after the id (as ``read_message(..., decode_acquisitions=False)``).
+        Returns None otherwise (another message, an incomplete one, or one over a limit:
+        :func:`read_message` then reads it and raises the error).
+        """
+        buf = self._buf
+        if len(buf) < 2 + _ACQ_HEADER_BYTES or buf[0] != _ACQ_ID_LO or buf[1] != _ACQ_ID_HI:
+            return None
+        ns, nc = _ACQ_SIZES.unpack_from(buf, 2 + _ACQ_SIZES_OFFSET)
+        (nt,) = _ACQ_TRAJ_DIMS.unpack_from(buf, 2 + _ACQ_TRAJ_DIMS_OFFSET)
+        if ns * nc > limits.max_samples_x_channels or nt > limits.max_trajectory_dimensions:
+            return None
+        n = 2 + _ACQ_HEADER_BYTES + 4 * ns * nt + 8 * ns * nc
+        if len(buf) < n:
+            return None
+        with memoryview(buf) as view:
+            payload = bytes(view[2:n])
+        del buf[:n]
+        return Message(_ACQ_ID, ismrmrd.AcquisitionHeader.from_buffer_copy(payload), n, payload)
 
 
 def encode_message(obj: Any) -> bytes:

@@ -45,7 +45,10 @@ from mrharmony.recon.stream.protocol import (
     ConfigText,
     EndOfStream,
     MessageId,
+    MessageReader,
     StreamLimits,
+    acquisition_sizes,
+    decode_acquisitions,
     read_message,
     write_message,
 )
@@ -294,8 +297,15 @@ def _recon_job_blobs(header_xml: str, blobs: list[bytes], method: str,
     """Pool entry point (threads or processes): acquisitions as wire bytes in, images as
     bytes out."""
     header = _header_from_xml(header_xml)
-    acqs = [ismrmrd.Acquisition.from_bytes(b) for b in blobs]
+    acqs = decode_acquisitions(blobs)  # batched np.frombuffer decode, same as from_bytes
     return reconstruct_to_mrd(header, acqs, method=method, backend=backend)
+
+
+def _limit_worker_threads(threads: int) -> None:
+    """Process-pool initializer: cap BLAS/OpenMP threads for the worker's lifetime."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)
 
 
 def _warm_up() -> int:
@@ -315,9 +325,13 @@ def _warm_up() -> int:
 class RawStreamWriter:
     """Write a received stream into an ISMRMRD HDF5 file as it arrives.
 
-    The file is written under ``<path>.part`` and flushed after every acquisition, so
-    it is readable at any moment; :meth:`close` (always called, also when the client
-    disconnects) renames it to ``path``.
+    The file is written under ``<path>.part``. Acquisitions are buffered as wire bytes
+    and written in one block (one resize, one write, one HDF5 flush) by :meth:`flush`:
+    the server calls it whenever a slice is complete, and it happens on its own once
+    ``flush_bytes`` are buffered, so the per-acquisition cost is one list append.
+    :meth:`close` (always called, also when the client disconnects) writes what is
+    buffered and renames the file to ``path``, so a killed client leaves a complete,
+    readable file.
 
     Parameters
     ----------
@@ -325,15 +339,20 @@ class RawStreamWriter:
         Final file name.
     header_xml : str
         ISMRMRD header of the stream.
+    flush_bytes : int
+        Buffered acquisition bytes that trigger a :meth:`flush` (bytes).
     """
 
-    def __init__(self, path: Path, header_xml: str) -> None:
+    def __init__(self, path: Path, header_xml: str, *, flush_bytes: int = 16 << 20) -> None:
         import h5py
 
         self.path = Path(path)
         self.part = self.path.with_name(self.path.name + ".part")
         self.count = 0
         self.waveforms = 0
+        self.flush_bytes = int(flush_bytes)
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._file = h5py.File(self.part, "w")
         grp = self._file.create_group("dataset")
         xml = grp.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
@@ -342,26 +361,38 @@ class RawStreamWriter:
         self._file.flush()
 
     def append(self, payload: bytes) -> None:
-        """Append one acquisition given as its wire bytes (header, trajectory, data) and
-        flush."""
-        from ismrmrd.hdf5 import acquisition_dtype, acquisition_header_dtype
+        """Buffer one acquisition given as its wire bytes (header, trajectory, data);
+        written by the next :meth:`flush`."""
+        self._pending.append(payload)
+        self._pending_bytes += len(payload)
+        if self._pending_bytes >= self.flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered acquisitions in one block and flush the file."""
+        if not self._pending:
+            return
+        from ismrmrd.hdf5 import acquisition_dtype
 
         if "data" not in self._group:
             self._group.create_dataset("data", shape=(0,), maxshape=(None,),
                                        dtype=acquisition_dtype, chunks=(64,))
         ds = self._group["data"]
-        head = np.frombuffer(payload, acquisition_header_dtype, count=1)
-        ns, nc, nt = (int(head[0][k]) for k in ("number_of_samples", "active_channels",
-                                                 "trajectory_dimensions"))
-        off = acquisition_header_dtype.itemsize
-        rec = np.empty((1,), dtype=acquisition_dtype)
-        rec[0]["head"] = head[0]
-        rec[0]["traj"] = np.frombuffer(payload, np.float32, count=ns * nt, offset=off)
-        rec[0]["data"] = np.frombuffer(payload, np.float32, count=2 * ns * nc,
-                                       offset=off + 4 * ns * nt)
-        ds.resize(self.count + 1, axis=0)
-        ds[self.count] = rec[0]
-        self.count += 1
+        head_dtype = acquisition_dtype["head"]
+        off = head_dtype.itemsize
+        recs = np.empty((len(self._pending),), dtype=acquisition_dtype)
+        recs["head"] = np.frombuffer(b"".join([p[:off] for p in self._pending]), head_dtype)
+        trajs, datas = recs["traj"], recs["data"]  # object (variable-length) fields
+        for k, payload in enumerate(self._pending):
+            ns, nc, nt = acquisition_sizes(payload)
+            trajs[k] = np.frombuffer(payload, np.float32, count=ns * nt, offset=off)
+            datas[k] = np.frombuffer(payload, np.float32, count=2 * ns * nc,
+                                     offset=off + 4 * ns * nt)
+        ds.resize(self.count + len(recs), axis=0)
+        ds[self.count:self.count + len(recs)] = recs
+        self.count += len(recs)
+        self._pending.clear()
+        self._pending_bytes = 0
         self._file.flush()
 
     def append_waveform(self, wav: Any) -> None:
@@ -381,9 +412,12 @@ class RawStreamWriter:
         self._file.flush()
 
     def close(self) -> Path:
-        """Close the file and move it to its final name."""
+        """Write what is buffered, close the file and move it to its final name."""
         if self._file:
-            self._file.close()
+            try:
+                self.flush()
+            finally:
+                self._file.close()
             os.replace(self.part, self.path)
         return self.path
 
@@ -422,6 +456,12 @@ class ServerSettings:
         PEM certificate chain and key; both set enables TLS.
     tls_client_ca : Path or None
         CA bundle; set to require and verify client certificates.
+    blas_threads : int
+        BLAS/OpenMP threads per reconstruction worker (``threadpoolctl``); 0 leaves the
+        libraries' defaults. The default 1 avoids oversubscription: the workers are the
+        parallelism, and OpenBLAS threads spinning beside them (and beside the event
+        loop) more than double the CPU time of a slice on a small machine. With
+        ``executor="thread"`` the limit is process-wide while the server runs.
     """
 
     host: str = "127.0.0.1"
@@ -436,6 +476,7 @@ class ServerSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    blas_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -444,6 +485,8 @@ class ServerSettings:
             raise StreamError(f"executor {self.executor!r}: expected 'process' or 'thread'")
         if not 0 <= self.port <= 65535:
             raise StreamError(f"port: {self.port} is outside 0..65535")
+        if self.blas_threads < 0:
+            raise StreamError(f"blas_threads: {self.blas_threads} must be >= 0")
         if self.idle_timeout_s <= 0:
             raise StreamError(f"idle_timeout_s: {self.idle_timeout_s} must be > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -485,6 +528,7 @@ class StreamServer:
         self.settings = settings or ServerSettings()
         self._server: asyncio.Server | None = None
         self._executor: Executor | None = None
+        self._thread_limits: Any = None
         self._sessions: set[asyncio.Task] = set()
         self._next_id = 0
         self.connections_served = 0
@@ -505,11 +549,17 @@ class StreamServer:
     def _make_executor(self) -> Executor:
         s = self.settings
         if s.executor == "thread":
+            if s.blas_threads > 0 and self._thread_limits is None:
+                from threadpoolctl import threadpool_limits
+
+                self._thread_limits = threadpool_limits(limits=s.blas_threads)
             return ThreadPoolExecutor(max_workers=s.workers, thread_name_prefix="mrh-recon")
         import multiprocessing
 
+        init = (_limit_worker_threads, (s.blas_threads,)) if s.blas_threads > 0 else (None, ())
         return ProcessPoolExecutor(max_workers=s.workers,
-                                   mp_context=multiprocessing.get_context("spawn"))
+                                   mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=init[0], initargs=init[1])
 
     async def start(self) -> StreamServer:
         """Start the worker pool and listen.
@@ -535,6 +585,7 @@ class StreamServer:
                                                       limit=1 << 20)
         except OSError as exc:
             self._executor.shutdown(wait=False)
+            self._restore_thread_limits()
             raise StreamError(f"cannot listen on {s.host}:{s.port}: {exc}") from None
         log.info("listening on %s:%d (%d %s workers, TLS %s)", s.host, self.port, s.workers,
                  s.executor, "on" if ctx else "off")
@@ -577,7 +628,13 @@ class StreamServer:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self._restore_thread_limits()
         log.info("shutdown complete")
+
+    def _restore_thread_limits(self) -> None:
+        if self._thread_limits is not None:
+            self._thread_limits.restore_original_limits()
+            self._thread_limits = None
 
     async def run_job(self, header_xml: str, blobs: list[bytes], pipeline: Pipeline) -> list[bytes]:
         """Reconstruct one group of acquisitions (wire bytes) in the pool.
@@ -607,7 +664,7 @@ class _Session:
     def __init__(self, server: StreamServer, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, conn_id: int) -> None:
         self.server = server
-        self.reader = reader
+        self.reader = MessageReader(reader)
         self.writer = writer
         self.id = conn_id
         peer = writer.get_extra_info("peername")
@@ -724,14 +781,26 @@ class _Session:
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
             path = Path(settings.save_raw) / f"{stamp}_{os.getpid()}_conn{self.id:05d}.h5"
             self.raw = RawStreamWriter(path, self.header_xml)
+        limits = settings.limits
+        received = self.counts.received
         while True:
-            msg = await self.next_message()
+            # complete acquisitions already buffered are taken without awaiting
+            msg = self.reader.pop_acquisition(limits)
+            if msg is not None:
+                received["ACQUISITION"] = received.get("ACQUISITION", 0) + 1
+                self.counts.bytes_in += msg.nbytes
+            else:
+                msg = await self.next_message()
             if msg.id == MessageId.ACQUISITION:
                 head = msg.value  # AcquisitionHeader only: data are decoded in the worker
                 if self.raw is not None:
                     self.raw.append(msg.payload)
-                for group in self.assembler.add(head, (head, msg.payload)):
-                    self._submit(group)
+                groups = self.assembler.add(head, (head, msg.payload))
+                if groups:
+                    if self.raw is not None:
+                        self.raw.flush()  # slice complete: its lines are on disk
+                    for group in groups:
+                        self._submit(group)
             elif msg.id == MessageId.CLOSE:
                 break
             elif msg.id == MessageId.WAVEFORM:
