@@ -116,16 +116,22 @@ class _Volume3D(Protocol):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Gre2DProtocol(_Slices2D):
+class _SpoilerMoments:
+    """Spoiler and crusher moments (vendors choose different ones: see simulation.native)."""
+
+    spoiler_cycles_per_voxel: float = param(
+        2.0, doc="readout-axis spoiler after the readout, in cycles across a voxel", ge=0, le=20
+    )
+    crusher_cycles_per_slice: float = param(
+        4.0, doc="slice-axis spoiler / crusher area, in cycles across the slice", ge=0, le=40
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gre2DProtocol(_Slices2D, _SpoilerMoments):
     """2D multi-slice RF-spoiled gradient echo."""
 
     builder: Literal["gre2d"] = param(doc="sequence builder name")
-    spoiler_cycles_per_voxel: float = param(
-        2.0, doc="readout-axis spoiler after the readout, in cycles across a voxel", ge=0, le=20
-    )
-    crusher_cycles_per_slice: float = param(
-        4.0, doc="slice-axis spoiler / crusher area, in cycles across the slice", ge=0, le=40
-    )
     flip_deg: float = param(doc="excitation flip angle", unit="deg", gt=0, le=90)
     rf_spoiling_inc_deg: float = param(
         117.0, doc="quadratic RF-spoiling phase increment", unit="deg", ge=0, lt=360
@@ -133,16 +139,10 @@ class Gre2DProtocol(_Slices2D):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Gre3DProtocol(_Volume3D):
+class Gre3DProtocol(_Volume3D, _SpoilerMoments):
     """3D RF-spoiled gradient echo with slab-selective excitation."""
 
     builder: Literal["gre3d"] = param(doc="sequence builder name")
-    spoiler_cycles_per_voxel: float = param(
-        2.0, doc="readout-axis spoiler after the readout, in cycles across a voxel", ge=0, le=20
-    )
-    crusher_cycles_per_slice: float = param(
-        4.0, doc="slice-axis spoiler / crusher area, in cycles across the slice", ge=0, le=40
-    )
     flip_deg: float = param(doc="excitation flip angle", unit="deg", gt=0, le=90)
     rf_spoiling_inc_deg: float = param(
         117.0, doc="quadratic RF-spoiling phase increment", unit="deg", ge=0, lt=360
@@ -150,16 +150,10 @@ class Gre3DProtocol(_Volume3D):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MultiEchoSEProtocol(_Slices2D):
+class MultiEchoSEProtocol(_Slices2D, _SpoilerMoments):
     """Multi-echo spin echo (CPMG) for T2 mapping: echoes at ``te_ms * (1..n_echoes)``."""
 
     builder: Literal["mese"] = param(doc="sequence builder name")
-    spoiler_cycles_per_voxel: float = param(
-        2.0, doc="readout-axis spoiler after the readout, in cycles across a voxel", ge=0, le=20
-    )
-    crusher_cycles_per_slice: float = param(
-        4.0, doc="slice-axis spoiler / crusher area, in cycles across the slice", ge=0, le=40
-    )
     n_echoes: int = param(doc="number of echoes per excitation", ge=1, le=64)
     refocusing_flip_deg: float = param(
         180.0, doc="refocusing flip angle", unit="deg", gt=0, le=180
@@ -167,16 +161,10 @@ class MultiEchoSEProtocol(_Slices2D):
 
 
 @dataclass(frozen=True, kw_only=True)
-class IRSEProtocol(_Slices2D):
+class IRSEProtocol(_Slices2D, _SpoilerMoments):
     """Inversion-recovery spin echo with a list of inversion times (T1 mapping)."""
 
     builder: Literal["irse"] = param(doc="sequence builder name")
-    spoiler_cycles_per_voxel: float = param(
-        2.0, doc="readout-axis spoiler after the readout, in cycles across a voxel", ge=0, le=20
-    )
-    crusher_cycles_per_slice: float = param(
-        4.0, doc="slice-axis spoiler / crusher area, in cycles across the slice", ge=0, le=40
-    )
     ti_ms: tuple[float, ...] = param(
         doc="inversion times, one contrast each", unit="ms", gt=0, le=30000, min_length=1
     )
@@ -201,16 +189,10 @@ class MPRAGEProtocol(_Volume3D):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TSEProtocol(_Slices2D):
+class TSEProtocol(_Slices2D, _SpoilerMoments):
     """2D turbo spin echo; ``te_ms`` is the effective TE (ky = 0)."""
 
     builder: Literal["tse"] = param(doc="sequence builder name")
-    spoiler_cycles_per_voxel: float = param(
-        2.0, doc="readout-axis spoiler after the readout, in cycles across a voxel", ge=0, le=20
-    )
-    crusher_cycles_per_slice: float = param(
-        4.0, doc="slice-axis spoiler / crusher area, in cycles across the slice", ge=0, le=40
-    )
     turbo_factor: int = param(doc="echoes per excitation", ge=1, le=256)
     refocusing_flip_deg: float = param(
         180.0, doc="refocusing flip angle", unit="deg", gt=0, le=180
