@@ -28,7 +28,8 @@ from typing import Any, Literal, TypeVar
 
 from mrharmony.errors import ConfigError
 
-__all__ = ["describe_fields", "from_mapping", "load_toml", "param", "to_mapping"]
+__all__ = ["describe_fields", "from_mapping", "load_toml", "param", "resolve_named_toml",
+           "to_mapping"]
 
 T = TypeVar("T")
 
@@ -269,3 +270,44 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: is a directory, expected a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def resolve_named_toml(
+    name_or_path: str | Path, shipped: tuple[str, ...], *, kind: str,
+    error: type[ConfigError] = ConfigError,
+) -> str | Path:
+    """Resolve a shipped preset name or the path of a user TOML file.
+
+    Parameters
+    ----------
+    name_or_path : str or Path
+        A name from ``shipped`` or a path (a ``.toml`` suffix or an existing file).
+    shipped : tuple of str
+        Names of the presets shipped with mrharmony.
+    kind : str
+        What is being loaded, for the message (``"scanner"``, ``"site"``).
+    error : type
+        The :class:`ConfigError` subclass to raise.
+
+    Returns
+    -------
+    str or Path
+        The shipped name (``str``) or the file path (``Path``).
+
+    Raises
+    ------
+    ConfigError
+        (``error``) for an unknown name, with the closest shipped name.
+    """
+    text = str(name_or_path)
+    if text in shipped:
+        return text
+    path = Path(text)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    close = difflib.get_close_matches(text, shipped, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise error(
+        f"unknown {kind} '{text}'{hint} (shipped: {', '.join(shipped)}, "
+        f"or give the path of a {kind} TOML file)"
+    )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pypulseq as pp
 
-from mrharmony.config import from_mapping, load_toml, param
+from mrharmony.config import from_mapping, load_toml, param, resolve_named_toml
 from mrharmony.errors import ConfigError, ScannerError
 
 __all__ = ["GAMMA_HZ_PER_T", "ScannerProfile", "list_scanners", "load_scanner"]
@@ -137,17 +137,5 @@ def load_scanner(name_or_path: str | Path) -> ScannerProfile:
     """
     if isinstance(name_or_path, ScannerProfile):
         return name_or_path
-    text = str(name_or_path)
-    if text in list_scanners():
-        return _load_shipped(text)
-    path = Path(text)
-    if path.suffix == ".toml" or path.exists():
-        return _load_file(path)
-    import difflib
-
-    close = difflib.get_close_matches(text, list_scanners(), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise ScannerError(
-        f"unknown scanner '{text}'{hint} (shipped: {', '.join(list_scanners())}, "
-        "or give the path of a scanner TOML file)"
-    )
+    ref = resolve_named_toml(name_or_path, list_scanners(), kind="scanner", error=ScannerError)
+    return _load_shipped(ref) if isinstance(ref, str) else _load_file(ref)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from scipy import special
 
-from mrharmony.config import from_mapping, load_toml, param, to_mapping
+from mrharmony.config import from_mapping, load_toml, param, resolve_named_toml, to_mapping
 from mrharmony.errors import ConfigError, ScannerError, SiteError
 
 if TYPE_CHECKING:
@@ -358,20 +358,8 @@ def load_site(name_or_path: str | Path | Site) -> Site:
     """
     if isinstance(name_or_path, Site):
         return name_or_path
-    text = str(name_or_path)
-    if text in list_sites():
-        return _load_shipped(text)
-    path = Path(text)
-    if path.suffix == ".toml" or path.exists():
-        return _load_file(path)
-    import difflib
-
-    close = difflib.get_close_matches(text, list_sites(), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise SiteError(
-        f"unknown site '{text}'{hint} (shipped: {', '.join(list_sites())}, "
-        "or give the path of a site TOML file)"
-    )
+    ref = resolve_named_toml(name_or_path, list_sites(), kind="site", error=SiteError)
+    return _load_shipped(ref) if isinstance(ref, str) else _load_file(ref)
 
 
 # --------------------------------------------------------------------------- field maps
