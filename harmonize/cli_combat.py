@@ -56,20 +56,13 @@ def _feature_columns(table: Any, used: list[str], features: list[str]) -> list[s
 
 
 def _write_table(table: Any, output: Path, force: bool) -> None:
-    import os
-    import tempfile
+    from mrharmony.fileio import atomic_path
 
     if output.exists() and not force:
         raise FileExistsError(f"{output}: exists (use --force to replace it)")
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            table.to_csv(fh, index=False, float_format="%.17g")
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(output, suffix=".tmp") as tmp, open(tmp, "w", newline="") as fh:
+        table.to_csv(fh, index=False, float_format="%.17g")
 
 
 def _make_model(method: str, options: dict[str, Any], smooth: list[str]) -> Any:

@@ -8,14 +8,13 @@ and a self-contained ``report.html``.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
 
 from mrharmony.errors import HarmonizeError
+from mrharmony.fileio import atomic_path
 
 __all__ = ["evaluate", "image"]
 
@@ -42,14 +41,8 @@ def _save_nifti(img: Any, path: Path) -> None:
     import nibabel as nib
 
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @click.command("image")
@@ -157,14 +150,8 @@ def _read_csv(path: Path) -> Any:
 
 
 def _write_csv(table: Any, path: Path, *, index: bool) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            table.to_csv(fh, index=index, float_format="%.10g")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "w", newline="") as fh:
+        table.to_csv(fh, index=index, float_format="%.10g")
     return path
 
 

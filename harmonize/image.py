@@ -53,8 +53,6 @@ Differences from the intensity-normalization 3.0.1 anchor (documented choices):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +62,7 @@ import numpy as np
 from scipy import ndimage
 
 from mrharmony.errors import HarmonizeError, ModelFileError
+from mrharmony.fileio import atomic_path
 
 __all__ = [
     "MicaNormalizer",
@@ -181,14 +180,8 @@ def _atomic_write_text(path: Path, text: str, *, force: bool) -> Path:
     if path.exists() and not force:
         raise FileExistsError(f"{path}: exists (use force=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".tmp") as tmp:
+        tmp.write_text(text)
     return path
 
 

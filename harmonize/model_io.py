@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from mrharmony.errors import ModelFileError
+from mrharmony.fileio import atomic_path
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_model", "read_metadata", "save_model"]
 
@@ -106,14 +105,8 @@ def save_model(model: Any, path: str | Path, *, force: bool = False,
         raise ModelFileError(f"{path}: model metadata is not JSON-serialisable: {exc}") from exc
     clean[_META_KEY] = np.frombuffer(blob, dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **clean)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **clean)
     return path
 
 

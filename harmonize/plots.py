@@ -7,8 +7,6 @@ path of the PNG it wrote and refuses to overwrite an existing file unless ``forc
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from mrharmony.errors import HarmonizeError
+from mrharmony.fileio import atomic_path
 
 __all__ = ["plot_bland_altman", "plot_pca", "plot_site_boxplots"]
 
@@ -35,14 +34,8 @@ def _save(fig: Any, path: str | Path, force: bool) -> Path:
     if path.exists() and not force:
         raise FileExistsError(f"{path}: exists (use force=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ import pandas as pd
 
 from mrharmony import __version__
 from mrharmony.errors import HarmonizeError
+from mrharmony.fileio import atomic_path
 
 __all__ = ["ReportSection", "write_html_report"]
 
@@ -151,12 +150,6 @@ def write_html_report(path: str | Path, title: str,
         parts.append("</section>")
     parts.append("</body></html>")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(parts))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".tmp") as tmp:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
     return path

@@ -59,8 +59,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +69,7 @@ from scipy.optimize import brentq
 
 from mrharmony.config import from_mapping, param, to_mapping
 from mrharmony.errors import PhantomError
+from mrharmony.fileio import atomic_directory
 from mrharmony.phantoms.brain import (
     BRAIN_FOV_MM,
     TissueFractions,
@@ -531,8 +530,7 @@ class Cohort:
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
             raise PhantomError(f"{out}: exists and is not empty (use force)")
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_directory(out) as tmp:
             table = self.ground_truth(field_t=field_t, progress=progress,
                                       phantom_dir=tmp if phantoms else None)
             table.to_csv(tmp / "ground_truth.csv", index=False)
@@ -545,16 +543,6 @@ class Cohort:
                 "phantoms": bool(phantoms),
             }
             (tmp / "cohort.json").write_text(json.dumps(doc, indent=2) + "\n")
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-                os.replace(out, old / "x")
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return out
 
 

@@ -36,8 +36,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from mrharmony.errors import PhantomError
+from mrharmony.fileio import atomic_directory
 
 __all__ = [
     "BACKGROUND_T_MS",
@@ -388,8 +387,7 @@ class Phantom:
         except (TypeError, ValueError) as exc:
             raise PhantomError(f"metadata: not JSON-serialisable ({exc})") from None
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_directory(out) as tmp:
             entries: dict[str, Any] = {}
             for key, arr in self.maps().items():
                 fname = f"{key}.nii.gz"
@@ -417,16 +415,6 @@ class Phantom:
                 "metadata": json.loads(meta_text),
             }
             (tmp / JSON_NAME).write_text(json.dumps(doc, indent=2) + "\n")
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-                os.replace(out, old / "x")
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return out
 
     @classmethod

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mrharmony.errors import PhantomError
+from mrharmony.fileio import atomic_path
 from mrharmony.phantoms.phantom import Phantom
 
 __all__ = ["DEFAULT_MAPS", "plot_phantom"]
@@ -74,13 +74,9 @@ def plot_phantom(phantom: Phantom, out_png: str | os.PathLike[str], *,
                  fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, out)
+        with atomic_path(out, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out

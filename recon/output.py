@@ -10,14 +10,13 @@ never leaves a half-written output.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mrharmony.errors import ReconError
+from mrharmony.fileio import atomic_path
 from mrharmony.recon.geometry import LPS_TO_RAS
 from mrharmony.recon.image import ReconImage
 
@@ -26,14 +25,8 @@ __all__ = ["sidecar", "stack_volume", "write_mrd_images", "write_nifti"]
 
 def _atomic_write(path: Path, writer, *, suffix: str = "") -> None:
     """Write through ``writer(tmp_path)`` to a temporary file, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=suffix) as tmp:
+        writer(tmp)
 
 
 def stack_volume(images: list[ReconImage]) -> tuple[np.ndarray, np.ndarray]:

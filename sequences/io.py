@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import pypulseq as pp
 
 from mrharmony.errors import SequenceFileError
+from mrharmony.fileio import atomic_path
 from mrharmony.sequences.builders import get_builder
 from mrharmony.sequences.protocol import Protocol, load_protocol
 from mrharmony.sequences.scanner import ScannerProfile, load_scanner
@@ -86,15 +85,8 @@ def write_seq(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists (use --force / overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".seq", dir=path.parent)
-    os.close(fd)
-    try:
-        seq.write(tmp_name, create_signature=True, check_timing=check_timing)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    with atomic_path(path, suffix=".seq") as tmp:
+        seq.write(str(tmp), create_signature=True, check_timing=check_timing)
     return path
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pypulseq as pp
 
+from mrharmony.fileio import atomic_path
 from mrharmony.sequences.scanner import GAMMA_HZ_PER_T
 
 __all__ = ["plot_sequence"]
@@ -99,15 +97,9 @@ def plot_sequence(
     fig.suptitle(f"{name}: {duration:.3f} s, {len(seq.block_events)} blocks")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
     return path

@@ -36,9 +36,7 @@ parameter ``trajectory_units`` says so.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from mrharmony.errors import ConfigError, SequenceFileError, SimulationError
+from mrharmony.fileio import atomic_path
 from mrharmony.simulation.site import Site, b0_residual_hz, b1_scale_map, load_site
 
 __all__ = [
@@ -247,20 +246,12 @@ def write_ismrmrd(
                        else np.ascontiguousarray(trajectories[i], dtype=np.float32).reshape(-1))
     records["data"] = data_col
     records["traj"] = traj_col
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as fh:
-            grp = fh.create_group("dataset")
-            xml = grp.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
-            xml[0] = header_xml.encode()
-            grp.create_dataset("data", data=records, maxshape=(None,),
-                               chunks=(min(max(heads.size, 1), 1024),))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, suffix=".tmp") as tmp, h5py.File(tmp, "w") as fh:
+        grp = fh.create_group("dataset")
+        xml = grp.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
+        xml[0] = header_xml.encode()
+        grp.create_dataset("data", data=records, maxshape=(None,),
+                           chunks=(min(max(heads.size, 1), 1024),))
     return path
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mrharmony.fileio import atomic_path
 from mrharmony.study.config import Study
 from mrharmony.study.plan import Plan
 from mrharmony.study.store import TaskStore
@@ -317,6 +318,5 @@ def _cohort_truth(study: Study) -> pd.Series | None:
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".tmp") as tmp:
+        frame.to_csv(tmp, index=False)

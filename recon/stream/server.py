@@ -41,6 +41,7 @@ import ismrmrd
 import numpy as np
 
 from mrharmony.errors import ReconError, StreamError
+from mrharmony.fileio import atomic_path
 from mrharmony.recon.stream.protocol import (
     ConfigText,
     EndOfStream,
@@ -856,6 +857,5 @@ class _Session:
             "errors": self.counts.errors, "raw_file": saved.name,
         }
         target = saved.with_suffix(".json")
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, target)
+        with atomic_path(target, suffix=".tmp") as tmp:
+            tmp.write_text(json.dumps(doc, indent=2) + "\n")
