@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import click
 
 from mrharmony.cli import LazyGroup
+from mrharmony.errors import HarmonizeError
 
-__all__ = ["harmonize"]
+__all__ = ["harmonize", "read_table", "split_names"]
 
 
 @click.group(cls=LazyGroup, lazy_commands={
@@ -16,3 +20,28 @@ __all__ = ["harmonize"]
 })
 def harmonize() -> None:
     """Harmonize feature tables (ComBat family) or images (intensity normalisation)."""
+
+
+def split_names(text: str | None) -> list[str]:
+    """Column names from a comma-separated option value (``"age, sex"`` -> [age, sex])."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def read_table(path: Path) -> Any:
+    """Read a feature table (CSV) given on the command line.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    HarmonizeError
+        If it is not a readable CSV.
+    """
+    import pandas as pd
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such feature table")
+    try:
+        return pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise HarmonizeError(f"{path}: unreadable CSV ({exc})") from exc

@@ -14,25 +14,11 @@ from typing import Any
 import click
 
 from mrharmony.errors import HarmonizeError
+from mrharmony.harmonize.cli import read_table, split_names
 
 __all__ = ["apply", "combat"]
 
 _METHODS = ("combat", "covbat", "gam", "longitudinal")
-
-
-def _split(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
-def _read_table(path: Path) -> Any:
-    import pandas as pd
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such feature table")
-    try:
-        return pd.read_csv(path)
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise HarmonizeError(f"{path}: unreadable CSV ({exc})") from exc
 
 
 def _require(table: Any, columns: list[str], path: Path, what: str) -> None:
@@ -106,18 +92,18 @@ def combat(features_csv: Path, batch_col: str, covariates: str, output: Path,
     for path in [output] + ([model_path] if model_path else []):
         if path.exists() and not force:
             raise FileExistsError(f"{path}: exists (use --force to replace it)")
-    table = _read_table(features_csv)
-    cov_cols = _split(covariates)
+    table = read_table(features_csv)
+    cov_cols = split_names(covariates)
     _require(table, [batch_col, *cov_cols], features_csv, "batch/covariate")
     ids = [subject_col] if subject_col in table.columns else []
-    feats = _feature_columns(table, [batch_col, *cov_cols, *ids], _split(features))
+    feats = _feature_columns(table, [batch_col, *cov_cols, *ids], split_names(features))
     _require(table, feats, features_csv, "feature")
     if ref_batch is not None and ref_batch not in set(table[batch_col].astype(str)):
         raise HarmonizeError(f"--ref-batch: {ref_batch!r} is not a value of {batch_col!r}")
     batch = table[batch_col].astype(str).to_numpy()
     options = {"parametric": not nonparametric, "eb": not no_eb, "mean_only": mean_only,
-               "ref_batch": ref_batch, "categorical": _split(categorical)}
-    model = _make_model(method, options, _split(smooth))
+               "ref_batch": ref_batch, "categorical": split_names(categorical)}
+    model = _make_model(method, options, split_names(smooth))
     cov = table[cov_cols] if cov_cols else None
     kwargs: dict[str, Any] = {}
     if method == "longitudinal":
@@ -161,7 +147,7 @@ def apply(model_path: Path, features_csv: Path, output: Path, force: bool) -> No
         raise HarmonizeError(f"{model_path}: no column names stored (save it with "
                              "`harmonize combat --model`)")
     model = load_model(model_path)
-    table = _read_table(features_csv)
+    table = read_table(features_csv)
     cov_cols = extra["covariate_columns"]
     feats = extra["feature_columns"]
     _require(table, [extra["batch_column"], *cov_cols, *feats], features_csv, "model")

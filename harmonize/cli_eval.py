@@ -15,15 +15,12 @@ import click
 
 from mrharmony.errors import HarmonizeError
 from mrharmony.fileio import atomic_path
+from mrharmony.harmonize.cli import read_table, split_names
 
 __all__ = ["evaluate", "image"]
 
 IMAGE_METHODS = ("zscore", "histogram", "nyul", "whitestripe", "ravel")
 HARMONIZERS = ("combat", "mean", "none")
-
-
-def _split(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
 def _load_nifti(path: Path) -> Any:
@@ -138,17 +135,6 @@ def image(method: str, images: tuple[Path, ...], output: Path, masks: tuple[Path
     click.echo(f"wrote {len(targets)} {method}-harmonized image(s) to {output}")
 
 
-def _read_csv(path: Path) -> Any:
-    import pandas as pd
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such feature table")
-    try:
-        return pd.read_csv(path)
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise HarmonizeError(f"{path}: unreadable CSV ({exc})") from exc
-
-
 def _write_csv(table: Any, path: Path, *, index: bool) -> Path:
     with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "w", newline="") as fh:
         table.to_csv(fh, index=index, float_format="%.10g")
@@ -202,11 +188,11 @@ def evaluate(before: Path, after: Path, batch: str, covariates: str, subject: st
     report = output / "report.html"
     if report.exists() and not force:
         raise FileExistsError(f"{report}: exists (use --force to replace the report)")
-    tb, ta = _read_csv(before), _read_csv(after)
-    covs = _split(covariates)
+    tb, ta = read_table(before), read_table(after)
+    covs = split_names(covariates)
     truth_df = None
     if truth is not None:
-        truth_df = _read_csv(truth)
+        truth_df = read_table(truth)
         if "feature" not in truth_df.columns:
             raise HarmonizeError(f"{truth}: needs a 'feature' column")
         truth_df = truth_df.set_index("feature")
