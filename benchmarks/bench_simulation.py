@@ -24,11 +24,11 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from mrharmony.formats.pulseq import read_pulseq
 from mrharmony.phantoms import Phantom
 from mrharmony.sequences.io import build
 from mrharmony.sequences.protocol import protocol_from_mapping
 from mrharmony.simulation.engine import simulate
-from mrharmony.simulation.pulseq import read_pulseq
 from mrharmony.simulation.spins import SpinSystem
 from mrharmony.simulation.timeline import OP_RUN, OP_SAMPLE, compile_timeline
 

@@ -2,8 +2,9 @@
 
 Public entry points are imported lazily (so ``import mrharmony.recon`` stays cheap)::
 
-    from mrharmony.recon import read_raw, reconstruct, write_nifti
-    raw = read_raw("scan.h5")
+    from mrharmony.formats.raw import load_raw
+    from mrharmony.recon import reconstruct, write_nifti
+    raw = load_raw("scan.h5")      # ISMRMRD, MRD v2, or twix with seq=...
     images = reconstruct(raw, method="auto", backend="auto")
     write_nifti(images, "scan.nii.gz")
 """
@@ -13,11 +14,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["ReconImage", "read_raw", "reconstruct", "reconstruct_acquisitions", "write_nifti"]
+__all__ = ["ReconImage", "reconstruct", "reconstruct_acquisitions", "write_nifti"]
 
 _LAZY = {
-    "read_raw": "mrharmony.recon.io",
-    "RawData": "mrharmony.recon.io",
     "reconstruct": "mrharmony.recon.pipeline",
     "reconstruct_acquisitions": "mrharmony.recon.pipeline",
     "write_nifti": "mrharmony.recon.output",

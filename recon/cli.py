@@ -39,7 +39,7 @@ def recon(raw: Path, output: Path, method: str, backend: str, maps: str | None, 
     """Reconstruct RAW (ISMRMRD HDF5) into OUTPUT (NIfTI + JSON sidecar)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from mrharmony.recon.io import read_raw
+    from mrharmony.formats.raw import read_raw
     from mrharmony.recon.output import write_mrd_images, write_nifti
     from mrharmony.recon.pipeline import reconstruct
 

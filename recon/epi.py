@@ -47,11 +47,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import ismrmrd
 import numpy as np
 
 from mrharmony.backend import get_xp, to_numpy
 from mrharmony.errors import ReconError
+from mrharmony.formats.flags import NOT_IMAGING, flag_mask, has_flag
 from mrharmony.recon.noncartesian import (
     KSpaceGeometry,
     header_geometry,
@@ -63,16 +63,7 @@ __all__ = ["fit_ghost_phase", "ramp_trajectory", "reconstruct_epi", "regridding_
 _LOG = logging.getLogger(__name__)
 
 #: Flags of acquisitions that are neither imaging lines nor EPI navigators.
-_IGNORED = (
-    ismrmrd.ACQ_IS_NOISE_MEASUREMENT,
-    ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
-    ismrmrd.ACQ_IS_NAVIGATION_DATA,
-    ismrmrd.ACQ_IS_HPFEEDBACK_DATA,
-    ismrmrd.ACQ_IS_RTFEEDBACK_DATA,
-    ismrmrd.ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA,
-    ismrmrd.ACQ_IS_PHASE_STABILIZATION,
-    ismrmrd.ACQ_IS_PHASE_STABILIZATION_REFERENCE,
-)
+_IGNORED = int(flag_mask("IS_NOISE_MEASUREMENT", "IS_NAVIGATION_DATA", *NOT_IMAGING))
 _RAMP_KEYS = ("rampUpTime", "flatTopTime", "rampDownTime", "acqDelayTime", "dwellTime")
 
 
@@ -239,7 +230,7 @@ def _line_trajectories(geom: KSpaceGeometry, acqs: list[Any]) -> list[np.ndarray
             kx = ramp_trajectory(n, nx, **timing, center_sample=center)
         else:
             kx = (np.arange(n) - center) * (nx / n)
-        if a.is_flag_set(ismrmrd.ACQ_IS_REVERSE):
+        if has_flag(a.flags, "IS_REVERSE"):
             kx = kx[::-1].copy()
         out.append(kx)
     return out
@@ -302,8 +293,8 @@ def reconstruct_epi(
         raise ReconError(f"backend: expected 'numpy' or 'cupy', got {backend!r}")
     geom = header_geometry(header)
     nx, ny = geom.matrix[0], geom.matrix[1]
-    acqs = [a for a in acquisitions if not any(a.is_flag_set(f) for f in _IGNORED)]
-    if not any(not a.is_flag_set(ismrmrd.ACQ_IS_PHASECORR_DATA) for a in acqs):
+    acqs = [a for a in acquisitions if not int(a.flags) & _IGNORED]
+    if not any(not has_flag(a.flags, "IS_PHASECORR_DATA") for a in acqs):
         raise ReconError("acquisitions: no EPI imaging lines to reconstruct")
     coils = {int(a.active_channels) for a in acqs}
     if len(coils) != 1:
@@ -317,8 +308,8 @@ def reconstruct_epi(
     if n < nx:
         raise ReconError(f"acquisitions: {n} samples per line, fewer than the {nx}-point matrix")
 
-    is_nav = np.array([a.is_flag_set(ismrmrd.ACQ_IS_PHASECORR_DATA) for a in acqs])
-    is_rev = np.array([a.is_flag_set(ismrmrd.ACQ_IS_REVERSE) for a in acqs])
+    is_nav = np.array([has_flag(a.flags, "IS_PHASECORR_DATA") for a in acqs])
+    is_rev = np.array([has_flag(a.flags, "IS_REVERSE") for a in acqs])
     if ghost_correction:
         fwd, rev = is_nav & ~is_rev, is_nav & is_rev
         if fwd.any() and rev.any():

@@ -1,7 +1,7 @@
-"""ISMRMRD input: read a dataset, split noise scans, prewhiten, sort into k-space arrays.
+"""Raw data into k-space: split noise scans, prewhiten, sort into k-space arrays.
 
-:func:`read_raw` reads any conformant ISMRMRD HDF5 dataset (ours, the C++ tools',
-converted vendor data) read-only and checks it before any reconstruction starts.
+Raw data arrive as :class:`mrharmony.formats.raw.RawData` (read by
+:func:`mrharmony.formats.raw.load_raw` from ISMRMRD, MRD v2 or twix + ``.seq``).
 :func:`sort_cartesian` places Cartesian readouts into ``(coils, kx, ky, kz)`` arrays per
 ``(slice, contrast, repetition, set)`` using the counters, honouring the flags:
 noise scans, navigator and phase-correction lines (left out), reversed lines (flipped),
@@ -18,227 +18,29 @@ to a line-by-line loop (``tests/test_recon_io_fast.py`` checks that).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from mrharmony.errors import RawDataError
+from mrharmony.formats.flags import NOT_IMAGING, flag_mask
+from mrharmony.formats.raw import encoded_offsets, encoding_of
 
 __all__ = [
     "CartesianBuffer",
-    "RawData",
     "apply_prewhitening",
-    "encoding_of",
     "noise_prewhitener",
-    "read_raw",
     "sort_cartesian",
     "split_special",
 ]
 
-# ISMRMRD acquisition flag numbers (1-based bit positions, as in ismrmrd.constants).
-FLAG_NOISE = 19
-FLAG_CALIB = 20
-FLAG_CALIB_AND_IMAGING = 21
-FLAG_REVERSE = 22
-FLAG_NAVIGATION = 23
-FLAG_PHASECORR = 24
-FLAG_HPFEEDBACK = 26
-FLAG_DUMMYSCAN = 27
-FLAG_RTFEEDBACK = 28
-FLAG_SURFACECOIL = 29
-FLAG_PHASE_STAB_REF = 30
-FLAG_PHASE_STAB = 31
-_NOT_IMAGING = (
-    FLAG_HPFEEDBACK, FLAG_DUMMYSCAN, FLAG_RTFEEDBACK, FLAG_SURFACECOIL,
-    FLAG_PHASE_STAB_REF, FLAG_PHASE_STAB,
-)
-
-
-def _flag(acq: Any, flag: int) -> bool:
-    return bool(int(acq.flags) & (1 << (flag - 1)))
-
-
-@dataclass
-class RawData:
-    """An ISMRMRD dataset in memory.
-
-    Attributes
-    ----------
-    header : ismrmrd.xsd.ismrmrdHeader
-        Parsed XML header.
-    acquisitions : list of ismrmrd.Acquisition
-        Imaging acquisitions (incl. calibration, navigator and phase-correction lines),
-        in file order; noise scans excluded.
-    noise : list of ismrmrd.Acquisition
-        Noise-measurement acquisitions (flag ``ACQ_IS_NOISE_MEASUREMENT``).
-    path : pathlib.Path or None
-        The file the data came from.
-    """
-
-    header: Any
-    acquisitions: list[Any]
-    noise: list[Any] = field(default_factory=list)
-    path: Path | None = None
-
-
-def _acquisitions_from_records(records: np.ndarray, source: str) -> list[Any]:
-    """Turn the HDF5 compound records into :class:`ismrmrd.Acquisition` objects."""
-    import ismrmrd
-
-    acqs = []
-    for i, rec in enumerate(records):
-        head = ismrmrd.AcquisitionHeader.from_buffer_copy(rec["head"].tobytes())
-        nc, ns, nt = int(head.active_channels), int(head.number_of_samples), int(
-            head.trajectory_dimensions
-        )
-        if nc == 0 or ns == 0:
-            raise RawDataError(
-                f"{source}: acquisition {i} is empty ({nc} channels x {ns} samples)"
-            )
-        raw = np.asarray(rec["data"], dtype=np.float32)
-        if raw.size != 2 * nc * ns:
-            raise RawDataError(
-                f"{source}: acquisition {i} holds {raw.size // 2} complex samples, "
-                f"its header says {nc} channels x {ns} samples"
-            )
-        traj = np.asarray(rec["traj"], dtype=np.float32)
-        if traj.size != nt * ns:
-            raise RawDataError(
-                f"{source}: acquisition {i} holds {traj.size} trajectory values, "
-                f"its header says {ns} samples x {nt} dimensions"
-            )
-        data = raw.view(np.complex64).reshape(nc, ns)
-        acqs.append(
-            ismrmrd.Acquisition(
-                head, data=data.copy(), trajectory=traj.reshape(ns, nt).copy()
-            )
-        )
-    return acqs
-
-
-def read_raw(path: str | Path, *, dataset: str = "dataset") -> RawData:
-    """Read an ISMRMRD HDF5 dataset (read-only) and check it.
-
-    Parameters
-    ----------
-    path : str or Path
-        ISMRMRD/MRD HDF5 file.
-    dataset : str
-        Name of the dataset group inside the file.
-
-    Returns
-    -------
-    RawData
-
-    Raises
-    ------
-    RawDataError
-        If the file is missing or not HDF5, the group, header or acquisitions are
-        missing, the header does not parse, an acquisition is empty or inconsistent,
-        or counters fall outside the encoded matrix.
-    """
-    import h5py
-    import ismrmrd.xsd
-
-    path = Path(path)
-    if not path.is_file():
-        raise RawDataError(f"{path}: no such file")
-    if not h5py.is_hdf5(path):
-        raise RawDataError(f"{path}: not an HDF5 file (ISMRMRD raw data are HDF5)")
-    try:
-        with h5py.File(path, "r") as f:
-            if dataset not in f:
-                raise RawDataError(
-                    f"{path}: no group {dataset!r} (groups: {sorted(f.keys())})"
-                )
-            group = f[dataset]
-            if "xml" not in group:
-                raise RawDataError(f"{path}: {dataset}/xml (the ISMRMRD header) is missing")
-            xml = group["xml"][0]
-            if "data" not in group or group["data"].shape[0] == 0:
-                raise RawDataError(f"{path}: {dataset}/data holds no acquisitions")
-            records = group["data"][()]
-    except OSError as exc:
-        raise RawDataError(f"{path}: cannot read HDF5 ({exc})") from exc
-    try:
-        header = ismrmrd.xsd.CreateFromDocument(xml.decode() if isinstance(xml, bytes) else xml)
-    except Exception as exc:  # the generated XML parser raises many types
-        raise RawDataError(f"{path}: the ISMRMRD XML header does not parse ({exc})") from exc
-    if not header.encoding:
-        raise RawDataError(f"{path}: the ISMRMRD header has no <encoding>")
-    try:
-        acqs = _acquisitions_from_records(records, str(path))
-    except (KeyError, ValueError, TypeError) as exc:
-        if isinstance(exc, RawDataError):
-            raise
-        raise RawDataError(f"{path}: acquisition records are malformed ({exc})") from exc
-    noise = [a for a in acqs if _flag(a, FLAG_NOISE)]
-    imaging = [a for a in acqs if not _flag(a, FLAG_NOISE)]
-    if not imaging:
-        raise RawDataError(f"{path}: only noise scans, no imaging acquisitions")
-    channels = {int(a.active_channels) for a in imaging}
-    if len(channels) > 1:
-        raise RawDataError(f"{path}: acquisitions have different channel counts {sorted(channels)}")
-    check_counters(header, imaging, source=str(path))
-    return RawData(header=header, acquisitions=imaging, noise=noise, path=path)
-
-
-def encoding_of(header: Any, acq: Any | None = None) -> Any:
-    """The header ``<encoding>`` an acquisition refers to (``encoding_space_ref``)."""
-    ref = 0 if acq is None else int(acq.encoding_space_ref)
-    if ref >= len(header.encoding):
-        raise RawDataError(
-            f"encoding_space_ref {ref}: the header has only {len(header.encoding)} encoding(s)"
-        )
-    return header.encoding[ref]
-
-
-def _limit(limits: Any, name: str) -> Any:
-    return None if limits is None else getattr(limits, name, None)
-
-
-def _encoded_offsets(header: Any, acq: Any) -> tuple[int, int, int, int]:
-    """Encoded ny, nz and the offsets that put each limit's centre at n // 2."""
-    enc = encoding_of(header, acq)
-    ny = int(enc.encodedSpace.matrixSize.y)
-    nz = int(enc.encodedSpace.matrixSize.z or 1)
-    offsets = []
-    for name, n in (("kspace_encoding_step_1", ny), ("kspace_encoding_step_2", nz)):
-        lim = _limit(enc.encodingLimits, name)
-        centre = n // 2 if lim is None or lim.center is None else int(lim.center)
-        offsets.append(n // 2 - centre)
-    return ny, nz, offsets[0], offsets[1]
-
-
-def check_counters(header: Any, acquisitions: list[Any], *, source: str = "data") -> None:
-    """Raise :class:`RawDataError` if a Cartesian line falls outside the encoded matrix."""
-    enc = encoding_of(header)
-    if str(enc.trajectory.value if hasattr(enc.trajectory, "value") else enc.trajectory) not in (
-        "cartesian", "epi"
-    ):
-        return
-    steps = np.array(
-        [(a.idx.kspace_encode_step_1, a.idx.kspace_encode_step_2) for a in acquisitions]
-    )
-    ny, nz, oy, oz = _encoded_offsets(header, acquisitions[0])
-    for axis, (n, off, name) in enumerate(
-        ((ny, oy, "kspace_encode_step_1"), (nz, oz, "kspace_encode_step_2"))
-    ):
-        pos = steps[:, axis] + off
-        bad = np.flatnonzero((pos < 0) | (pos >= n))
-        if bad.size:
-            i = int(bad[0])
-            raise RawDataError(
-                f"{source}: {bad.size} acquisition(s) have {name} outside the encoded matrix "
-                f"0..{n - 1 - off} (first: acquisition {i} with {int(steps[i, axis])})"
-            )
-
-
-def _bit(*flags: int) -> np.uint64:
-    """The ``flags`` bit mask with the given (1-based) ISMRMRD flag numbers set."""
-    return np.uint64(sum(1 << (f - 1) for f in flags))
+_NOT_IMAGING = flag_mask(*NOT_IMAGING)
+_NAVIGATION = flag_mask("IS_NAVIGATION_DATA", "IS_PHASECORR_DATA")
+_NOISE = flag_mask("IS_NOISE_MEASUREMENT")
+_CALIB = flag_mask("IS_PARALLEL_CALIBRATION")
+_CALIB_AND_IMAGING = flag_mask("IS_PARALLEL_CALIBRATION_AND_IMAGING")
+_REVERSE = flag_mask("IS_REVERSE")
 
 
 _ROLES = ("noise", "navigation", "other", "imaging")  # split_special's keys, by role code
@@ -254,9 +56,9 @@ def _flags_array(acquisitions: list[Any]) -> np.ndarray:
 def _role_codes(flags: np.ndarray) -> np.ndarray:
     """Index into :data:`_ROLES` per acquisition; noise wins over navigation over other."""
     role = np.full(flags.shape, 3, np.int8)
-    role[(flags & _bit(*_NOT_IMAGING)) != 0] = 2
-    role[(flags & _bit(FLAG_NAVIGATION, FLAG_PHASECORR)) != 0] = 1
-    role[(flags & _bit(FLAG_NOISE)) != 0] = 0
+    role[(flags & _NOT_IMAGING) != 0] = 2
+    role[(flags & _NAVIGATION) != 0] = 1
+    role[(flags & _NOISE) != 0] = 0
     return role
 
 
@@ -545,7 +347,7 @@ def _sort_cartesian(
     already split off), each readout multiplied by ``whitener`` first when given."""
     if not lines:
         raise RawDataError("no imaging acquisitions to sort (only noise/navigator lines)")
-    ny, nz, oy, oz = _encoded_offsets(header, lines[0])
+    ny, nz, oy, oz = encoded_offsets(header, lines[0])
     enc = encoding_of(header, lines[0])
     table, data = _line_table(lines)
     flags = _flags_array(lines)
@@ -563,10 +365,10 @@ def _sort_cartesian(
     y = table[:, _STEP1] + oy
     z = table[:, _STEP2] + oz
     bad = (start < 0) | (start + samples > nx) | (y < 0) | (y >= ny) | (z < 0) | (z >= nz)
-    calib_only = ((flags & _bit(FLAG_CALIB)) != 0) & ((flags & _bit(FLAG_CALIB_AND_IMAGING)) == 0)
+    calib_only = ((flags & _CALIB) != 0) & ((flags & _CALIB_AND_IMAGING) == 0)
     placement = {
         "start": start, "samples": samples, "cell": y * nz + z,
-        "reverse": (flags & _bit(FLAG_REVERSE)) != 0, "whitener": whitener,
+        "reverse": (flags & _REVERSE) != 0, "whitener": whitener,
         "shape": (nc, nx, ny, nz),
     }
     out = {}

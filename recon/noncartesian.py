@@ -32,11 +32,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import ismrmrd
 import numpy as np
 
 from mrharmony.backend import get_array_module, get_xp, to_numpy
 from mrharmony.errors import ReconError
+from mrharmony.formats.flags import NOT_IMAGING, flag_mask
 from mrharmony.recon.dcf import density_compensation
 from mrharmony.recon.nufft import NUFFT
 
@@ -54,17 +54,8 @@ __all__ = [
 GOLDEN_ANGLE_RAD = math.pi * (math.sqrt(5) - 1) / 2
 
 #: Acquisition flags that never carry imaging k-space.
-_SKIP_FLAGS = (
-    ismrmrd.ACQ_IS_NOISE_MEASUREMENT,
-    ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
-    ismrmrd.ACQ_IS_NAVIGATION_DATA,
-    ismrmrd.ACQ_IS_PHASECORR_DATA,
-    ismrmrd.ACQ_IS_HPFEEDBACK_DATA,
-    ismrmrd.ACQ_IS_RTFEEDBACK_DATA,
-    ismrmrd.ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA,
-    ismrmrd.ACQ_IS_PHASE_STABILIZATION,
-    ismrmrd.ACQ_IS_PHASE_STABILIZATION_REFERENCE,
-)
+_SKIP_FLAGS = int(flag_mask("IS_NOISE_MEASUREMENT", "IS_NAVIGATION_DATA", "IS_PHASECORR_DATA",
+                            *NOT_IMAGING))
 
 
 @dataclass(frozen=True)
@@ -231,7 +222,7 @@ def radial_coords(
 
 
 def _imaging(acquisitions: Sequence[Any]) -> list[Any]:
-    acqs = [a for a in acquisitions if not any(a.is_flag_set(f) for f in _SKIP_FLAGS)]
+    acqs = [a for a in acquisitions if not int(a.flags) & _SKIP_FLAGS]
     if not acqs:
         raise ReconError("acquisitions: no imaging acquisitions to reconstruct")
     n_coils = {int(a.active_channels) for a in acqs}

@@ -22,14 +22,13 @@ import numpy as np
 
 from mrharmony.backend import cupy_available, get_xp, to_numpy
 from mrharmony.errors import ReconError
+from mrharmony.formats.raw import RawData, encoding_of
 from mrharmony.recon.cartesian import crop_center, ifft_c, pocs
 from mrharmony.recon.coils import espirit_maps, sos
 from mrharmony.recon.image import ReconImage
 from mrharmony.recon.io import (
-    RawData,
     _sort_cartesian,
     apply_prewhitening,
-    encoding_of,
     noise_prewhitener,
     split_special,
 )
@@ -384,7 +383,7 @@ def reconstruct(
     maps: str | None = None,
     **options: Any,
 ) -> list[ReconImage]:
-    """Reconstruct a dataset read by :func:`~mrharmony.recon.io.read_raw`.
+    """Reconstruct a dataset read by :func:`~mrharmony.formats.raw.load_raw`.
 
     Parameters
     ----------

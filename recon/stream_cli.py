@@ -155,7 +155,7 @@ def stream(raw: Path, host: str, port: int, config: str, config_file: Path | Non
     """Stream RAW (ISMRMRD HDF5) to a server, write the images as NIfTI + JSON sidecars."""
     from rich.progress import Progress
 
-    from mrharmony.recon.io import read_raw
+    from mrharmony.formats.raw import read_raw
     from mrharmony.recon.stream.client import stream_acquisitions, write_stream_outputs
 
     stem = raw.name.removesuffix(".h5").removesuffix(".mrd")

@@ -6,8 +6,8 @@ Typical use::
 
     simulate_raw("gre.seq", "phantoms/brain", "siemens-prisma-3t", "raw.h5", seed=1)
 
-The heavy parts (Bloch engine, Pulseq reader) load on first use, so importing this package
-is cheap: ``simulate``, ``SpinSystem`` and ``read_pulseq`` are re-exported lazily.
+The Bloch engine loads on first use, so importing this package is cheap: ``simulate`` and
+``SpinSystem`` are re-exported lazily. The Pulseq reader lives in :mod:`mrharmony.formats.pulseq`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from typing import Any
 from mrharmony.simulation.site import Site, list_sites, load_site
 
 __all__ = [
-    "PulseqSequence",
     "Site",
     "SpinSystem",
     "list_sites",
     "load_site",
-    "read_pulseq",
     "simulate",
     "simulate_raw",
 ]
@@ -32,8 +30,6 @@ _LAZY = {
     "simulate_raw": "mrharmony.simulation.raw",
     "simulate": "mrharmony.simulation.engine",
     "SpinSystem": "mrharmony.simulation.spins",
-    "read_pulseq": "mrharmony.simulation.pulseq",
-    "PulseqSequence": "mrharmony.simulation.pulseq",
 }
 
 

@@ -250,7 +250,7 @@ def simulate(
     Parameters
     ----------
     seq : PulseqSequence
-        From :func:`mrharmony.simulation.pulseq.read_pulseq`.
+        From :func:`mrharmony.formats.pulseq.read_pulseq`.
     spins : SpinSystem
         The isochromats (e.g. :meth:`SpinSystem.from_phantom`).
     coil_sens : ndarray (n_coils, n_voxels_flat) complex, optional

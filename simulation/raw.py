@@ -45,214 +45,19 @@ from typing import Any
 import numpy as np
 
 from mrharmony.errors import ConfigError, SequenceFileError, SimulationError
-from mrharmony.fileio import atomic_path
+from mrharmony.formats.flags import flag_mask
+from mrharmony.formats.raw import acquisition_table, adc_rotations, write_raw
 from mrharmony.simulation.site import Site, b0_residual_hz, b1_scale_map, load_site
 
 __all__ = [
     "ReceiveModel",
-    "acquisition_table",
     "receive_model",
     "simulate_raw",
-    "write_ismrmrd",
 ]
 
 
-# Pulseq label -> ISMRMRD encoding counter.
-_COUNTERS = {
-    "LIN": "kspace_encode_step_1", "PAR": "kspace_encode_step_2", "SLC": "slice",
-    "ECO": "contrast", "SET": "set", "REP": "repetition", "AVG": "average",
-    "PHS": "phase", "SEG": "segment",
-}
-
 #: Total noise-scan samples per channel written before the imaging data.
 NOISE_SAMPLES = 4096
-
-
-def _bit(name: str) -> np.uint64:
-    """Mask of the ISMRMRD acquisition flag ``ACQ_<name>`` (the package's bit numbers)."""
-    import ismrmrd
-
-    return np.uint64(1) << np.uint64(getattr(ismrmrd, f"ACQ_{name}") - 1)
-
-
-def _directions(records: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(n_acq, 3, 3) rotation per ADC (identity where none) and a flag 'any rotated'."""
-    rot = np.repeat(np.eye(3)[None], len(records), axis=0)
-    rotated = False
-    for i, rec in enumerate(records):
-        if rec.rotation is not None:
-            rot[i] = np.asarray(rec.rotation, dtype=np.float64)
-            rotated = True
-    return rot, np.asarray(rotated)
-
-
-def acquisition_table(
-    records: list[Any],
-    *,
-    n_coils: int,
-    slice_positions_mm: np.ndarray | None = None,
-    center_samples: np.ndarray | None = None,
-    trajectory_dims: int = 0,
-) -> np.ndarray:
-    """ISMRMRD acquisition headers of all ADCs, built at once.
-
-    Parameters
-    ----------
-    records : list of ADCRecord
-        From :meth:`PulseqSequence.adc_records` (anything with ``t_start_s``,
-        ``num_samples``, ``dwell_s``, ``labels`` and ``rotation``), in playing order.
-    n_coils : int
-        Receive channels.
-    slice_positions_mm : ndarray, optional
-        Offset of each slice (``SLC`` label) along the slice direction, in mm.
-    center_samples : ndarray of int, optional
-        k-space centre sample per ADC (default ``num_samples // 2``).
-    trajectory_dims : int
-        2 or 3 when trajectories are stored, else 0.
-
-    Returns
-    -------
-    ndarray
-        Structured array of ``ismrmrd.hdf5.acquisition_header_dtype``, one per ADC, with
-        counters, flags (first/last in encode steps, slice, contrast, set, repetition,
-        average, phase; reverse; phase-correction navigators; last in measurement),
-        geometry and sample times.
-    """
-    from ismrmrd.hdf5 import acquisition_header_dtype
-
-    n = len(records)
-    head = np.zeros(n, dtype=acquisition_header_dtype)
-    head["version"] = 1
-    head["scan_counter"] = np.arange(n, dtype=np.uint32)
-    t = np.array([r.t_start_s for r in records], dtype=np.float64)
-    head["acquisition_time_stamp"] = np.round(t / 2.5e-3).astype(np.uint32)  # 2.5 ms ticks
-    ns = np.array([r.num_samples for r in records], dtype=np.int64)
-    head["number_of_samples"] = ns
-    head["available_channels"] = n_coils
-    head["active_channels"] = n_coils
-    masks = np.zeros(16, dtype=np.uint64)
-    for c in range(n_coils):
-        masks[c // 64] |= np.uint64(1) << np.uint64(c % 64)
-    head["channel_mask"] = masks
-    head["center_sample"] = ns // 2 if center_samples is None else center_samples
-    head["trajectory_dimensions"] = trajectory_dims
-    head["sample_time_us"] = np.array([r.dwell_s for r in records]) * 1e6
-
-    labels = {name: np.array([int(r.labels.get(name, 0)) for r in records], dtype=np.int64)
-              for name in (*_COUNTERS, "NAV", "REV")}
-    for name, counter in _COUNTERS.items():
-        values = labels[name]
-        if np.any(values < 0) or np.any(values > 65535):
-            raise SimulationError(
-                f"label {name}: values {values.min()}..{values.max()} do not fit the ISMRMRD "
-                f"counter {counter} (0..65535)"
-            )
-        head["idx"][counter] = values
-
-    rot, _ = _directions(records)
-    head["read_dir"] = rot[:, :, 0]
-    head["phase_dir"] = rot[:, :, 1]
-    head["slice_dir"] = rot[:, :, 2]
-    if slice_positions_mm is not None and len(slice_positions_mm):
-        offs = np.asarray(slice_positions_mm, dtype=np.float64)
-        slc = np.clip(labels["SLC"], 0, offs.size - 1)
-        head["position"] = offs[slc][:, None] * rot[:, :, 2]
-
-    flags = np.zeros(n, dtype=np.uint64)
-    flags[labels["REV"] > 0] |= _bit("IS_REVERSE")
-    nav = labels["NAV"] > 0
-    flags[nav] |= _bit("IS_PHASECORR_DATA")
-    imaging = ~nav
-    lab = {k: labels[k] for k in _COUNTERS}
-
-    def mark(keys: tuple[str, ...], first: str, last: str) -> None:
-        idx = np.flatnonzero(imaging)
-        if idx.size == 0:
-            return
-        key = np.stack([lab[k][idx] for k in keys], axis=1) if keys else np.zeros((idx.size, 1))
-        _, first_pos = np.unique(key, axis=0, return_index=True)
-        _, last_rev = np.unique(key[::-1], axis=0, return_index=True)
-        flags[idx[first_pos]] |= _bit(first)
-        flags[idx[idx.size - 1 - last_rev]] |= _bit(last)
-
-    image = ("SLC", "ECO", "SET", "REP", "AVG", "PHS")
-    mark(image, "FIRST_IN_ENCODE_STEP1", "LAST_IN_ENCODE_STEP1")
-    if np.any(lab["PAR"] > 0):
-        mark(image, "FIRST_IN_ENCODE_STEP2", "LAST_IN_ENCODE_STEP2")
-    mark(("SLC", "REP"), "FIRST_IN_SLICE", "LAST_IN_SLICE")
-    mark(("ECO", "SLC", "REP"), "FIRST_IN_CONTRAST", "LAST_IN_CONTRAST")
-    mark(("SET", "SLC", "REP"), "FIRST_IN_SET", "LAST_IN_SET")
-    mark(("PHS", "SLC", "REP"), "FIRST_IN_PHASE", "LAST_IN_PHASE")
-    mark(("AVG", "SLC", "REP"), "FIRST_IN_AVERAGE", "LAST_IN_AVERAGE")
-    mark(("REP",), "FIRST_IN_REPETITION", "LAST_IN_REPETITION")
-    if imaging.any():
-        flags[np.flatnonzero(imaging)[-1]] |= _bit("LAST_IN_MEASUREMENT")
-    head["flags"] = flags
-    return head
-
-
-def write_ismrmrd(
-    path: str | Path,
-    header_xml: str,
-    heads: np.ndarray,
-    data: list[np.ndarray],
-    trajectories: list[np.ndarray] | None = None,
-    *,
-    overwrite: bool = False,
-) -> Path:
-    """Write an ISMRMRD HDF5 file (group ``dataset``: ``xml`` and ``data``) atomically.
-
-    Parameters
-    ----------
-    path : str or Path
-        Output file.
-    header_xml : str
-        ISMRMRD XML header.
-    heads : ndarray
-        ``acquisition_header_dtype`` records (:func:`acquisition_table`).
-    data : list of ndarray
-        Per acquisition, complex64 ``(active_channels, number_of_samples)``.
-    trajectories : list of ndarray, optional
-        Per acquisition, float32 ``(number_of_samples, trajectory_dimensions)``.
-    overwrite : bool
-        Replace an existing file.
-
-    Returns
-    -------
-    Path
-
-    Raises
-    ------
-    FileExistsError
-        If ``path`` exists and ``overwrite`` is false.
-    """
-    import h5py
-    from ismrmrd.hdf5 import acquisition_dtype
-
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: exists (use --force / overwrite=True to replace it)")
-    if len(data) != heads.size:
-        raise SimulationError(f"write_ismrmrd: {heads.size} headers but {len(data)} data arrays")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    records = np.empty(heads.size, dtype=acquisition_dtype)
-    records["head"] = heads
-    empty = np.zeros(0, dtype=np.float32)
-    data_col = np.empty(heads.size, dtype=object)
-    traj_col = np.empty(heads.size, dtype=object)
-    for i, d in enumerate(data):  # one vlen entry per acquisition (not per sample)
-        data_col[i] = np.ascontiguousarray(d, dtype=np.complex64).reshape(-1).view(np.float32)
-        traj_col[i] = (empty if trajectories is None
-                       else np.ascontiguousarray(trajectories[i], dtype=np.float32).reshape(-1))
-    records["data"] = data_col
-    records["traj"] = traj_col
-    with atomic_path(path, suffix=".tmp") as tmp, h5py.File(tmp, "w") as fh:
-        grp = fh.create_group("dataset")
-        xml = grp.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
-        xml[0] = header_xml.encode()
-        grp.create_dataset("data", data=records, maxshape=(None,),
-                           chunks=(min(max(heads.size, 1), 1024),))
-    return path
 
 
 # --------------------------------------------------------------------------- the chain
@@ -268,10 +73,10 @@ def _load_phantom(phantom: Any) -> Any:
 
 def _prepare_sequence(source: Any, site: Site, native: bool, workdir: Path) -> tuple[Any, Any, Any]:
     """(PulseqSequence, header source for ismrmrd_header, protocol or None)."""
+    from mrharmony.formats.pulseq import read_pulseq
     from mrharmony.sequences import build, write_seq
     from mrharmony.sequences.protocol import Protocol, load_protocol
     from mrharmony.simulation.native import native_protocol
-    from mrharmony.simulation.pulseq import read_pulseq
 
     protocol = None
     if isinstance(source, Protocol):
@@ -468,7 +273,7 @@ def _filter_readouts(signal: np.ndarray, ns: np.ndarray, response: Any) -> np.nd
 def _logical_kspace(seq: Any, records: list[Any]) -> np.ndarray:
     """k-space (1/m) of every ADC sample on the logical axes (read, phase, slice)."""
     k = np.asarray(seq.kspace_at_adc(), dtype=np.float64)
-    rot, rotated = _directions(records)
+    rot, rotated = adc_rotations(records)
     if not rotated:
         return k
     ns = np.array([r.num_samples for r in records])
@@ -612,7 +417,7 @@ def simulate_raw(
             if hasattr(protocol, key):
                 info[f"native_{key}"] = float(getattr(protocol, key))
     header = _complete_header(header, site, rx.labels, info)
-    return write_ismrmrd(out_path, mrd.ToXML(header), heads, data, trajs, overwrite=overwrite)
+    return write_raw(out_path, mrd.ToXML(header), heads, data, trajs, overwrite=overwrite)
 
 
 @dataclass(frozen=True)
@@ -764,14 +569,15 @@ def _acquisitions(
     noise_records = [_NoiseRecord(0.0, chain.noise_samples, chain.noise_dwell_s)
                      for _ in range(n_noise)]
     noise_heads = acquisition_table(noise_records, n_coils=n_coils)
-    noise_heads["flags"] = _bit("IS_NOISE_MEASUREMENT")
+    noise_heads["flags"] = flag_mask("IS_NOISE_MEASUREMENT")
     all_heads = np.concatenate([noise_heads, heads])
     all_heads["scan_counter"] = np.arange(all_heads.size, dtype=np.uint32)
     data = _split(chain.noise_scan, noise_records) + _split(chain.signal, records)
     trajs = None
     if traj_dims and k_cyc is not None:
         k32 = k_cyc[:, :traj_dims].astype(np.float32)
-        trajs = [np.zeros((chain.noise_samples, traj_dims), np.float32)] * n_noise
+        # noise scans sample no k-space: no trajectory (their header says 0 dimensions)
+        trajs = [np.zeros((chain.noise_samples, 0), np.float32)] * n_noise
         trajs += [k32[offsets[i]:offsets[i + 1]] for i in range(len(records))]
     return all_heads, data, trajs
 

@@ -275,7 +275,7 @@ def compile_timeline(
     diffusion: bool = False,
     rf_max_step_s: float | None = None,
 ) -> Timeline:
-    """Compile a :class:`~mrharmony.simulation.pulseq.PulseqSequence` into a Timeline.
+    """Compile a :class:`~mrharmony.formats.pulseq.PulseqSequence` into a Timeline.
 
     Parameters
     ----------

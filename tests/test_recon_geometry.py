@@ -8,7 +8,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 from test_recon_io import make_acquisitions, make_header, write_raw
 
-from mrharmony.recon import read_raw, reconstruct, write_nifti
+from mrharmony.formats.raw import read_raw
+from mrharmony.recon import reconstruct, write_nifti
 from mrharmony.recon.cartesian import fft_c
 from mrharmony.recon.geometry import affine_ras
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from mrharmony.errors import RawDataError, ReconError
-from mrharmony.recon import read_raw, reconstruct, reconstruct_acquisitions, write_nifti
+from mrharmony.formats.raw import read_raw
+from mrharmony.recon import reconstruct, reconstruct_acquisitions, write_nifti
 from mrharmony.recon.cartesian import fft_c, ifft_c
 from mrharmony.recon.io import sort_cartesian
 

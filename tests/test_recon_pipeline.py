@@ -7,9 +7,9 @@ import pytest
 from test_recon_io import make_acquisitions, make_header, write_raw
 
 from mrharmony.errors import ReconError
+from mrharmony.formats.raw import RawData
 from mrharmony.recon import reconstruct
 from mrharmony.recon.cartesian import fft_c
-from mrharmony.recon.io import RawData
 from mrharmony.recon.pipeline import resolve_backend
 
 pytest.importorskip("mrharmony.recon.maps", reason="quantitative maps not built yet")

@@ -15,8 +15,8 @@ import pypulseq as pp
 import pytest
 from scipy.spatial.transform import Rotation
 
+from mrharmony.formats.pulseq import read_pulseq
 from mrharmony.simulation.engine import simulate
-from mrharmony.simulation.pulseq import read_pulseq
 from mrharmony.simulation.spins import SpinSystem
 
 SYSTEM = pp.Opts(

@@ -1,7 +1,7 @@
 """Bloch engine: kernels agree with each other, with the reader's k-space and with physics.
 
 The sequences come from our own builders (``mrharmony.sequences``) written to ``tmp_path``
-and read with ``mrharmony.simulation.pulseq.read_pulseq``.
+and read with ``mrharmony.formats.pulseq.read_pulseq``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 
 from mrharmony.backend import cupy_available
 from mrharmony.errors import SimulationError
+from mrharmony.formats.pulseq import read_pulseq
 from mrharmony.phantoms import Phantom
 from mrharmony.sequences.io import build
 from mrharmony.sequences.protocol import protocol_from_mapping
 from mrharmony.simulation.engine import simulate
-from mrharmony.simulation.pulseq import read_pulseq
 from mrharmony.simulation.spins import GAMMA_BAR_HZ_PER_T, SpinSystem, lorentzian_offsets_hz
 from mrharmony.simulation.timeline import OP_RUN, compile_timeline
 

@@ -18,8 +18,8 @@ import numpy as np
 import pypulseq as pp
 import pytest
 
+from mrharmony.formats.pulseq import read_pulseq
 from mrharmony.simulation.engine import simulate
-from mrharmony.simulation.pulseq import read_pulseq
 from mrharmony.simulation.spins import SpinSystem
 
 SYSTEM = pp.Opts(

@@ -19,8 +19,8 @@ from pypulseq.compress_shape import compress_shape
 from pypulseq.decompress_shape import decompress_shape as pp_decompress_shape
 
 from mrharmony.errors import SequenceFileError
-from mrharmony.simulation.pulseq import PulseqSequence, quaternion_to_matrix, read_pulseq
-from mrharmony.simulation.pulseq_parse import decompress_shape
+from mrharmony.formats.pulseq import PulseqSequence, quaternion_to_matrix, read_pulseq
+from mrharmony.formats.pulseq_parse import decompress_shape
 
 from conftest import CORPUS, EXAMPLES
 

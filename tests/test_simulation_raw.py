@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from scipy.ndimage import map_coordinates
 
-from mrharmony.errors import SimulationError
+from mrharmony.errors import RawDataError, SimulationError
+from mrharmony.formats.raw import acquisition_table, write_raw
 from mrharmony.phantoms import Phantom
 from mrharmony.sequences import build, write_seq
 from mrharmony.sequences.protocol import protocol_from_mapping
 from mrharmony.simulation import load_site, simulate_raw
-from mrharmony.simulation.raw import acquisition_table, receive_model, write_ismrmrd
+from mrharmony.simulation.raw import receive_model
 from mrharmony.simulation.site import site_from_mapping
 
 from conftest import CORPUS
@@ -145,7 +146,7 @@ def test_acquisition_table_flags_and_counters():
     rotated = acquisition_table([_rec(0.0, {}, rotation=rot)], n_coils=1)
     np.testing.assert_allclose(rotated["read_dir"][0], rot[:, 0])
     np.testing.assert_allclose(rotated["phase_dir"][0], rot[:, 1])
-    with pytest.raises(SimulationError, match="LIN"):
+    with pytest.raises(RawDataError, match="LIN"):
         acquisition_table([_rec(0.0, {"LIN": 70000})], n_coils=1)
 
 
@@ -164,14 +165,14 @@ def test_write_ismrmrd_roundtrip_is_atomic_and_refuses_overwrite(tmp_path):
             reconSpace=mrd.encodingSpaceType(matrixSize=mrd.matrixSizeType(x=6, y=3, z=1),
                                              fieldOfView_mm=mrd.fieldOfViewMm(x=1, y=1, z=1)),
             encodingLimits=mrd.encodingLimitsType(), trajectory=mrd.trajectoryType.RADIAL)]))
-    path = write_ismrmrd(tmp_path / "x.h5", header, heads, data, trajs)
+    path = write_raw(tmp_path / "x.h5", header, heads, data, trajs)
     _, acqs = read(path)
     for a, d, t in zip(acqs, data, trajs, strict=True):
         np.testing.assert_array_equal(a.data, d)
         np.testing.assert_array_equal(a.traj, t)
     assert [a.idx.kspace_encode_step_1 for a in acqs] == [0, 1, 2]
     with pytest.raises(FileExistsError, match="exists"):
-        write_ismrmrd(path, header, heads, data, trajs)
+        write_raw(path, header, heads, data, trajs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5"]  # no temporary left
 
 

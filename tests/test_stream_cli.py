@@ -18,7 +18,7 @@ import pytest
 
 from mrharmony.cli import main
 from mrharmony.errors import StreamError
-from mrharmony.recon.io import read_raw
+from mrharmony.formats.raw import read_raw
 from mrharmony.recon.pipeline import reconstruct
 from mrharmony.recon.stream.scanner import synthetic_cartesian_scan
 from mrharmony.recon.stream.server import ServerSettings, StreamServer

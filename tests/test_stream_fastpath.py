@@ -14,7 +14,7 @@ import pytest
 from ismrmrd.serialization import ProtocolDeserializer
 
 from mrharmony.errors import StreamError
-from mrharmony.recon.io import read_raw
+from mrharmony.formats.raw import read_raw
 from mrharmony.recon.stream.protocol import (
     CLOSE_BYTES,
     ConfigFile,

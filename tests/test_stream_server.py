@@ -14,7 +14,7 @@ import pytest
 from ismrmrd.serialization import ConfigFile, ProtocolDeserializer, ProtocolSerializer
 
 from mrharmony.errors import StreamError
-from mrharmony.recon.io import read_raw
+from mrharmony.formats.raw import read_raw
 from mrharmony.recon.pipeline import reconstruct, reconstruct_acquisitions
 from mrharmony.recon.stream.client import client_ssl_context, image_to_recon, stream_acquisitions
 from mrharmony.recon.stream.protocol import encode_message

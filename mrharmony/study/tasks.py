@@ -147,7 +147,8 @@ def stage_simulate(params: Mapping[str, Any], inputs: Mapping[str, Path], work: 
 def stage_recon(params: Mapping[str, Any], inputs: Mapping[str, Path], work: Path,
                 ) -> dict[str, Any]:
     """Reconstruct the raw data into a NIfTI image (and a quantitative map)."""
-    from mrharmony.recon import read_raw, reconstruct, write_nifti
+    from mrharmony.formats.raw import read_raw
+    from mrharmony.recon import reconstruct, write_nifti
 
     raw = read_raw(inputs["raw"] / "raw.h5")
     maps = None if params["maps"] == "none" else params["maps"]

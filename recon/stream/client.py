@@ -23,6 +23,7 @@ import ismrmrd
 import numpy as np
 
 from mrharmony.errors import StreamError
+from mrharmony.formats.flags import has_flag
 from mrharmony.recon.stream.protocol import (
     ConfigFile,
     ConfigText,
@@ -43,8 +44,6 @@ __all__ = [
     "write_stream_outputs",
 ]
 
-_FLAG_LAST_IN_SLICE = 8
-_FLAG_NOISE = 19
 _WRITE_BUFFER_BYTES = 1 << 20  # drain the socket buffer beyond this
 _CLIENT_LIMITS = StreamLimits(max_image_bytes=1 << 31, max_text_bytes=16 << 20)
 
@@ -179,7 +178,7 @@ async def stream_acquisitions(
             if receiver.done():
                 break  # the server ended the connection (error text received)
             writer.write(encode_message(acq))
-            if acq.is_flag_set(_FLAG_LAST_IN_SLICE):
+            if has_flag(acq.flags, "LAST_IN_SLICE"):
                 await writer.drain()
                 result.last_sent_s[(int(acq.idx.slice), int(acq.idx.repetition))] = \
                     time.perf_counter()
@@ -236,7 +235,7 @@ async def stream_file(path: str | Path, **kwargs: Any) -> tuple[Any, StreamResul
     StreamError
         See :func:`stream_acquisitions`.
     """
-    from mrharmony.recon.io import read_raw
+    from mrharmony.formats.raw import read_raw
 
     raw = read_raw(path)
     acqs = list(raw.noise) + list(raw.acquisitions)

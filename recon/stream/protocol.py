@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import io
-import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +52,7 @@ from ismrmrd.serialization import (
 )
 
 from mrharmony.errors import StreamError
+from mrharmony.formats.header import parse_ismrmrd_header
 
 __all__ = [
     "CLOSE_BYTES",
@@ -89,7 +89,6 @@ _ACQ_TRAJ_DIMS_OFFSET = ismrmrd.AcquisitionHeader.trajectory_dimensions.offset
 _ACQ_ID = int(ISMRMRDMessageID.ACQUISITION)
 _ACQ_ID_LO, _ACQ_ID_HI = _ACQ_ID & 0xFF, _ACQ_ID >> 8
 _NAMES = {int(m): m.name for m in ISMRMRDMessageID}
-_DTD = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -200,35 +199,11 @@ async def _read_length_prefixed(
 
 
 def parse_header_xml(xml: bytes | str, *, source: str = "HEADER") -> Any:
-    """Parse ISMRMRD header XML safely.
-
-    Parameters
-    ----------
-    xml : bytes or str
-        The header document.
-    source : str
-        Name used in error messages.
-
-    Returns
-    -------
-    ismrmrd.xsd.ismrmrdHeader
-
-    Raises
-    ------
-    StreamError
-        If the document declares a DTD or entities, does not parse as ISMRMRD XML, or
-        has no ``<encoding>``.
+    """Parse the ISMRMRD header of a stream (:func:`mrharmony.formats.header.parse_ismrmrd_header`
+    with :class:`StreamError`): no DTDs or entities in any encoding, schema-valid, with an
+    ``<encoding>``.
     """
-    data = xml.encode() if isinstance(xml, str) else bytes(xml)
-    if _DTD.search(data):
-        raise StreamError(f"{source}: DTDs and entity declarations are not allowed")
-    try:
-        header = ismrmrd.xsd.CreateFromDocument(data)
-    except Exception as exc:  # xsdata raises parser-specific exception types
-        raise StreamError(f"{source}: not valid ISMRMRD header XML ({exc})") from None
-    if not getattr(header, "encoding", None):
-        raise StreamError(f"{source}: the ISMRMRD header has no <encoding>")
-    return header
+    return parse_ismrmrd_header(xml, source=source, error=StreamError)
 
 
 def _deserialize(blob: bytes) -> Any:

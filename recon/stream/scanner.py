@@ -24,14 +24,11 @@ import ismrmrd
 import numpy as np
 
 from mrharmony.errors import StreamError
+from mrharmony.formats.flags import flag_mask, has_flag
 
 __all__ = ["TICK_S", "realtime_pace", "scan_to_server", "synthetic_cartesian_scan"]
 
 TICK_S = 2.5e-3  # ISMRMRD acquisition_time_stamp tick used by mrharmony.simulation
-
-
-def _flag_bit(flag: int) -> int:
-    return 1 << (flag - 1)
 
 
 def synthetic_cartesian_scan(
@@ -123,7 +120,7 @@ def synthetic_cartesian_scan(
 
     for _ in range(noise_scans):
         noise = (rng.standard_normal((n_coils, nx)) + 1j * rng.standard_normal((n_coils, nx)))
-        acqs.append(new(noise_sigma * noise, _flag_bit(19)))
+        acqs.append(new(noise_sigma * noise, int(flag_mask("IS_NOISE_MEASUREMENT"))))
     for s in range(n_slices):
         # a slice-dependent ellipse pair, so every slice's image differs
         obj = ((xx / 0.75) ** 2 + (yy / 0.9) ** 2 < 1).astype(np.float32)
@@ -138,11 +135,11 @@ def synthetic_cartesian_scan(
         for line in range(ny):
             flags = 0
             if line == 0:
-                flags |= _flag_bit(7)  # first in slice
+                flags |= int(flag_mask("FIRST_IN_SLICE"))
             if line == ny - 1:
-                flags |= _flag_bit(8)  # last in slice
+                flags |= int(flag_mask("LAST_IN_SLICE"))
                 if s == n_slices - 1:
-                    flags |= _flag_bit(25)  # last in measurement
+                    flags |= int(flag_mask("LAST_IN_MEASUREMENT"))
             acq = new(k[:, :, line], flags)
             acq.idx.kspace_encode_step_1 = line
             acq.idx.slice = s
@@ -165,12 +162,12 @@ def realtime_pace(acquisitions: list[Any], *, speed: float = 1.0):
     """
     if speed <= 0:
         raise StreamError(f"speed: {speed} must be > 0")
-    imaging = [a for a in acquisitions if not a.is_flag_set(19)]
+    imaging = [a for a in acquisitions if not has_flag(a.flags, "IS_NOISE_MEASUREMENT")]
     t0_tick = min((int(a.acquisition_time_stamp) for a in imaging), default=0)
     state: dict[str, float] = {}
 
     async def pace(_i: int, acq: Any, _result: Any) -> None:
-        if acq.is_flag_set(19):
+        if has_flag(acq.flags, "IS_NOISE_MEASUREMENT"):
             return
         start = state.setdefault("start", time.perf_counter())
         due = start + (int(acq.acquisition_time_stamp) - t0_tick) * TICK_S / speed
@@ -232,7 +229,7 @@ def scan_to_server(
     ------
     StreamError, SimulationError, SiteError, SequenceFileError, PhantomError
     """
-    from mrharmony.recon.io import read_raw
+    from mrharmony.formats.raw import read_raw
     from mrharmony.recon.stream.client import stream_acquisitions
     from mrharmony.simulation import simulate_raw
 

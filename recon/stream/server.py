@@ -26,7 +26,6 @@ import functools
 import json
 import logging
 import os
-import re
 import ssl
 import struct
 import time
@@ -42,13 +41,15 @@ import numpy as np
 
 from mrharmony.errors import ReconError, StreamError
 from mrharmony.fileio import atomic_path
+from mrharmony.formats.flags import flag_mask
+from mrharmony.formats.header import check_xml, parse_ismrmrd_header
+from mrharmony.formats.raw import RawStreamWriter
 from mrharmony.recon.stream.protocol import (
     ConfigText,
     EndOfStream,
     MessageId,
     MessageReader,
     StreamLimits,
-    acquisition_sizes,
     decode_acquisitions,
     read_message,
     write_message,
@@ -57,7 +58,6 @@ from mrharmony.recon.stream.protocol import (
 __all__ = [
     "PIPELINES",
     "Pipeline",
-    "RawStreamWriter",
     "ServerSettings",
     "SliceAssembler",
     "StreamServer",
@@ -68,9 +68,9 @@ __all__ = [
 
 log = logging.getLogger("mrharmony.stream")
 
-_FLAG_LAST_IN_SLICE = 8
-_FLAG_NOISE = 19
-_FLAG_LAST_IN_MEASUREMENT = 25
+_LAST_IN_SLICE = int(flag_mask("LAST_IN_SLICE"))
+_NOISE = int(flag_mask("IS_NOISE_MEASUREMENT"))
+_LAST_IN_MEASUREMENT = int(flag_mask("LAST_IN_MEASUREMENT"))
 _IMAGE_INDEX_OFFSET = ismrmrd.ImageHeader.image_index.offset
 _RECON_METHODS = ("auto", "fft", "grappa", "sense", "cs", "tv", "nufft")
 _RECON_BACKENDS = ("auto", "numpy", "cupy", "bart")
@@ -120,7 +120,6 @@ def _pipelines() -> MappingProxyType:
 
 
 PIPELINES: MappingProxyType = _pipelines()
-_DTD = re.compile(r"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
 
 
 def _config_properties(text: str, *, source: str) -> dict[str, str]:
@@ -129,8 +128,7 @@ def _config_properties(text: str, *, source: str) -> dict[str, str]:
     Both ``<property name="method" value="sense"/>`` and Gadgetron's
     ``<property><name>method</name><value>sense</value></property>`` are understood.
     """
-    if _DTD.search(text):
-        raise StreamError(f"{source}: DTDs and entity declarations are not allowed")
+    check_xml(text, source=source, error=StreamError)
     try:
         root = ET.fromstring(text)
     except ET.ParseError as exc:
@@ -222,16 +220,16 @@ class SliceAssembler:
         """
         item = acq if item is None else item
         flags = int(acq.flags)
-        if flags & (1 << (_FLAG_NOISE - 1)):
+        if flags & _NOISE:
             self.noise.append(item)
             return []
         key = (int(acq.idx.slice), int(acq.idx.repetition))
         if key in self._done and key not in self._pending:
             self.reopened.append(key)  # more data after the slice was declared complete
         self._pending.setdefault(key, []).append(item)
-        if flags & (1 << (_FLAG_LAST_IN_MEASUREMENT - 1)):
+        if flags & _LAST_IN_MEASUREMENT:
             return self.flush()
-        if flags & (1 << (_FLAG_LAST_IN_SLICE - 1)):
+        if flags & _LAST_IN_SLICE:
             self._done.add(key)
             return [self.noise + self._pending.pop(key)]
         return []
@@ -254,7 +252,7 @@ class SliceAssembler:
 
 @functools.lru_cache(maxsize=32)
 def _header_from_xml(xml: str) -> Any:
-    return ismrmrd.xsd.CreateFromDocument(xml)
+    return parse_ismrmrd_header(xml, source="HEADER", error=StreamError)
 
 
 def _to_mrd_bytes(images: list[Any]) -> list[bytes]:
@@ -321,106 +319,6 @@ def _warm_up() -> int:
 
 
 # --------------------------------------------------------------------------- raw files
-
-
-class RawStreamWriter:
-    """Write a received stream into an ISMRMRD HDF5 file as it arrives.
-
-    The file is written under ``<path>.part``. Acquisitions are buffered as wire bytes
-    and written in one block (one resize, one write, one HDF5 flush) by :meth:`flush`:
-    the server calls it whenever a slice is complete, and it happens on its own once
-    ``flush_bytes`` are buffered, so the per-acquisition cost is one list append.
-    :meth:`close` (always called, also when the client disconnects) writes what is
-    buffered and renames the file to ``path``, so a killed client leaves a complete,
-    readable file.
-
-    Parameters
-    ----------
-    path : Path
-        Final file name.
-    header_xml : str
-        ISMRMRD header of the stream.
-    flush_bytes : int
-        Buffered acquisition bytes that trigger a :meth:`flush` (bytes).
-    """
-
-    def __init__(self, path: Path, header_xml: str, *, flush_bytes: int = 16 << 20) -> None:
-        import h5py
-
-        self.path = Path(path)
-        self.part = self.path.with_name(self.path.name + ".part")
-        self.count = 0
-        self.waveforms = 0
-        self.flush_bytes = int(flush_bytes)
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self._file = h5py.File(self.part, "w")
-        grp = self._file.create_group("dataset")
-        xml = grp.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))
-        xml[0] = header_xml.encode()
-        self._group = grp
-        self._file.flush()
-
-    def append(self, payload: bytes) -> None:
-        """Buffer one acquisition given as its wire bytes (header, trajectory, data);
-        written by the next :meth:`flush`."""
-        self._pending.append(payload)
-        self._pending_bytes += len(payload)
-        if self._pending_bytes >= self.flush_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the buffered acquisitions in one block and flush the file."""
-        if not self._pending:
-            return
-        from ismrmrd.hdf5 import acquisition_dtype
-
-        if "data" not in self._group:
-            self._group.create_dataset("data", shape=(0,), maxshape=(None,),
-                                       dtype=acquisition_dtype, chunks=(64,))
-        ds = self._group["data"]
-        head_dtype = acquisition_dtype["head"]
-        off = head_dtype.itemsize
-        recs = np.empty((len(self._pending),), dtype=acquisition_dtype)
-        recs["head"] = np.frombuffer(b"".join([p[:off] for p in self._pending]), head_dtype)
-        trajs, datas = recs["traj"], recs["data"]  # object (variable-length) fields
-        for k, payload in enumerate(self._pending):
-            ns, nc, nt = acquisition_sizes(payload)
-            trajs[k] = np.frombuffer(payload, np.float32, count=ns * nt, offset=off)
-            datas[k] = np.frombuffer(payload, np.float32, count=2 * ns * nc,
-                                     offset=off + 4 * ns * nt)
-        ds.resize(self.count + len(recs), axis=0)
-        ds[self.count:self.count + len(recs)] = recs
-        self.count += len(recs)
-        self._pending.clear()
-        self._pending_bytes = 0
-        self._file.flush()
-
-    def append_waveform(self, wav: Any) -> None:
-        """Append one waveform and flush."""
-        from ismrmrd.hdf5 import waveform_dtype, waveform_header_dtype
-
-        if "waveforms" not in self._group:
-            self._group.create_dataset("waveforms", shape=(0,), maxshape=(None,),
-                                       dtype=waveform_dtype, chunks=(64,))
-        ds = self._group["waveforms"]
-        rec = np.empty((1,), dtype=waveform_dtype)
-        rec[0]["head"] = np.frombuffer(wav.getHead(), dtype=waveform_header_dtype)[0]
-        rec[0]["data"] = np.ascontiguousarray(wav.data, np.uint32).reshape(-1)
-        ds.resize(self.waveforms + 1, axis=0)
-        ds[self.waveforms] = rec[0]
-        self.waveforms += 1
-        self._file.flush()
-
-    def close(self) -> Path:
-        """Write what is buffered, close the file and move it to its final name."""
-        if self._file:
-            try:
-                self.flush()
-            finally:
-                self._file.close()
-            os.replace(self.part, self.path)
-        return self.path
 
 
 # --------------------------------------------------------------------------- server
@@ -831,7 +729,7 @@ class _Session:
         task.add_done_callback(self.jobs.discard)
 
     async def _job(self, group: list[Any]) -> None:
-        noise_bit = 1 << (_FLAG_NOISE - 1)
+        noise_bit = _NOISE
         first = next((h for h, _ in group if not int(h.flags) & noise_bit), group[0][0])
         where = f"slice {int(first.idx.slice)} repetition {int(first.idx.repetition)}"
         try:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from mrharmony.errors import SequenceFileError
-from mrharmony.simulation.pulseq_parse import (
+from mrharmony.formats.pulseq_parse import (
     ADCEvent,
     GradientEvent,
     ParsedFile,

@@ -1,0 +1,108 @@
+"""The one ISMRMRD/MRD XML header parser (files, streams and configs alike).
+
+Every XML document that reaches mrharmony from outside — the header of an ISMRMRD or MRD
+file, a HEADER or CONFIG_TEXT message of a stream, a Gadgetron config — is first checked
+by :func:`check_xml`: expat decodes it in whatever encoding it declares (UTF-8, UTF-16 with
+or without a BOM, Latin-1, ...) and any document type declaration or entity declaration
+is refused, so neither entity expansion ("billion laughs") nor external entities can
+happen. Only then is it handed to the ISMRMRD schema binding.
+"""
+
+from __future__ import annotations
+
+import xml.parsers.expat
+from typing import Any
+
+from mrharmony.errors import MrHarmonyError, RawDataError
+
+__all__ = ["check_xml", "header_to_xml", "parse_ismrmrd_header"]
+
+
+class _Refused(Exception):
+    pass
+
+
+def check_xml(
+    document: bytes | str, *, source: str = "XML", error: type[Exception] = RawDataError,
+    what: str = "XML",
+) -> None:
+    """Check that ``document`` is well-formed XML without DTDs or entity declarations.
+
+    Parameters
+    ----------
+    document : bytes or str
+        The XML document. Bytes are decoded by the parser from their BOM or XML
+        declaration, so the check holds in every encoding.
+    source : str
+        Name used in error messages.
+    error : type
+        Exception type raised on refusal (the caller's domain error).
+    what : str
+        What the document should be, for the message of a malformed one.
+
+    Raises
+    ------
+    error
+        If the document declares a DTD or an entity, or is not well-formed.
+    """
+    parser = xml.parsers.expat.ParserCreate()
+
+    def refuse(*_args: Any) -> None:
+        raise _Refused
+
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.UnparsedEntityDeclHandler = refuse
+    parser.ExternalEntityRefHandler = refuse
+    try:
+        parser.Parse(document, True)
+    except _Refused:
+        raise error(f"{source}: DTDs and entity declarations are not allowed") from None
+    except (xml.parsers.expat.ExpatError, ValueError, UnicodeError) as exc:
+        raise error(f"{source}: not valid {what} (not well-formed: {exc})") from None
+
+
+def parse_ismrmrd_header(
+    document: bytes | str, *, source: str = "header", error: type[Exception] = RawDataError
+) -> Any:
+    """Parse an ISMRMRD (MRD v1) XML header safely.
+
+    Parameters
+    ----------
+    document : bytes or str
+        The header document, in any encoding its declaration names.
+    source : str
+        Name used in error messages (a file name, ``"HEADER"``).
+    error : type
+        Exception type raised on a bad header (``RawDataError`` for files,
+        ``StreamError`` for streams).
+
+    Returns
+    -------
+    ismrmrd.xsd.ismrmrdHeader
+
+    Raises
+    ------
+    error
+        If the document declares a DTD or entities, is not well-formed, does not follow
+        the ISMRMRD schema, or has no ``<encoding>``.
+    """
+    import ismrmrd.xsd
+
+    check_xml(document, source=source, error=error, what="ISMRMRD header XML")
+    try:
+        header = ismrmrd.xsd.CreateFromDocument(document)
+    except MrHarmonyError:
+        raise
+    except Exception as exc:  # xsdata raises parser-specific exception types
+        raise error(f"{source}: not valid ISMRMRD header XML ({exc})") from None
+    if not getattr(header, "encoding", None):
+        raise error(f"{source}: the ISMRMRD header has no <encoding>")
+    return header
+
+
+def header_to_xml(header: Any) -> str:
+    """Serialise an ``ismrmrd.xsd.ismrmrdHeader`` to its XML text."""
+    import ismrmrd.xsd
+
+    return ismrmrd.xsd.ToXML(header)
