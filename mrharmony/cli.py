@@ -66,6 +66,7 @@ class LazyGroup(click.Group):
 
 
 LAZY_COMMANDS = {
+    "convert": "mrharmony.formats.cli:convert",
     "phantom": "mrharmony.phantoms.cli:phantom",
     "simulate": "mrharmony.simulation.cli:simulate",
     "site": "mrharmony.simulation.cli:site",

@@ -1,4 +1,8 @@
-"""``mrharmony recon``: reconstruct an ISMRMRD file into NIfTI (+ JSON sidecar, maps)."""
+"""``mrharmony recon``: reconstruct raw data into NIfTI (+ JSON sidecar, maps).
+
+The input is any format :func:`mrharmony.formats.raw.load_raw` reads: ISMRMRD HDF5, MRD v2,
+or a Siemens twix ``.dat`` with the ``.seq`` the scanner played (``--seq``).
+"""
 
 from __future__ import annotations
 
@@ -31,15 +35,20 @@ def _map_path(out: Path, name: str) -> Path:
               help="Array backend (auto: GPU when CuPy sees one).")
 @click.option("--maps", "maps", default=None, type=click.Choice(["t1", "t2", "adc", "dti"]),
               help="Also fit quantitative maps (written as OUT_<quantity>.nii.gz).")
+@click.option("--seq", "seq", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="The Pulseq file the scanner played (needed for a Siemens twix RAW).")
+@click.option("--measurement", type=int, default=None,
+              help="twix only: measurement of a multi-measurement file (default: last).")
 @click.option("--dataset", default="dataset", show_default=True, help="HDF5 dataset group.")
 @click.option("--write-mrd", is_flag=True, help="Also append MRD images to the raw HDF5 file.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-def recon(raw: Path, output: Path, method: str, backend: str, maps: str | None, dataset: str,
-          write_mrd: bool, force: bool) -> None:
-    """Reconstruct RAW (ISMRMRD HDF5) into OUTPUT (NIfTI + JSON sidecar)."""
+def recon(raw: Path, output: Path, method: str, backend: str, maps: str | None,
+          seq: Path | None, measurement: int | None, dataset: str, write_mrd: bool,
+          force: bool) -> None:
+    """Reconstruct RAW (ISMRMRD HDF5, MRD v2, or twix with --seq) into OUTPUT (NIfTI + JSON)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from mrharmony.formats.raw import read_raw
+    from mrharmony.formats.raw import load_raw, read_raw, sniff_format
     from mrharmony.recon.output import write_mrd_images, write_nifti
     from mrharmony.recon.pipeline import reconstruct
 
@@ -48,7 +57,14 @@ def recon(raw: Path, output: Path, method: str, backend: str, maps: str | None, 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   transient=True) as progress:
         task = progress.add_task(f"reading {raw.name}", total=None)
-        data = read_raw(raw, dataset=dataset)
+        kind = sniff_format(raw)
+        if kind == "ismrmrd":
+            data = read_raw(raw, dataset=dataset)
+        else:
+            if write_mrd:
+                raise ReconError(f"{raw}: --write-mrd appends to an ISMRMRD HDF5 file, this is "
+                                 f"{kind}")
+            data = load_raw(raw, seq=seq, measurement=measurement)
         progress.update(task, description=f"reconstructing ({method}, {backend})")
         images = reconstruct(data, method=method, backend=backend, maps=maps)
         progress.update(task, description="writing")
