@@ -12,11 +12,11 @@
    gradient delays and amplitude errors;
 4. thermal noise (:mod:`.noise`), the receiver's readout filter, native k-space filter,
    receiver gain; noise-scan acquisitions (``ACQ_IS_NOISE_MEASUREMENT``) first;
-5. an ISMRMRD file: the header of the sequence library
-   (:func:`mrharmony.sequences.header.ismrmrd_header`) completed with the coil labels,
-   the site and the simulation settings, and one acquisition per ADC with flags,
-   counters (from the Pulseq labels), geometry and, for non-Cartesian trajectories, the
-   k-space positions.
+5. an ISMRMRD file: the layout of the sequence's raw data
+   (:func:`mrharmony.formats.layout.layout_from_seq`: header, counters from the Pulseq
+   labels or the k-space, flags, geometry and, for non-Cartesian trajectories, the
+   k-space positions) completed with the coil labels, the site and the simulation
+   settings, written by :func:`mrharmony.formats.raw.write_raw`.
 
 Geometry: ``position`` is the slice (2D) or slab (3D) centre in LPS mm, and
 ``read_dir``/``phase_dir``/``slice_dir`` are the columns of the Pulseq rotation (identity:
@@ -25,8 +25,9 @@ x, y, z in LPS). With the FFT convention of the sequence library the voxel at
 :mod:`mrharmony.recon.geometry` maps back onto the phantom's affine.
 
 Files from other writers, without our ``FOV``/``MatrixSize`` definitions, get a header
-derived from their k-space (:func:`_minimal_header`); Cartesian ones whose ``LIN``/``PAR``
-labels never change get their counters (and ``REV``) from each readout's k-space.
+derived from their k-space; Cartesian ones whose ``LIN``/``PAR`` labels never change get
+their counters (and ``REV``) from each readout's k-space (both in
+:mod:`mrharmony.formats.layout`, shared with the twix converter).
 
 Trajectories are written in cycles per FOV on the logical axes (read, phase, slice):
 ``k[1/m] * FOV[m]`` with the reconstructed FOV, so that the Cartesian grid points are
@@ -36,7 +37,6 @@ parameter ``trajectory_units`` says so.
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from mrharmony.errors import ConfigError, SequenceFileError, SimulationError
+from mrharmony.errors import SequenceFileError, SimulationError
 from mrharmony.formats.flags import flag_mask
-from mrharmony.formats.raw import acquisition_table, adc_rotations, write_raw
+from mrharmony.formats.layout import AcquisitionLayout, layout_from_seq
+from mrharmony.formats.raw import acquisition_table, write_raw
 from mrharmony.simulation.site import Site, b0_residual_hz, b1_scale_map, load_site
 
 __all__ = [
@@ -71,8 +72,8 @@ def _load_phantom(phantom: Any) -> Any:
     return phantom
 
 
-def _prepare_sequence(source: Any, site: Site, native: bool, workdir: Path) -> tuple[Any, Any, Any]:
-    """(PulseqSequence, header source for ismrmrd_header, protocol or None)."""
+def _prepare_sequence(source: Any, site: Site, native: bool, workdir: Path) -> tuple[Any, Any]:
+    """(PulseqSequence, protocol or None)."""
     from mrharmony.formats.pulseq import read_pulseq
     from mrharmony.sequences import build, write_seq
     from mrharmony.sequences.protocol import Protocol, load_protocol
@@ -88,7 +89,7 @@ def _prepare_sequence(source: Any, site: Site, native: bool, workdir: Path) -> t
             protocol = native_protocol(protocol, site)
         pp_seq = build(protocol, site.profile)
         path = write_seq(pp_seq, workdir / f"{protocol.name}.seq", check_timing=False)
-        return read_pulseq(path), pp_seq, protocol
+        return read_pulseq(path), protocol
     if native:
         raise SimulationError(
             f"{source}: the native flavour needs the protocol (TOML), not a .seq file: a .seq "
@@ -97,123 +98,7 @@ def _prepare_sequence(source: Any, site: Site, native: bool, workdir: Path) -> t
     path = Path(source)
     if not path.is_file():
         raise SequenceFileError(f"{path}: no such sequence file")
-    return read_pulseq(path), path, None
-
-
-def _base_header(header_source: Any, seq: Any, site: Site, n_coils: int) -> Any:
-    """The sequence library's header when the file carries our definitions, else a minimal one."""
-    import ismrmrd.xsd as mrd
-
-    from mrharmony.sequences.header import ismrmrd_header
-
-    defs = seq.definitions
-    if "FOV" in defs and "MatrixSize" in defs:
-        try:
-            return ismrmrd_header(header_source, site.profile, receiver_channels=n_coils)
-        except (SequenceFileError, ConfigError, KeyError, ValueError, IndexError):
-            pass  # a third-party file pypulseq cannot read: build the minimal header below
-    return _minimal_header(seq, site, n_coils, mrd)
-
-
-def _minimal_header(seq: Any, site: Site, n_coils: int, mrd: Any) -> Any:
-    """Header for a file without our definitions: FOV and matrix from its k-space.
-
-    The FOV is the file's ``FOV`` definition (metres per the Pulseq specification; values
-    above 1 are taken as millimetres, as some older writers store them), else the inverse
-    of the readout's k-space step. The matrix is the ``MatrixSize`` definition, else
-    ``2 k_max FOV`` per logical axis (2D unless most readouts have a partition k at
-    their in-plane k-space centre). A file
-    whose every ADC is a straight line along the readout with constant phase/partition
-    k (to 10 % of a k-space step) is Cartesian; anything else is ``other`` (non-Cartesian,
-    trajectories written).
-    """
-    records = seq.adc_records()
-    k = _logical_kspace(seq, records)
-    ns = np.array([r.num_samples for r in records])
-    offsets = np.concatenate(([0], np.cumsum(ns)))
-    defs = seq.definitions
-    fov = np.resize(np.atleast_1d(np.asarray(defs.get("FOV", [0.0]), dtype=float)), 3)
-    if fov.max() > 1.0:
-        fov = fov * 1e-3
-    steps = np.abs(np.diff(k[: offsets[1], 0])) if ns[0] > 1 else np.zeros(1)
-    step = float(np.median(steps[steps > 0])) if np.any(steps > 0) else 0.0
-    if not np.all(fov[:2] > 0):
-        fov[:] = 1.0 / step if step > 0 else 0.256
-    fov[2] = fov[2] if fov[2] > 0 else fov[0]
-    kmax = np.max(np.abs(k), axis=0)
-    matrix = np.maximum(2 * np.round(kmax * fov), 1).astype(int)
-    starts, ends = offsets[:-1], offsets[1:] - 1
-    # 3D when most readouts sit off kz = 0 at their in-plane k-space centre (partition
-    # encoding); a few stray ADCs (e.g. sync readouts without excitation) do not count.
-    centre = starts + np.array([int(np.argmin(np.linalg.norm(k[a:b + 1, :2], axis=1)))
-                                for a, b in zip(starts, ends, strict=True)])
-    if np.mean(np.abs(k[centre, 2] * fov[2]) >= 0.5) <= 0.5:
-        matrix[2] = 1
-    given = defs.get("MatrixSize")
-    if given is not None:
-        given = np.atleast_1d(np.asarray(given, dtype=float)).astype(int)
-        matrix[: min(3, given.size)] = given[:3]
-    spread_yz = np.maximum.reduceat(k[:, 1:], starts) - np.minimum.reduceat(k[:, 1:], starts)
-    cartesian = bool(np.all(spread_yz < 0.1 / fov[1:]) and np.all(
-        np.abs(k[ends, 0] - k[starts, 0]) > 0.5 * (ns - 1) * step)) and step > 0
-    if cartesian:
-        matrix[0] = int(ns.max())
-    enc = mrd.encodingSpaceType(
-        matrixSize=mrd.matrixSizeType(x=int(matrix[0]), y=int(matrix[1]), z=int(matrix[2])),
-        fieldOfView_mm=mrd.fieldOfViewMm(x=fov[0] * 1e3, y=fov[1] * 1e3, z=fov[2] * 1e3),
-    )
-    limits = mrd.encodingLimitsType(
-        kspace_encoding_step_1=mrd.limitType(minimum=0, maximum=int(matrix[1]) - 1,
-                                             center=int(matrix[1]) // 2),
-        kspace_encoding_step_2=mrd.limitType(minimum=0, maximum=int(matrix[2]) - 1,
-                                             center=int(matrix[2]) // 2),
-    )
-    encoding = mrd.encodingType(
-        encodedSpace=enc, reconSpace=enc, encodingLimits=limits,
-        trajectory=mrd.trajectoryType.CARTESIAN if cartesian else mrd.trajectoryType.OTHER,
-    )
-    return mrd.ismrmrdHeader(
-        version=2,
-        acquisitionSystemInformation=mrd.acquisitionSystemInformationType(),
-        experimentalConditions=mrd.experimentalConditionsType(
-            H1resonanceFrequency_Hz=round(site.larmor_hz)
-        ),
-        encoding=[encoding],
-        sequenceParameters=mrd.sequenceParametersType(
-            sequence_type=str(defs.get("Name", "unknown"))
-        ),
-    )
-
-
-def _derived_labels(records: list[Any], k_cyc: np.ndarray, enc: Any) -> list[Any]:
-    """Records with LIN/PAR/REV from their k-space (for files without LIN/PAR labels).
-
-    The phase (partition) index is ``round(k * FOV)`` shifted so that the lines fill
-    ``0 .. N-1``; the encoding limits' ``center`` is set to the index of k = 0 (writers
-    differ: FFT convention ``-N/2 .. N/2-1`` or ``-N/2+1 .. N/2``).
-    """
-    import ismrmrd.xsd as mrd
-
-    ns = np.array([r.num_samples for r in records])
-    first = np.concatenate(([0], np.cumsum(ns)))[:-1]
-    centre = first + ns // 2
-    mat = enc.encodedSpace.matrixSize
-    counters = []
-    for axis, n, limit in ((1, mat.y, "kspace_encoding_step_1"),
-                           (2, mat.z, "kspace_encoding_step_2")):
-        idx = np.round(k_cyc[centre, axis]).astype(int)
-        lo, hi = int(idx.min()), int(idx.max())
-        zero = -lo if hi - lo < n else n // 2
-        counters.append(np.clip(idx + zero, 0, max(n - 1, 0)) if n > 1 else np.zeros_like(idx))
-        if n > 1:
-            setattr(enc.encodingLimits, limit,
-                    mrd.limitType(minimum=0, maximum=n - 1, center=min(zero, n - 1)))
-    rev = (k_cyc[first + ns - 1, 0] < k_cyc[first, 0]).astype(int)  # EPI: reversed lines
-    return [
-        dataclasses.replace(r, labels={**r.labels, "LIN": int(a), "PAR": int(b), "REV": int(c)})
-        if dataclasses.is_dataclass(r) else r
-        for r, a, b, c in zip(records, counters[0], counters[1], rev, strict=True)
-    ]
+    return read_pulseq(path), None
 
 
 def _complete_header(header: Any, site: Site, labels: tuple[str, ...], info: dict[str, Any]) -> Any:
@@ -268,17 +153,6 @@ def _filter_readouts(signal: np.ndarray, ns: np.ndarray, response: Any) -> np.nd
         spec = np.fft.fft(block, axis=-1) * response(int(n))[None, None, :]
         out[:, idx] = np.fft.ifft(spec, axis=-1).astype(np.complex64)
     return out
-
-
-def _logical_kspace(seq: Any, records: list[Any]) -> np.ndarray:
-    """k-space (1/m) of every ADC sample on the logical axes (read, phase, slice)."""
-    k = np.asarray(seq.kspace_at_adc(), dtype=np.float64)
-    rot, rotated = adc_rotations(records)
-    if not rotated:
-        return k
-    ns = np.array([r.num_samples for r in records])
-    per_sample = np.repeat(rot, ns, axis=0)  # (samples, 3, 3)
-    return np.einsum("sji,sj->si", per_sample, k)
 
 
 def simulate_raw(
@@ -351,7 +225,7 @@ def simulate_raw(
     mask = np.asarray(ph.mask).reshape(-1)
 
     with tempfile.TemporaryDirectory(prefix="mrharmony-sim-") as work:
-        seq, header_source, protocol = _prepare_sequence(seq_path, site, native, Path(work))
+        seq, protocol = _prepare_sequence(seq_path, site, native, Path(work))
     records = seq.adc_records()
     if not records:
         raise SimulationError(f"{seq_path}: the sequence has no ADC events, nothing to write")
@@ -374,25 +248,21 @@ def simulate_raw(
         raise SimulationError(f"engine returned {signal.shape[1]} samples per coil, the "
                               f"sequence has {ns.sum()} ADC samples")
 
-    header = _base_header(header_source, seq, site, n_coils)
-    enc = header.encoding[0]
-    kind = site.native.kspace_filter if native else "none"
-    cartesian = enc.trajectory == mrd.trajectoryType.CARTESIAN
-    unlabelled = len(records) > 1 and all(
-        len({r.labels.get(name, 0) for r in records}) == 1 for name in ("LIN", "PAR")
+    layout = layout_from_seq(
+        seq, n_coils=n_coils, need_kspace=native and site.native.kspace_filter != "none",
+        vendor=site.profile.vendor, model=site.profile.model,
+        field_t=site.field_strength_t,
     )
-    needs_k = kind != "none" or not cartesian or unlabelled
-    k_cyc = _kspace_cycles_per_fov(seq, records, enc) if needs_k else None
-    if cartesian and unlabelled and k_cyc is not None:
-        records = _derived_labels(records, k_cyc, enc)  # third-party Cartesian file
-    traj_dims = 0 if cartesian else (3 if enc.reconSpace.matrixSize.z > 1 else 2)
+    kind = site.native.kspace_filter if native else "none"
+    records = layout.records
+    traj_dims = layout.trajectory_dims
     chain = _receiver_chain(
         signal, records, site, rx.psi, voxel_mm3=float(np.prod(ph.voxel_size_mm)),
-        rng=np.random.default_rng(seed), noise=noise, kspace_filter=kind, k_cyc=k_cyc, enc=enc,
+        rng=np.random.default_rng(seed), noise=noise, kspace_filter=kind,
+        k_cyc=layout.k_cyc, enc=layout.header.encoding[0],
     )
-
-    heads, data, trajs = _acquisitions(seq, records, enc, chain, n_coils=n_coils,
-                                       k_cyc=k_cyc if traj_dims else None, traj_dims=traj_dims)
+    heads, data, trajs = _acquisitions(layout, chain, n_coils=n_coils)
+    header = layout.header
     info: dict[str, Any] = {
         "site": site.name, "scanner": site.scanner, "vendor": site.vendor,
         "native": bool(native), "kspace_filter": kind,
@@ -475,13 +345,6 @@ def receive_model(site: Site, phantom: Any, *, prescan_normalize: bool = False) 
     return ReceiveModel(labels=labels, sens=sens, psi=psi)
 
 
-def _kspace_cycles_per_fov(seq: Any, records: list[Any], enc: Any) -> np.ndarray:
-    """k of every ADC sample on the logical axes, in cycles per reconstructed FOV."""
-    fov = enc.reconSpace.fieldOfView_mm
-    fov_m = np.array([fov.x, fov.y, fov.z], dtype=np.float64) * 1e-3
-    return _logical_kspace(seq, records) * fov_m[None, :]
-
-
 @dataclass(frozen=True)
 class _Chain:
     signal: np.ndarray  # (n_coils, samples) after noise, filters and gain
@@ -547,38 +410,24 @@ def _receiver_chain(
 
 
 def _acquisitions(
-    seq: Any, records: list[Any], enc: Any, chain: _Chain, *, n_coils: int,
-    k_cyc: np.ndarray | None, traj_dims: int,
+    layout: AcquisitionLayout, chain: _Chain, *, n_coils: int,
 ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray] | None]:
     """Headers, data and trajectories of the noise scans followed by every ADC."""
-    ns = np.array([r.num_samples for r in records], dtype=np.int64)
-    offsets = np.concatenate(([0], np.cumsum(ns)))
-    defs = seq.definitions
-    slice_pos = None
-    if "SlicePositions" in defs and enc.reconSpace.matrixSize.z == 1:
-        slice_pos = np.atleast_1d(np.asarray(defs["SlicePositions"], dtype=float)) * 1e3
-    centers = None
-    if k_cyc is not None:
-        kabs = np.linalg.norm(k_cyc, axis=1)
-        centers = np.array([int(np.argmin(kabs[offsets[i]:offsets[i + 1]]))
-                            for i in range(len(records))])
-    heads = acquisition_table(records, n_coils=n_coils, slice_positions_mm=slice_pos,
-                              center_samples=centers, trajectory_dims=traj_dims)
+    records = layout.records
     # a noise-free simulation has no noise to measure: no (all-zero) noise scans
     n_noise = chain.noise_lines if np.any(chain.noise_scan) else 0
     noise_records = [_NoiseRecord(0.0, chain.noise_samples, chain.noise_dwell_s)
                      for _ in range(n_noise)]
     noise_heads = acquisition_table(noise_records, n_coils=n_coils)
     noise_heads["flags"] = flag_mask("IS_NOISE_MEASUREMENT")
-    all_heads = np.concatenate([noise_heads, heads])
+    all_heads = np.concatenate([noise_heads, layout.heads])
     all_heads["scan_counter"] = np.arange(all_heads.size, dtype=np.uint32)
     data = _split(chain.noise_scan, noise_records) + _split(chain.signal, records)
     trajs = None
-    if traj_dims and k_cyc is not None:
-        k32 = k_cyc[:, :traj_dims].astype(np.float32)
+    if layout.trajectories is not None:
         # noise scans sample no k-space: no trajectory (their header says 0 dimensions)
         trajs = [np.zeros((chain.noise_samples, 0), np.float32)] * n_noise
-        trajs += [k32[offsets[i]:offsets[i + 1]] for i in range(len(records))]
+        trajs += layout.trajectories
     return all_heads, data, trajs
 
 

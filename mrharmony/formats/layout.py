@@ -1,0 +1,498 @@
+"""From a Pulseq sequence to the ISMRMRD layout of its raw data (header + acquisition table).
+
+A ``.seq`` file determines everything about its raw data except the samples: the encoded
+and reconstructed spaces, the trajectory, which ADC is which k-space line, which lines
+are reversed or navigators. :func:`layout_from_seq` derives that once, for whoever brings
+the samples: the simulator (:func:`mrharmony.simulation.raw.simulate_raw`) and the
+converter of scanner data (:mod:`mrharmony.formats.twix`) write the same files from it.
+
+- :func:`header_from_seq` — the ISMRMRD header: from our ``[DEFINITIONS]`` (``FOV``,
+  ``MatrixSize``, ``Trajectory``, ``TE``/``TR``/``TI``, diffusion scheme, EPI ramp
+  parameters) when the file has them, else derived from its k-space
+  (:func:`minimal_header_from_seq`).
+- Counters come from the file's labels (LIN, PAR, SLC, ECO, SET, REP, AVG, PHS, SEG, NAV,
+  REV) or, for a Cartesian file without ``LIN``/``PAR`` labels, from each readout's
+  k-space position (phase index ``round(k·FOV)``, reversed lines from the readout
+  direction); :attr:`AcquisitionLayout.counters_source` says which.
+- Non-Cartesian trajectories are given in cycles per reconstructed FOV on the logical
+  (read, phase, slice) axes, so the Cartesian grid points are the integers
+  ``-N/2 .. N/2-1`` (the recon / SigPy convention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mrharmony.errors import SequenceFileError
+from mrharmony.formats.raw import acquisition_table, adc_rotations
+
+__all__ = [
+    "GAMMA_BAR_HZ_PER_T",
+    "AcquisitionLayout",
+    "header_from_seq",
+    "kspace_cycles_per_fov",
+    "layout_from_seq",
+    "logical_kspace",
+    "minimal_header_from_seq",
+]
+
+_LOG = logging.getLogger("mrharmony.formats")
+
+#: Proton gyromagnetic ratio / 2π (Hz/T), the value Pulseq and the scanner profiles use.
+GAMMA_BAR_HZ_PER_T = 42.576e6
+
+_LABEL_LIMITS = {
+    "LIN": "kspace_encoding_step_1", "PAR": "kspace_encoding_step_2", "SLC": "slice",
+    "ECO": "contrast", "SET": "set", "REP": "repetition", "AVG": "average",
+    "PHS": "phase", "SEG": "segment",
+}  # fmt: skip
+
+
+def _values(defs: dict[str, Any], key: str) -> np.ndarray | None:
+    if key not in defs:
+        return None
+    return np.atleast_1d(np.asarray(defs[key], dtype=float))
+
+
+def _first(defs: dict[str, Any], key: str, default: Any = None) -> Any:
+    value = defs.get(key, default)
+    return value[0] if isinstance(value, np.ndarray) and value.size else value
+
+
+def _system(mrd: Any, *, vendor: str | None, model: str | None, field_t: float | None,
+            defs: dict[str, Any], n_coils: int) -> tuple[Any, float]:
+    b0 = float(field_t) if field_t is not None else float(_first(defs, "B0", 0.0) or 0.0)
+    system = mrd.acquisitionSystemInformationType(
+        systemVendor=vendor if vendor is not None else str(_first(defs, "Vendor", "unknown")),
+        systemModel=model if model is not None else str(_first(defs, "Scanner", "unknown")),
+        systemFieldStrength_T=b0,
+        receiverChannels=int(n_coils),
+    )
+    return system, b0
+
+
+def _label_ranges(seq: Any) -> dict[str, tuple[int, int]]:
+    records = seq.adc_records()
+    out = {}
+    for name in _LABEL_LIMITS:
+        values = np.array([r.labels.get(name, 0) for r in records], dtype=np.int64)
+        if values.size and name in seq.labels_table()[0]:
+            out[name] = (int(values.min()), int(values.max()))
+    return out
+
+
+def header_from_seq(
+    seq: Any,
+    *,
+    n_coils: int = 1,
+    vendor: str | None = None,
+    model: str | None = None,
+    field_t: float | None = None,
+) -> Any:
+    """The ISMRMRD header of a sequence's raw data.
+
+    Parameters
+    ----------
+    seq : PulseqSequence
+        From :func:`mrharmony.formats.pulseq.read_pulseq`.
+    n_coils : int
+        Receive channels.
+    vendor, model : str, optional
+        System vendor and model (default: the file's ``Vendor``/``Scanner`` definitions).
+    field_t : float, optional
+        Main field (T) (default: the file's ``B0`` definition); sets the Larmor frequency.
+
+    Returns
+    -------
+    ismrmrd.xsd.ismrmrdHeader
+        From the file's ``FOV``/``MatrixSize`` definitions (mrharmony and many other
+        writers), else :func:`minimal_header_from_seq`.
+    """
+    import ismrmrd.xsd as mrd
+
+    defs = dict(seq.definitions)
+    if "FOV" not in defs or "MatrixSize" not in defs:
+        return minimal_header_from_seq(seq, n_coils=n_coils, vendor=vendor, model=model,
+                                       field_t=field_t)
+    fov_mm = np.resize(np.asarray(_values(defs, "FOV"), dtype=float), 3)
+    if fov_mm.max() <= 1.0:  # metres per the specification; some writers store mm
+        fov_mm = fov_mm * 1e3
+    matrix = np.asarray(_values(defs, "MatrixSize"), dtype=float).astype(int)
+    matrix = np.concatenate([matrix, np.ones(3 - min(matrix.size, 3), dtype=int)])[:3]
+    matrix = np.maximum(matrix, 1)
+    os_ = int(_first(defs, "ReadoutOversampling", 1) or 1)
+    trajectory = str(_first(defs, "Trajectory", "cartesian")).lower()
+    if trajectory == "radial" and str(_first(defs, "AngleOrdering", "")).lower() == "golden":
+        trajectory = "goldenangle"
+    kinds = {"cartesian": mrd.trajectoryType.CARTESIAN, "epi": mrd.trajectoryType.EPI,
+             "radial": mrd.trajectoryType.RADIAL, "goldenangle": mrd.trajectoryType.GOLDENANGLE,
+             "spiral": mrd.trajectoryType.SPIRAL}
+    traj_type = kinds.get(trajectory, mrd.trajectoryType.OTHER)
+
+    encoded = mrd.encodingSpaceType(
+        matrixSize=mrd.matrixSizeType(x=int(matrix[0] * os_), y=int(matrix[1]), z=int(matrix[2])),
+        fieldOfView_mm=mrd.fieldOfViewMm(x=float(fov_mm[0] * os_), y=float(fov_mm[1]),
+                                         z=float(fov_mm[2])),
+    )
+    recon = mrd.encodingSpaceType(
+        matrixSize=mrd.matrixSizeType(x=int(matrix[0]), y=int(matrix[1]), z=int(matrix[2])),
+        fieldOfView_mm=mrd.fieldOfViewMm(x=float(fov_mm[0]), y=float(fov_mm[1]),
+                                         z=float(fov_mm[2])),
+    )
+    ranges = _label_ranges(seq)
+    limits = mrd.encodingLimitsType()
+    default_ranges = {
+        "LIN": (0, int(matrix[1]) - 1),
+        "PAR": (0, int(matrix[2]) - 1),
+        "SLC": (0, int(_first(defs, "NumberOfSlices", 1)) - 1),
+        "ECO": (0, len(_values(defs, "TE") if "TE" in defs else [0]) - 1),
+    }
+    for label_name, attr in _LABEL_LIMITS.items():
+        lo_hi = ranges.get(label_name, default_ranges.get(label_name))
+        if lo_hi is None:
+            continue
+        lo, hi = lo_hi
+        center = (hi + 1) // 2 if label_name in ("LIN", "PAR") and trajectory in (
+            "cartesian", "epi"
+        ) else 0
+        setattr(limits, attr, mrd.limitType(minimum=lo, maximum=hi, center=center))
+    limits.kspace_encoding_step_0 = mrd.limitType(
+        minimum=0, maximum=int(matrix[0] * os_) - 1, center=int(matrix[0] * os_) // 2
+    )
+    encoding = mrd.encodingType(encodedSpace=encoded, reconSpace=recon, encodingLimits=limits,
+                                trajectory=traj_type)
+    if traj_type != mrd.trajectoryType.CARTESIAN:
+        encoding.trajectoryDescription = mrd.trajectoryDescriptionType(
+            identifier=f"mrharmony-{trajectory}",
+            comment="k-space positions are given per acquisition (trajectory arrays)",
+        )
+        # what a reconstruction needs when the acquisitions carry no trajectory arrays
+        encoding.trajectoryDescription.userParameterDouble = [
+            mrd.userParameterDoubleType(name=k, value=float(_first(defs, k)))
+            for k in ("RampSampling", "ReadoutRampTime", "ReadoutFlatTime", "ADCDelayInLine",
+                      "ADCDwell", "AngleIncrement") if k in defs
+        ]
+    if "EchoTrainLength" in defs:
+        encoding.echoTrainLength = int(_first(defs, "EchoTrainLength"))
+
+    params = mrd.sequenceParametersType()
+    if "TR" in defs:
+        params.TR = [float(v) * 1e3 for v in _values(defs, "TR")]
+    if "TE" in defs:
+        params.TE = [float(v) * 1e3 for v in _values(defs, "TE")]
+    if "TI" in defs:
+        params.TI = [float(v) * 1e3 for v in _values(defs, "TI")]
+    if "FlipAngle" in defs:
+        params.flipAngle_deg = [float(_first(defs, "FlipAngle"))]
+    if "EchoSpacing" in defs:
+        params.echo_spacing = [float(_first(defs, "EchoSpacing")) * 1e3]
+    params.sequence_type = str(_first(defs, "Builder", _first(defs, "Name", "unknown")))
+    bvals = _values(defs, "BValues")
+    dirs = _values(defs, "DiffusionDirections")
+    if bvals is not None and dirs is not None and dirs.size == 3 * bvals.size:
+        vecs = np.asarray(dirs, dtype=float).reshape(-1, 3)
+        params.diffusion = [
+            mrd.diffusionType(
+                gradientDirection=mrd.gradientDirectionType(
+                    rl=float(v[0]), ap=float(v[1]), fh=float(v[2])
+                ),
+                bvalue=float(b),
+            )
+            for b, v in zip(bvals.astype(float), vecs, strict=True)
+        ]
+    system, b0 = _system(mrd, vendor=vendor, model=model, field_t=field_t, defs=defs,
+                         n_coils=n_coils)
+    return mrd.ismrmrdHeader(
+        version=2,
+        acquisitionSystemInformation=system,
+        experimentalConditions=mrd.experimentalConditionsType(
+            H1resonanceFrequency_Hz=round(GAMMA_BAR_HZ_PER_T * b0)
+        ),
+        encoding=[encoding],
+        sequenceParameters=params,
+    )
+
+
+def logical_kspace(seq: Any, records: list[Any] | None = None) -> np.ndarray:
+    """k-space (1/m) of every ADC sample on the logical axes (read, phase, slice).
+
+    Parameters
+    ----------
+    seq : PulseqSequence
+    records : list of ADCRecord, optional
+        ``seq.adc_records()`` (passed to avoid recomputing them).
+
+    Returns
+    -------
+    ndarray
+        (total_samples, 3) float64: the physical k-space rotated back by each block's
+        ROTATIONS quaternion (identity where none).
+    """
+    records = seq.adc_records() if records is None else records
+    k = np.asarray(seq.kspace_at_adc(), dtype=np.float64)
+    rot, rotated = adc_rotations(records)
+    if not rotated:
+        return k
+    ns = np.array([r.num_samples for r in records])
+    per_sample = np.repeat(rot, ns, axis=0)  # (samples, 3, 3)
+    return np.einsum("sji,sj->si", per_sample, k)
+
+
+def kspace_cycles_per_fov(seq: Any, records: list[Any], header: Any) -> np.ndarray:
+    """k of every ADC sample on the logical axes, in cycles per reconstructed FOV.
+
+    Returns
+    -------
+    ndarray
+        (total_samples, 3) float64: ``k[1/m] * FOV[m]`` with the header's reconSpace FOV.
+    """
+    fov = header.encoding[0].reconSpace.fieldOfView_mm
+    fov_m = np.array([fov.x, fov.y, fov.z], dtype=np.float64) * 1e-3
+    return logical_kspace(seq, records) * fov_m[None, :]
+
+
+def minimal_header_from_seq(
+    seq: Any,
+    *,
+    n_coils: int = 1,
+    vendor: str | None = None,
+    model: str | None = None,
+    field_t: float | None = None,
+) -> Any:
+    """Header for a file without our definitions: FOV and matrix from its k-space.
+
+    The FOV is the file's ``FOV`` definition (metres per the Pulseq specification; values
+    above 1 are taken as millimetres, as some older writers store them), else the inverse
+    of the readout's k-space step. The matrix is the ``MatrixSize`` definition, else
+    ``2 k_max FOV`` per logical axis (2D unless most readouts have a partition k at
+    their in-plane k-space centre). A file whose every ADC is a straight line along the
+    readout with constant phase/partition k (to 10 % of a k-space step) is Cartesian;
+    anything else is ``other`` (non-Cartesian, trajectories written).
+
+    Parameters are those of :func:`header_from_seq`.
+
+    Raises
+    ------
+    SequenceFileError
+        If the sequence has no ADC.
+    """
+    import ismrmrd.xsd as mrd
+
+    records = seq.adc_records()
+    if not records:
+        raise SequenceFileError("the sequence has no ADC events: no raw-data layout")
+    k = logical_kspace(seq, records)
+    ns = np.array([r.num_samples for r in records])
+    offsets = np.concatenate(([0], np.cumsum(ns)))
+    defs = seq.definitions
+    fov = np.resize(np.atleast_1d(np.asarray(defs.get("FOV", [0.0]), dtype=float)), 3)
+    if fov.max() > 1.0:
+        fov = fov * 1e-3
+    steps = np.abs(np.diff(k[: offsets[1], 0])) if ns[0] > 1 else np.zeros(1)
+    step = float(np.median(steps[steps > 0])) if np.any(steps > 0) else 0.0
+    if not np.all(fov[:2] > 0):
+        fov[:] = 1.0 / step if step > 0 else 0.256
+    fov[2] = fov[2] if fov[2] > 0 else fov[0]
+    kmax = np.max(np.abs(k), axis=0)
+    matrix = np.maximum(2 * np.round(kmax * fov), 1).astype(int)
+    starts, ends = offsets[:-1], offsets[1:] - 1
+    # 3D when most readouts sit off kz = 0 at their in-plane k-space centre (partition
+    # encoding); a few stray ADCs (e.g. sync readouts without excitation) do not count.
+    centre = starts + np.array([int(np.argmin(np.linalg.norm(k[a:b + 1, :2], axis=1)))
+                                for a, b in zip(starts, ends, strict=True)])
+    if np.mean(np.abs(k[centre, 2] * fov[2]) >= 0.5) <= 0.5:
+        matrix[2] = 1
+    given = defs.get("MatrixSize")
+    if given is not None:
+        given = np.atleast_1d(np.asarray(given, dtype=float)).astype(int)
+        matrix[: min(3, given.size)] = given[:3]
+    spread_yz = np.maximum.reduceat(k[:, 1:], starts) - np.minimum.reduceat(k[:, 1:], starts)
+    cartesian = bool(np.all(spread_yz < 0.1 / fov[1:]) and np.all(
+        np.abs(k[ends, 0] - k[starts, 0]) > 0.5 * (ns - 1) * step)) and step > 0
+    if cartesian:
+        matrix[0] = int(ns.max())
+    enc = mrd.encodingSpaceType(
+        matrixSize=mrd.matrixSizeType(x=int(matrix[0]), y=int(matrix[1]), z=int(matrix[2])),
+        fieldOfView_mm=mrd.fieldOfViewMm(x=fov[0] * 1e3, y=fov[1] * 1e3, z=fov[2] * 1e3),
+    )
+    limits = mrd.encodingLimitsType(
+        kspace_encoding_step_1=mrd.limitType(minimum=0, maximum=int(matrix[1]) - 1,
+                                             center=int(matrix[1]) // 2),
+        kspace_encoding_step_2=mrd.limitType(minimum=0, maximum=int(matrix[2]) - 1,
+                                             center=int(matrix[2]) // 2),
+    )
+    encoding = mrd.encodingType(
+        encodedSpace=enc, reconSpace=enc, encodingLimits=limits,
+        trajectory=mrd.trajectoryType.CARTESIAN if cartesian else mrd.trajectoryType.OTHER,
+    )
+    params = mrd.sequenceParametersType(sequence_type=str(defs.get("Name", "unknown")))
+    for key, attr in (("TE", "TE"), ("TR", "TR"), ("TI", "TI")):
+        values = _values(defs, key)
+        if values is not None:
+            setattr(params, attr, [float(v) * 1e3 for v in values])  # s -> ms
+    system, b0 = _system(mrd, vendor=vendor, model=model, field_t=field_t, defs=defs,
+                         n_coils=n_coils)
+    return mrd.ismrmrdHeader(
+        version=2,
+        acquisitionSystemInformation=system,
+        experimentalConditions=mrd.experimentalConditionsType(
+            H1resonanceFrequency_Hz=round(GAMMA_BAR_HZ_PER_T * b0)
+        ),
+        encoding=[encoding],
+        sequenceParameters=params,
+    )
+
+
+def _derived_labels(records: list[Any], k_cyc: np.ndarray, enc: Any) -> list[Any]:
+    """Records with LIN/PAR/REV from their k-space (for files without LIN/PAR labels).
+
+    The phase (partition) index is ``round(k * FOV)`` shifted so that the lines fill
+    ``0 .. N-1``; the encoding limits' ``center`` is set to the index of k = 0 (writers
+    differ: FFT convention ``-N/2 .. N/2-1`` or ``-N/2+1 .. N/2``).
+    """
+    import ismrmrd.xsd as mrd
+
+    ns = np.array([r.num_samples for r in records])
+    first = np.concatenate(([0], np.cumsum(ns)))[:-1]
+    centre = first + ns // 2
+    mat = enc.encodedSpace.matrixSize
+    counters = []
+    for axis, n, limit in ((1, mat.y, "kspace_encoding_step_1"),
+                           (2, mat.z, "kspace_encoding_step_2")):
+        idx = np.round(k_cyc[centre, axis]).astype(int)
+        lo, hi = int(idx.min()), int(idx.max())
+        zero = -lo if hi - lo < n else n // 2
+        counters.append(np.clip(idx + zero, 0, max(n - 1, 0)) if n > 1 else np.zeros_like(idx))
+        if n > 1:
+            setattr(enc.encodingLimits, limit,
+                    mrd.limitType(minimum=0, maximum=n - 1, center=min(zero, n - 1)))
+    rev = (k_cyc[first + ns - 1, 0] < k_cyc[first, 0]).astype(int)  # EPI: reversed lines
+    return [
+        dataclasses.replace(r, labels={**r.labels, "LIN": int(a), "PAR": int(b), "REV": int(c)})
+        if dataclasses.is_dataclass(r) else r
+        for r, a, b, c in zip(records, counters[0], counters[1], rev, strict=True)
+    ]
+
+
+@dataclass
+class AcquisitionLayout:
+    """The raw-data layout of a sequence, without samples.
+
+    Attributes
+    ----------
+    header : ismrmrd.xsd.ismrmrdHeader
+        Encoding, limits, trajectory, sequence parameters, system (to be completed by the
+        writer: coil labels, site or scanner).
+    records : list of ADCRecord
+        The sequence's ADCs in playing order, with the labels the counters came from.
+    heads : ndarray
+        ``ismrmrd.hdf5.acquisition_header_dtype``, one per ADC: counters, flags, geometry
+        (:func:`mrharmony.formats.raw.acquisition_table`).
+    k_cyc : ndarray or None
+        (total_samples, 3) logical k-space in cycles per FOV, when it was computed.
+    trajectories : list of ndarray or None
+        Per ADC, float32 ``(num_samples, dims)`` in cycles per FOV (non-Cartesian only).
+    counters_source : {"labels", "k-space"}
+        Where LIN/PAR/REV came from.
+    cartesian : bool
+        Whether the header's trajectory is Cartesian.
+    """
+
+    header: Any
+    records: list[Any]
+    heads: np.ndarray
+    k_cyc: np.ndarray | None
+    trajectories: list[np.ndarray] | None
+    counters_source: str
+    cartesian: bool
+
+    @property
+    def trajectory_dims(self) -> int:
+        """Trajectory dimensions per sample (0 for Cartesian)."""
+        return 0 if self.trajectories is None else int(self.trajectories[0].shape[1])
+
+
+def layout_from_seq(
+    seq: Any,
+    *,
+    n_coils: int,
+    header: Any | None = None,
+    need_kspace: bool = False,
+    vendor: str | None = None,
+    model: str | None = None,
+    field_t: float | None = None,
+) -> AcquisitionLayout:
+    """The ISMRMRD layout of a sequence's raw data.
+
+    Parameters
+    ----------
+    seq : PulseqSequence
+        From :func:`mrharmony.formats.pulseq.read_pulseq`.
+    n_coils : int
+        Receive channels (``active_channels`` of every acquisition).
+    header : ismrmrd.xsd.ismrmrdHeader, optional
+        Use this header instead of :func:`header_from_seq` (it is modified in place
+        when counters come from k-space: the encoding limits' centres).
+    need_kspace : bool
+        Compute :attr:`AcquisitionLayout.k_cyc` even for a labelled Cartesian file
+        (the simulator's native k-space filters need it).
+    vendor, model, field_t
+        Passed to :func:`header_from_seq`.
+
+    Returns
+    -------
+    AcquisitionLayout
+
+    Raises
+    ------
+    SequenceFileError
+        If the sequence has no ADC.
+    RawDataError
+        If a label does not fit its ISMRMRD counter.
+    """
+    import ismrmrd.xsd as mrd
+
+    records = seq.adc_records()
+    if not records:
+        raise SequenceFileError("the sequence has no ADC events: no raw-data layout")
+    if header is None:
+        header = header_from_seq(seq, n_coils=n_coils, vendor=vendor, model=model,
+                                 field_t=field_t)
+    enc = header.encoding[0]
+    cartesian = enc.trajectory in (mrd.trajectoryType.CARTESIAN,)
+    unlabelled = len(records) > 1 and all(
+        len({r.labels.get(name, 0) for r in records}) == 1 for name in ("LIN", "PAR")
+    )
+    k_cyc = (kspace_cycles_per_fov(seq, records, header)
+             if need_kspace or not cartesian or unlabelled else None)
+    source = "labels"
+    if cartesian and unlabelled and k_cyc is not None:
+        records = _derived_labels(records, k_cyc, enc)
+        source = "k-space"
+    _LOG.info("counters from the sequence's %s", "labels" if source == "labels"
+              else "k-space (the file has no LIN/PAR labels)")
+    traj_dims = 0 if cartesian else (3 if enc.reconSpace.matrixSize.z > 1 else 2)
+    ns = np.array([r.num_samples for r in records], dtype=np.int64)
+    offsets = np.concatenate(([0], np.cumsum(ns)))
+    slice_pos = None
+    defs = seq.definitions
+    if "SlicePositions" in defs and enc.reconSpace.matrixSize.z == 1:
+        slice_pos = np.atleast_1d(np.asarray(defs["SlicePositions"], dtype=float)) * 1e3
+    centers = None
+    if k_cyc is not None and traj_dims:
+        kabs = np.linalg.norm(k_cyc, axis=1)
+        centers = np.array([int(np.argmin(kabs[offsets[i]:offsets[i + 1]]))
+                            for i in range(len(records))])
+    heads = acquisition_table(records, n_coils=n_coils, slice_positions_mm=slice_pos,
+                              center_samples=centers, trajectory_dims=traj_dims)
+    trajs = None
+    if traj_dims and k_cyc is not None:
+        k32 = k_cyc[:, :traj_dims].astype(np.float32)
+        trajs = [k32[offsets[i]:offsets[i + 1]] for i in range(len(records))]
+    return AcquisitionLayout(header=header, records=records, heads=heads, k_cyc=k_cyc,
+                             trajectories=trajs, counters_source=source, cartesian=cartesian)
