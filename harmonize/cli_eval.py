@@ -35,11 +35,9 @@ def _load_nifti(path: Path) -> Any:
 
 
 def _save_nifti(img: Any, path: Path) -> None:
-    import nibabel as nib
+    from mrharmony.formats.nifti import save_nifti
 
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    with atomic_path(path, suffix=suffix) as tmp:
-        nib.save(img, tmp)
+    save_nifti(img, path, overwrite=True)
 
 
 @click.command("image")

@@ -142,13 +142,9 @@ def out_dtype(data: np.ndarray) -> np.dtype:
 def wrap_like(values: np.ndarray, like: ImageLike) -> ImageLike:
     """Return ``values`` as a nibabel image with ``like``'s affine/header, or as an array."""
     if hasattr(like, "affine") and hasattr(like, "header"):
-        import nibabel as nib
+        from mrharmony.formats.nifti import nifti_image
 
-        header = like.header.copy()
-        header.set_data_dtype(values.dtype)
-        img = nib.Nifti1Image(values, like.affine, header)
-        img.header.set_slope_inter(1.0, 0.0)
-        return img
+        return nifti_image(values, like.affine, header=like.header)
     return values
 
 

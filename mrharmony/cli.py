@@ -77,6 +77,7 @@ LAZY_COMMANDS = {
     "harmonize": "mrharmony.harmonize.cli:harmonize",
     "evaluate": "mrharmony.harmonize.cli_eval:evaluate",
     "study": "mrharmony.study.cli:study",
+    "validate": "mrharmony.study.validate_cli:validate",
 }
 
 

@@ -44,6 +44,7 @@ import numpy as np
 
 from mrharmony.errors import PhantomError
 from mrharmony.fileio import atomic_directory
+from mrharmony.formats.nifti import nifti_image, save_nifti
 
 __all__ = [
     "BACKGROUND_T_MS",
@@ -375,7 +376,6 @@ class Phantom:
             If the directory exists and is not empty (without ``force``), or the metadata
             is not JSON-serialisable.
         """
-        import nibabel as nib
 
         out = Path(directory)
         if out.exists() and not out.is_dir():
@@ -391,11 +391,7 @@ class Phantom:
             entries: dict[str, Any] = {}
             for key, arr in self.maps().items():
                 fname = f"{key}.nii.gz"
-                img = nib.Nifti1Image(arr, self.affine)
-                img.header.set_data_dtype(arr.dtype)
-                img.header.set_xyzt_units("mm", "sec")
-                img.header.set_slope_inter(1.0, 0.0)
-                nib.save(img, tmp / fname)
+                save_nifti(nifti_image(arr, self.affine), tmp / fname)
                 entries[key] = {
                     "file": fname,
                     "unit": MAP_UNITS[key],

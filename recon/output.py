@@ -17,16 +17,11 @@ import numpy as np
 
 from mrharmony.errors import ReconError
 from mrharmony.fileio import atomic_path
+from mrharmony.formats.nifti import nifti_image, save_nifti
 from mrharmony.recon.geometry import LPS_TO_RAS
 from mrharmony.recon.image import ReconImage
 
 __all__ = ["sidecar", "stack_volume", "write_mrd_images", "write_nifti"]
-
-
-def _atomic_write(path: Path, writer, *, suffix: str = "") -> None:
-    """Write through ``writer(tmp_path)`` to a temporary file, then ``os.replace``."""
-    with atomic_path(path, suffix=suffix) as tmp:
-        writer(tmp)
 
 
 def stack_volume(images: list[ReconImage]) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +129,6 @@ def write_nifti(
     ReconError
         If there are no images or they cannot be stacked.
     """
-    import nibabel as nib
 
     if not images:
         raise ReconError("write_nifti: no images to write")
@@ -153,16 +147,13 @@ def write_nifti(
         raise ReconError(f"write_nifti: volumes of different shapes {sorted(shapes)}")
     affine = vols[0][1]
     data = vols[0][0] if len(vols) == 1 else np.stack([v[0] for v in vols], axis=-1)
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
+    img = nifti_image(data, affine)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = sidecar(images, header=header)
     # the JSON is written after the NIfTI; both through temp files in the same folder
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
-    _atomic_write(out, lambda tmp: nib.save(img, str(tmp)), suffix=suffix)
-    _atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    save_nifti(img, out, overwrite=True)
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return [out, json_path]
 
 
