@@ -27,8 +27,16 @@ def split_names(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def read_table(path: Path) -> Any:
+def read_table(path: Path, *, text_columns: list[str] | tuple[str, ...] = ()) -> Any:
     """Read a feature table (CSV) given on the command line.
+
+    Parameters
+    ----------
+    path : Path
+        The CSV file.
+    text_columns : list of str
+        Columns read as text, never as numbers (batch and subject labels: ``1`` stays
+        ``"1"``, not ``1.0``); absent names are ignored.
 
     Raises
     ------
@@ -42,6 +50,6 @@ def read_table(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such feature table")
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(path, dtype=dict.fromkeys(text_columns, str))
     except (ValueError, pd.errors.ParserError) as exc:
         raise HarmonizeError(f"{path}: unreadable CSV ({exc})") from exc

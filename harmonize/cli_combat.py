@@ -28,13 +28,50 @@ def _require(table: Any, columns: list[str], path: Path, what: str) -> None:
                              f"(columns: {list(table.columns)[:12]})")
 
 
-def _feature_columns(table: Any, used: list[str], features: list[str]) -> list[str]:
+def _labels(table: Any, column: str, path: Path, what: str) -> Any:
+    """A label column (read as text) as a string array; empty cells are refused."""
+    values = table[column]
+    empty = values.isna() | (values.astype(str).str.strip() == "")
+    if empty.any():
+        rows = [int(i) + 2 for i in values.index[empty][:5]]  # CSV line numbers
+        raise HarmonizeError(f"{path}: {what} column {column!r} is empty on line(s) {rows} "
+                             f"({int(empty.sum())} in all); every scan needs a {what}")
+    return values.astype(str).str.strip().to_numpy()
+
+
+def _check_numeric(table: Any, columns: list[str], path: Path) -> None:
+    """Refuse feature columns with cells that are not numbers (a silent skip otherwise)."""
+    import pandas as pd
+
+    for c in columns:
+        col = table[c]
+        if pd.api.types.is_numeric_dtype(col):
+            continue
+        numbers = pd.to_numeric(col, errors="coerce")
+        bad = numbers.isna() & col.notna()
+        rows = [int(i) + 2 for i in col.index[bad][:5]]
+        raise HarmonizeError(f"{path}: feature column {c!r} has non-numeric cells "
+                             f"{list(col[bad].astype(str)[:5])} on line(s) {rows}; fix them "
+                             "or leave them empty (missing values are allowed)")
+
+
+def _feature_columns(table: Any, used: list[str], features: list[str], path: Path) -> list[str]:
     import pandas as pd
 
     if features:
+        _require(table, features, path, "feature")
+        _check_numeric(table, features, path)
         return features
-    cols = [c for c in table.columns
-            if c not in used and pd.api.types.is_numeric_dtype(table[c])]
+    cols = []
+    for c in table.columns:
+        if c in used:
+            continue
+        if pd.api.types.is_numeric_dtype(table[c]):
+            cols.append(c)
+            continue
+        numbers = pd.to_numeric(table[c], errors="coerce")
+        if numbers.notna().sum() > 0.5 * table[c].notna().sum():
+            _check_numeric(table, [c], path)  # a numeric column with a few bad cells
     if not cols:
         raise HarmonizeError("no numeric feature columns left after removing batch, "
                              f"covariate and id columns {used}")
@@ -92,15 +129,15 @@ def combat(features_csv: Path, batch_col: str, covariates: str, output: Path,
     for path in [output] + ([model_path] if model_path else []):
         if path.exists() and not force:
             raise FileExistsError(f"{path}: exists (use --force to replace it)")
-    table = read_table(features_csv)
+    table = read_table(features_csv, text_columns=[batch_col, subject_col])
     cov_cols = split_names(covariates)
     _require(table, [batch_col, *cov_cols], features_csv, "batch/covariate")
     ids = [subject_col] if subject_col in table.columns else []
-    feats = _feature_columns(table, [batch_col, *cov_cols, *ids], split_names(features))
-    _require(table, feats, features_csv, "feature")
-    if ref_batch is not None and ref_batch not in set(table[batch_col].astype(str)):
+    feats = _feature_columns(table, [batch_col, *cov_cols, *ids], split_names(features),
+                             features_csv)
+    batch = _labels(table, batch_col, features_csv, "batch")
+    if ref_batch is not None and ref_batch not in set(batch):
         raise HarmonizeError(f"--ref-batch: {ref_batch!r} is not a value of {batch_col!r}")
-    batch = table[batch_col].astype(str).to_numpy()
     options = {"parametric": not nonparametric, "eb": not no_eb, "mean_only": mean_only,
                "ref_batch": ref_batch, "categorical": split_names(categorical)}
     model = _make_model(method, options, split_names(smooth))
@@ -110,20 +147,31 @@ def combat(features_csv: Path, batch_col: str, covariates: str, output: Path,
         if not ids:
             raise HarmonizeError(f"--method longitudinal: subject column {subject_col!r} "
                                  "not in the table")
-        kwargs["subject"] = table[subject_col].astype(str).to_numpy()
+        kwargs["subject"] = _labels(table, subject_col, features_csv, "subject")
     with console.status(f"fitting {model.model_kind} on {len(table)} scans x "
                         f"{len(feats)} features"):
         harmonized = model.fit(table[feats], batch, cov, **kwargs).transform(
             table[feats], batch, cov, **kwargs)
     out = table.copy()
     out[feats] = harmonized.to_numpy()
-    _write_table(out, output, force)
-    console.print(f"wrote {output}: {len(table)} scans, {len(feats)} features, "
-                  f"{len(model.batches_)} batches ({model.model_kind})")
+    # the model first: if it cannot be written, neither is the table (no half result)
     if model_path is not None:
         extra = {"batch_column": batch_col, "covariate_columns": cov_cols,
                  "feature_columns": feats, "subject_column": subject_col if ids else None}
-        model.save(model_path, force=force, extra=extra)
+        try:
+            model.save(model_path, force=force, extra=extra)
+        except OSError as exc:
+            raise HarmonizeError(f"{model_path}: cannot write the model "
+                                 f"({exc.strerror or exc})") from exc
+    try:
+        _write_table(out, output, force)
+    except BaseException:
+        if model_path is not None:
+            model_path.unlink(missing_ok=True)
+        raise
+    console.print(f"wrote {output}: {len(table)} scans, {len(feats)} features, "
+                  f"{len(model.batches_)} batches ({model.model_kind})")
+    if model_path is not None:
         console.print(f"wrote {model_path}")
 
 
@@ -147,15 +195,17 @@ def apply(model_path: Path, features_csv: Path, output: Path, force: bool) -> No
         raise HarmonizeError(f"{model_path}: no column names stored (save it with "
                              "`harmonize combat --model`)")
     model = load_model(model_path)
-    table = read_table(features_csv)
+    table = read_table(features_csv, text_columns=[extra["batch_column"],
+                                                   extra.get("subject_column") or ""])
     cov_cols = extra["covariate_columns"]
     feats = extra["feature_columns"]
     _require(table, [extra["batch_column"], *cov_cols, *feats], features_csv, "model")
-    batch = table[extra["batch_column"]].astype(str).to_numpy()
+    _check_numeric(table, feats, features_csv)
+    batch = _labels(table, extra["batch_column"], features_csv, "batch")
     kwargs: dict[str, Any] = {}
     if model.model_kind == "LongitudinalComBat":
         _require(table, [extra["subject_column"]], features_csv, "subject")
-        kwargs["subject"] = table[extra["subject_column"]].astype(str).to_numpy()
+        kwargs["subject"] = _labels(table, extra["subject_column"], features_csv, "subject")
     with console.status(f"applying {model.model_kind} to {len(table)} scans"):
         harmonized = model.transform(table[feats], batch,
                                      table[cov_cols] if cov_cols else None, **kwargs)

@@ -55,6 +55,7 @@ import pandas as pd
 from mrharmony.errors import HarmonizeError
 from mrharmony.harmonize.combat_design import (
     CovariateEncoder,
+    aligned,
     as_matrix,
     bspline_basis,
     check_confounding,
@@ -269,6 +270,7 @@ class ComBat:
         d_star[:, ~ok] = 1.0
         return g_hat, d_hat, g_star, d_star
 
+    @aligned
     def fit(self, X: Any, batch: Any, covariates: Any = None) -> ComBat:
         """Estimate the location/scale model and the batch effects.
 
@@ -279,8 +281,9 @@ class ComBat:
         batch : array-like, shape (n_samples,)
             Batch (site/scanner) label of each sample.
         covariates : DataFrame, optional
-            Biological covariates to preserve (categorical and continuous columns),
-            matched to the rows of ``X`` by position; no missing values.
+            Biological covariates to preserve (categorical and continuous columns); no
+            missing values. pandas inputs are matched to a DataFrame ``X`` by index
+            (reordered if needed, refused if the labels differ), arrays by position.
 
         Returns
         -------
@@ -290,8 +293,11 @@ class ComBat:
         Raises
         ------
         HarmonizeError
-            Bad shapes, fewer than two batches, covariates confounded with batch, too
-            few samples for the design.
+            Bad shapes, fewer than two batches, covariates confounded with batch (exactly,
+            or nearly: scaled design condition number above
+            :data:`~mrharmony.harmonize.combat_design.CONDITION_REFUSE`; a
+            :class:`HarmonizeWarning` above ``CONDITION_WARN``), too few samples for the
+            design, a pandas input whose index does not match ``X``.
         """
         Xm, _, columns = as_matrix(X)
         n, p = Xm.shape
@@ -352,6 +358,7 @@ class ComBat:
                 "var_pooled": self.var_pooled_, "gamma_star": self.gamma_star_,
                 "delta_star": self.delta_star_, "degenerate": self.degenerate_}
 
+    @aligned
     def transform(self, X: Any, batch: Any, covariates: Any = None) -> Any:
         """Harmonize samples of fitted batches using their own covariates.
 
@@ -415,6 +422,7 @@ class ComBat:
 
         return Xm.map_blocks(block, dtype=np.float64)
 
+    @aligned
     def fit_transform(self, X: Any, batch: Any, covariates: Any = None) -> Any:
         """:meth:`fit` then :meth:`transform` on the same samples."""
         return self.fit(X, batch, covariates).transform(X, batch, covariates)

@@ -5,6 +5,8 @@ Part of :mod:`mrharmony.harmonize.combat` (split out to keep modules small).
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,8 +15,21 @@ import pandas as pd
 
 from mrharmony.errors import HarmonizeError
 
-__all__ = ["CovariateEncoder", "as_matrix", "bspline_basis", "check_confounding", "is_dask",
-           "isnull", "json_scalar", "sort_levels"]
+__all__ = [
+    "CONDITION_REFUSE",
+    "CONDITION_WARN",
+    "CovariateEncoder",
+    "align_inputs",
+    "aligned",
+    "as_matrix",
+    "bspline_basis",
+    "check_confounding",
+    "design_condition",
+    "is_dask",
+    "isnull",
+    "json_scalar",
+    "sort_levels",
+]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -223,6 +238,89 @@ class CovariateEncoder:
         return out
 
 
+#: Scaled condition number of the design (batch indicators + centred covariates, columns
+#: at unit norm) above which near-confounding is warned about: Belsley's "strong
+#: collinearity" index 30, reached when a covariate is ~99.9 % explained by site.
+CONDITION_WARN = 30.0
+#: ... and above which the fit is refused: the covariate is then explained by site to
+#: ~1 - 1e-6 and its coefficient (hence the harmonized values) is noise amplified ~1000x.
+CONDITION_REFUSE = 1.0e3
+
+
+def design_condition(batch_onehot: np.ndarray, cov: np.ndarray) -> float:
+    """Scaled condition number of the ComBat design ``[batch indicators, covariates]``.
+
+    Covariate columns are centred (their collinearity with the overall mean is harmless:
+    the batch indicators span it) and every column is scaled to unit norm (Belsley,
+    Kuh & Welsch 1980), so the number measures only how well batch and covariates can be
+    told apart, in any units.
+
+    Returns
+    -------
+    float
+        ``s_max / s_min`` of the scaled design (``inf`` if rank-deficient).
+    """
+    if cov.shape[1] == 0:
+        return 1.0
+    c = cov - cov.mean(axis=0, keepdims=True)
+    full = np.hstack([batch_onehot, c])
+    norms = np.linalg.norm(full, axis=0)
+    if np.any(norms == 0):
+        return float("inf")
+    s = np.linalg.svd(full / norms, compute_uv=False)
+    return float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
+
+
+def align_inputs(X: Any, batch: Any, covariates: Any = None, **others: Any
+                 ) -> tuple[Any, Any, dict[str, Any]]:
+    """Match ``batch``, ``covariates`` (and other per-sample inputs) to ``X``'s rows.
+
+    pandas inputs are matched by index when ``X`` is a DataFrame: an index in another
+    order is reordered to ``X``'s; an index with other labels is refused. Arrays, pandas
+    inputs with the default index ``0..n-1``, and any input when ``X`` is an array are
+    matched by position.
+
+    Raises
+    ------
+    HarmonizeError
+        If a pandas input's index holds labels ``X``'s index does not (or vice versa).
+    """
+    if not isinstance(X, pd.DataFrame):
+        return batch, covariates, others
+
+    def align(obj: Any, name: str) -> Any:
+        if not isinstance(obj, pd.Series | pd.DataFrame) or obj.index.equals(X.index):
+            return obj
+        if obj.index.equals(pd.RangeIndex(len(obj))) and len(obj) == len(X):
+            return obj  # a default 0..n-1 index carries no labels: matched by position
+        if (len(obj) == len(X) and obj.index.is_unique and X.index.is_unique
+                and set(obj.index) == set(X.index)):
+            return obj.reindex(X.index)
+        extra = [v for v in obj.index if v not in set(X.index)][:5]
+        raise HarmonizeError(
+            f"{name}: its index does not match the rows of X (labels not in X: {extra}; "
+            f"{len(obj)} rows vs {len(X)}); pass arrays to match by position or reindex")
+
+    return (align(batch, "batch"), align(covariates, "covariates"),
+            {k: align(v, k) for k, v in others.items()})
+
+
+def aligned(method: Any) -> Any:
+    """Decorate ``fit``/``transform``/``fit_transform(X, batch, covariates, ...)`` so that
+    pandas ``batch``, ``covariates`` and ``subject`` are matched to ``X`` by index
+    (:func:`align_inputs`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, X: Any, batch: Any, covariates: Any = None, *args: Any,
+                **kwargs: Any) -> Any:
+        extra = {k: kwargs[k] for k in ("subject",) if k in kwargs}
+        batch, covariates, extra = align_inputs(X, batch, covariates, **extra)
+        kwargs.update(extra)
+        return method(self, X, batch, covariates, *args, **kwargs)
+
+    return wrapper
+
+
 def check_confounding(batch_onehot: np.ndarray, cov: np.ndarray,
                       encoder: CovariateEncoder) -> None:
     """Raise :class:`HarmonizeError` naming covariates that are confounded with batch."""
@@ -245,3 +343,18 @@ def check_confounding(batch_onehot: np.ndarray, cov: np.ndarray,
         raise HarmonizeError(
             f"covariates confounded with batch: {encoder.names} are jointly collinear with "
             "the batch indicators (the design matrix is rank-deficient)")
+    cond = design_condition(batch_onehot, cov)
+    if cond > CONDITION_REFUSE:
+        raise HarmonizeError(
+            f"covariates nearly confounded with batch: the scaled design condition number is "
+            f"{cond:.3g} (refused above {CONDITION_REFUSE:g}): {encoder.names} are almost "
+            "fully explained by site, so their effect cannot be separated from the site "
+            "effect; drop them or pool sites")
+    if cond > CONDITION_WARN:
+        from mrharmony.harmonize.combat_math import HarmonizeWarning
+
+        warnings.warn(
+            f"covariates {encoder.names} are strongly collinear with batch: scaled design "
+            f"condition number {cond:.3g} (warned above {CONDITION_WARN:g}, refused above "
+            f"{CONDITION_REFUSE:g}); covariate effects and harmonized values are unstable",
+            HarmonizeWarning, stacklevel=3)

@@ -37,7 +37,13 @@ import numpy as np
 
 from mrharmony.errors import HarmonizeError
 from mrharmony.harmonize.combat import ComBat
-from mrharmony.harmonize.combat_design import CovariateEncoder, as_matrix, is_dask, sort_levels
+from mrharmony.harmonize.combat_design import (
+    CovariateEncoder,
+    aligned,
+    as_matrix,
+    is_dask,
+    sort_levels,
+)
 from mrharmony.harmonize.combat_math import adjust_chunk
 
 __all__ = ["ComBatGAM", "CovBat", "LongitudinalComBat", "TravelingComBat"]
@@ -70,6 +76,7 @@ class ComBatGAM(ComBat):
         return CovariateEncoder(categorical=self.categorical, smooth=self.smooth,
                                 smooth_df=self.smooth_df)
 
+    @aligned
     def fit(self, X: Any, batch: Any, covariates: Any = None) -> ComBatGAM:
         """As :meth:`ComBat.fit`; the ``smooth`` columns must be in ``covariates``."""
         cols = [] if covariates is None else [str(c) for c in covariates.columns]
@@ -129,6 +136,7 @@ class CovBat(ComBat):
                                  " missing values")
         return Xm, index, columns
 
+    @aligned
     def fit(self, X: Any, batch: Any, covariates: Any = None) -> CovBat:
         """Fit ComBat, then the PCA of its residuals and the score harmonizer."""
         Xm, _, _ = self._dense(X)
@@ -148,6 +156,7 @@ class CovBat(ComBat):
         self.scores_model_ = ComBat(eb=False, ref_batch=self.ref_batch).fit(scores, batch)
         return self
 
+    @aligned
     def transform(self, X: Any, batch: Any, covariates: Any = None) -> Any:
         """ComBat, then harmonize the residual component scores."""
         self._check_fitted()
@@ -271,6 +280,7 @@ class LongitudinalComBat(ComBat):
                                  f"{int((~np.isfinite(Xm)).sum())} missing values")
         return Xm, index, columns
 
+    @aligned
     def fit(self, X: Any, batch: Any, covariates: Any = None, *,
             subject: Any = None) -> LongitudinalComBat:
         """As :meth:`ComBat.fit`, with ``subject`` labels (array-like, one per scan)."""
@@ -288,6 +298,7 @@ class LongitudinalComBat(ComBat):
         self.lambda_ = st["lam"]
         self.batch_coef_ = st["B_hat"][:n_batch]
 
+    @aligned
     def transform(self, X: Any, batch: Any, covariates: Any = None, *,
                   subject: Any = None) -> Any:
         """Harmonize scans; subject BLUPs are computed from the given scans."""
@@ -314,6 +325,7 @@ class LongitudinalComBat(ComBat):
             return pd.DataFrame(out, index=index, columns=columns)
         return out
 
+    @aligned
     def fit_transform(self, X: Any, batch: Any, covariates: Any = None, *,
                       subject: Any = None) -> Any:
         """:meth:`fit` then :meth:`transform` on the same scans."""
@@ -358,6 +370,7 @@ class TravelingComBat(ComBat):
     def __init__(self, *, mean_only: bool = True, **kwargs: Any) -> None:
         super().__init__(mean_only=mean_only, **kwargs)
 
+    @aligned
     def fit(self, X: Any, batch: Any, covariates: Any = None, *,
             subject: Any = None) -> TravelingComBat:
         """Estimate site effects from paired scans of traveling subjects."""
@@ -380,6 +393,7 @@ class TravelingComBat(ComBat):
         super().fit(X, batch, subj.to_frame().astype(str))
         return self
 
+    @aligned
     def transform(self, X: Any, batch: Any, covariates: Any = None) -> Any:
         """Remove the fitted site effects from scans of fitted sites."""
         self._check_fitted()
@@ -394,6 +408,7 @@ class TravelingComBat(ComBat):
         raise HarmonizeError("TravelingComBat.add_batch: a new site's effect comes from "
                              "traveling subjects scanned there; refit with their scans")
 
+    @aligned
     def fit_transform(self, X: Any, batch: Any, covariates: Any = None, *,
                       subject: Any = None) -> Any:
         """:meth:`fit` on traveling-subject scans, then :meth:`transform` them."""

@@ -113,13 +113,15 @@ def save_model(model: Any, path: str | Path, *, force: bool = False,
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path}: empty file, not a {FORMAT} model")
     try:
         with np.load(path, allow_pickle=False) as npz:
             if _META_KEY not in npz.files:
                 raise ModelFileError(f"{path}: not a {FORMAT} file (no {_META_KEY})")
             meta = json.loads(npz[_META_KEY].tobytes().decode("utf-8"))
             arrays = {k: npz[k] for k in npz.files if k != _META_KEY}
-    except (zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError, EOFError) as exc:
         if isinstance(exc, ModelFileError):
             raise
         raise ModelFileError(f"{path}: unreadable model file ({exc})") from exc
