@@ -23,6 +23,7 @@ multiply-add, see ``_REASSOC``), so results are reproducible for a given build.
 from __future__ import annotations
 
 import math
+import os
 from types import ModuleType
 from typing import Any
 
@@ -34,7 +35,35 @@ __all__ = ["LANES", "RUN_B_TOL", "rf_affine_numba", "rf_affine_xp", "run_ops_num
 _TWO_PI = 2.0 * math.pi
 
 
-@numba.njit(cache=True, fastmath=False, inline="always")
+def _cache_dir() -> str:
+    """Where the compiled kernels are cached: ``$NUMBA_CACHE_DIR`` if the user set one,
+    else ``$XDG_CACHE_HOME/mrharmony/numba`` (``~/.cache/...``) — never inside the
+    installed package, where a reinstall would leave them behind."""
+    if numba.config.CACHE_DIR:
+        return str(numba.config.CACHE_DIR)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mrharmony", "numba")
+
+
+def _njit(**options: Any) -> Any:
+    """``numba.njit(cache=True, **options)`` with the cache in :func:`_cache_dir`.
+
+    numba picks a function's cache location when it is decorated, from its global
+    ``config.CACHE_DIR``; that setting is changed only for the decoration and restored.
+    """
+
+    def decorate(func: Any) -> Any:
+        saved = numba.config.CACHE_DIR
+        numba.config.CACHE_DIR = _cache_dir()
+        try:
+            return numba.njit(cache=True, **options)(func)
+        finally:
+            numba.config.CACHE_DIR = saved
+
+    return decorate
+
+
+@_njit(fastmath=False, inline="always")
 def _relax_affine(a: np.ndarray, i: int, e1: float, e2: float) -> None:
     for j in range(4):
         a[i, j] *= e2
@@ -43,7 +72,7 @@ def _relax_affine(a: np.ndarray, i: int, e1: float, e2: float) -> None:
     a[i, 11] += 1.0 - e1
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
+@_njit(parallel=True, fastmath=False)
 def rf_affine_numba(
     b1_hz: np.ndarray,
     dt_s: np.ndarray,
@@ -160,7 +189,7 @@ def rf_affine_xp(
     return a.reshape(n_cls, 12)
 
 
-@numba.njit(cache=True, fastmath=False, inline="always")
+@_njit(fastmath=False, inline="always")
 def _diffuse(
     mx: np.ndarray, my: np.ndarray, dten: np.ndarray, s0: int, b: np.ndarray, row: int
 ) -> None:
@@ -180,7 +209,7 @@ def _diffuse(
 #: reciprocal tricks. Results are deterministic for a given build.
 _REASSOC = {"reassoc", "contract"}
 
-@numba.njit(cache=True, fastmath=_REASSOC)
+@_njit(fastmath=_REASSOC)
 def _run_one_coil(
     mx: np.ndarray, my: np.ndarray, cr: np.ndarray, ci: np.ndarray, wr: np.ndarray,
     wi: np.ndarray, out: np.ndarray, col: int, nrun: int,
@@ -208,7 +237,7 @@ RUN_B_TOL = 1e-4
 LANES = 32
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_REASSOC)
+@_njit(parallel=True, fastmath=_REASSOC)
 def run_ops_numba(
     op: np.ndarray,
     arg: np.ndarray,
