@@ -109,7 +109,11 @@ def pypulseq_examples_dir():
 
 
 def run_pypulseq_example(script, seq_filename):
-    """Run one pypulseq example script's ``main`` in this process, writing ``seq_filename``."""
+    """Run one pypulseq example script's ``main`` in this process, writing ``seq_filename``.
+
+    It runs in ``seq_filename``'s folder: some scripts also write a fixed file name in
+    the working directory (the MPRAGE ones), which must not land in the repository.
+    """
     import contextlib
     import importlib.util
     import io
@@ -117,7 +121,11 @@ def run_pypulseq_example(script, seq_filename):
 
     spec = importlib.util.spec_from_file_location(f"pypulseq_example_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    from pathlib import Path
+
+    seq_filename = Path(seq_filename).resolve()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.chdir(seq_filename.parent):
         warnings.simplefilter("ignore")
         try:
             spec.loader.exec_module(module)
