@@ -116,7 +116,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if path.stat().st_size == 0:
         raise ModelFileError(f"{path}: empty file, not a {FORMAT} model")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as npz:
             if _META_KEY not in npz.files:
                 raise ModelFileError(f"{path}: not a {FORMAT} file (no {_META_KEY})")
             meta = json.loads(npz[_META_KEY].tobytes().decode("utf-8"))

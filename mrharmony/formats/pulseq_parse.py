@@ -104,6 +104,12 @@ class ParsedFile:
         return 1_000_000 * major + 1000 * minor + rev
 
 
+#: Largest magnitude of any number in a Pulseq table or shape. Physical values stay far
+#: below it (gradients ~1e7 Hz/m, durations ~1e9 raster steps, IDs ~1e7); beyond it a
+#: value is corrupt and would overflow the float arithmetic downstream.
+MAX_ABS_VALUE = 1e12
+
+
 def _err(source: str, line: int | None, msg: str) -> SequenceFileError:
     where = f"{source}, line {line}" if line is not None else source
     return SequenceFileError(f"{where}: {msg}")
@@ -184,6 +190,12 @@ def _table(
     if not np.all(np.isfinite(arr)):
         k = int(np.flatnonzero(~np.all(np.isfinite(arr), axis=1))[0])
         raise _err(source, rows[k][0], f"{section}: non-finite value")
+    huge = np.abs(arr) > MAX_ABS_VALUE
+    if huge.any():
+        k = int(np.flatnonzero(huge.any(axis=1))[0])
+        value = float(arr[k][huge[k]][0])
+        raise _err(source, rows[k][0], f"{section}: value {value:g} is out of range "
+                   f"(|value| <= {MAX_ABS_VALUE:g} for every Pulseq quantity)")
     ids_f = arr[:, 0]
     ids = ids_f.astype(np.int64)
     lines = np.fromiter((ln for ln, _ in rows), np.int64, len(rows))
@@ -239,6 +251,10 @@ def _shapes(
         if not np.all(np.isfinite(data)):
             bad = int(np.flatnonzero(~np.isfinite(data))[0])
             raise _err(source, rows[k + 2 + bad][0], f"[SHAPES]: non-finite sample in shape {sid}")
+        if np.any(np.abs(data) > MAX_ABS_VALUE):
+            bad = int(np.flatnonzero(np.abs(data) > MAX_ABS_VALUE)[0])
+            raise _err(source, rows[k + 2 + bad][0], f"[SHAPES]: sample {data[bad]:g} of shape "
+                       f"{sid} is out of range (|value| <= {MAX_ABS_VALUE:g})")
         shapes[sid] = (num, data, line)
         k = j
     return shapes
