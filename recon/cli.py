@@ -39,12 +39,16 @@ def _map_path(out: Path, name: str) -> Path:
               help="The Pulseq file the scanner played (needed for a Siemens twix RAW).")
 @click.option("--measurement", type=int, default=None,
               help="twix only: measurement of a multi-measurement file (default: last).")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="twix EPI only: the same EPI with phase encoding off (ghost correction).")
+@click.option("--reference-seq", "reference_seq", default=None,
+              type=click.Path(dir_okay=False, path_type=Path), help="The .seq of --reference.")
 @click.option("--dataset", default="dataset", show_default=True, help="HDF5 dataset group.")
 @click.option("--write-mrd", is_flag=True, help="Also append MRD images to the raw HDF5 file.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def recon(raw: Path, output: Path, method: str, backend: str, maps: str | None,
-          seq: Path | None, measurement: int | None, dataset: str, write_mrd: bool,
-          force: bool) -> None:
+          seq: Path | None, measurement: int | None, reference: Path | None,
+          reference_seq: Path | None, dataset: str, write_mrd: bool, force: bool) -> None:
     """Reconstruct RAW (ISMRMRD HDF5, MRD v2, or twix with --seq) into OUTPUT (NIfTI + JSON)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -58,13 +62,17 @@ def recon(raw: Path, output: Path, method: str, backend: str, maps: str | None,
                   transient=True) as progress:
         task = progress.add_task(f"reading {raw.name}", total=None)
         kind = sniff_format(raw)
+        if kind != "twix" and (seq or reference or reference_seq or measurement is not None):
+            raise ReconError(f"{raw}: --seq, --measurement and --reference are for Siemens "
+                             f"twix input; this is {kind}")
         if kind == "ismrmrd":
             data = read_raw(raw, dataset=dataset)
         else:
             if write_mrd:
                 raise ReconError(f"{raw}: --write-mrd appends to an ISMRMRD HDF5 file, this is "
                                  f"{kind}")
-            data = load_raw(raw, seq=seq, measurement=measurement)
+            data = load_raw(raw, seq=seq, measurement=measurement, reference=reference,
+                            reference_seq=reference_seq)
         progress.update(task, description=f"reconstructing ({method}, {backend})")
         images = reconstruct(data, method=method, backend=backend, maps=maps)
         progress.update(task, description="writing")

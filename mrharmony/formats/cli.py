@@ -22,13 +22,19 @@ def convert() -> None:
               help="Output raw file: ISMRMRD HDF5 (.h5) or MRD v2 (.mrd).")
 @click.option("--measurement", type=int, default=None,
               help="Measurement of a multi-measurement file (0-based; default: the last).")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="EPI: twix of the same EPI with phase encoding off (ghost-correction "
+                   "reference, stored as phase-correction data).")
+@click.option("--reference-seq", "reference_seq", default=None,
+              type=click.Path(dir_okay=False, path_type=Path), help="The .seq of --reference.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def convert_twix_cmd(meas: Path, seq: Path, output: Path, measurement: int | None,
-                     force: bool) -> None:
+                     reference: Path | None, reference_seq: Path | None, force: bool) -> None:
     """Convert a Siemens twix MEAS.dat measured with a Pulseq SEQ into ISMRMRD (or MRD v2)."""
     from mrharmony.formats.twix import convert_twix
 
-    click.echo(str(convert_twix(meas, seq, output, measurement=measurement, overwrite=force)))
+    click.echo(str(convert_twix(meas, seq, output, measurement=measurement, overwrite=force,
+                                reference=reference, reference_seq=reference_seq)))
 
 
 @convert.command("mrd")

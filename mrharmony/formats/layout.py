@@ -21,6 +21,7 @@ converter of scanner data (:mod:`mrharmony.formats.twix`) write the same files f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -327,7 +328,7 @@ def minimal_header_from_seq(
                                              center=int(matrix[2]) // 2),
     )
     encoding = mrd.encodingType(
-        encodedSpace=enc, reconSpace=enc, encodingLimits=limits,
+        encodedSpace=enc, reconSpace=copy.deepcopy(enc), encodingLimits=limits,
         trajectory=mrd.trajectoryType.CARTESIAN if cartesian else mrd.trajectoryType.OTHER,
     )
     params = mrd.sequenceParametersType(sequence_type=str(defs.get("Name", "unknown")))
@@ -351,9 +352,11 @@ def minimal_header_from_seq(
 def _derived_labels(records: list[Any], k_cyc: np.ndarray, enc: Any) -> list[Any]:
     """Records with LIN/PAR/REV from their k-space (for files without LIN/PAR labels).
 
-    The phase (partition) index is ``round(k * FOV)`` shifted so that the lines fill
-    ``0 .. N-1``; the encoding limits' ``center`` is set to the index of k = 0 (writers
-    differ: FFT convention ``-N/2 .. N/2-1`` or ``-N/2+1 .. N/2``).
+    The phase (partition) index is ``round(k * FOV) + N/2`` on the FFT grid
+    ``-N/2 .. N/2-1`` (k = 0 at index ``N/2``, the limits' ``center``). Writers differ:
+    lines ``-N/2+1 .. N/2`` put the last one at ``+N/2``, which on the N-point pixel grid
+    is the same Nyquist line as ``-N/2``, so indices wrap modulo N when the lines span
+    at most N of them (a partial-Fourier subset included).
     """
     import ismrmrd.xsd as mrd
 
@@ -365,12 +368,15 @@ def _derived_labels(records: list[Any], k_cyc: np.ndarray, enc: Any) -> list[Any
     for axis, n, limit in ((1, mat.y, "kspace_encoding_step_1"),
                            (2, mat.z, "kspace_encoding_step_2")):
         idx = np.round(k_cyc[centre, axis]).astype(int)
-        lo, hi = int(idx.min()), int(idx.max())
-        zero = -lo if hi - lo < n else n // 2
-        counters.append(np.clip(idx + zero, 0, max(n - 1, 0)) if n > 1 else np.zeros_like(idx))
-        if n > 1:
-            setattr(enc.encodingLimits, limit,
-                    mrd.limitType(minimum=0, maximum=n - 1, center=min(zero, n - 1)))
+        if n <= 1:
+            counters.append(np.zeros_like(idx))
+            continue
+        if int(idx.max()) - int(idx.min()) < n:
+            counters.append((idx + n // 2) % n)
+        else:  # more lines than the matrix: keep the central N
+            counters.append(np.clip(idx + n // 2, 0, n - 1))
+        setattr(enc.encodingLimits, limit,
+                mrd.limitType(minimum=0, maximum=n - 1, center=n // 2))
     rev = (k_cyc[first + ns - 1, 0] < k_cyc[first, 0]).astype(int)  # EPI: reversed lines
     return [
         dataclasses.replace(r, labels={**r.labels, "LIN": int(a), "PAR": int(b), "REV": int(c)})

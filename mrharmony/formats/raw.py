@@ -97,6 +97,9 @@ def acquisitions_from_records(records: np.ndarray, source: str) -> list[Any]:
                 f"{source}: acquisition {i} holds {traj.size} trajectory values, "
                 f"its header says {ns} samples x {nt} dimensions"
             )
+        if not np.all(np.isfinite(raw)):
+            raise RawDataError(f"{source}: acquisition {i} holds non-finite samples (NaN or "
+                               "infinity): the file is corrupt")
         data = raw.view(np.complex64).reshape(nc, ns)
         acqs.append(
             ismrmrd.Acquisition(
@@ -440,6 +443,8 @@ def write_raw(
     The one ISMRMRD writer of the toolkit: the simulator and the converters write
     through it (the streaming server appends through :class:`RawStreamWriter`). The
     file is written under a temporary name and renamed, so no partial file is ever left.
+    A ``path`` ending in ``.mrd`` is written as MRD v2 instead
+    (:func:`mrharmony.formats.mrd2.write_mrd2_acquisitions`, same acquisitions and order).
 
     Parameters
     ----------
@@ -475,6 +480,11 @@ def write_raw(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists (use --force / overwrite=True to replace it)")
     records = _records(heads, data, trajectories)
+    if path.suffix == ".mrd":  # MRD v2 (mrharmony.formats.mrd2), acquisitions in this order
+        from mrharmony.formats.mrd2 import write_mrd2_acquisitions
+
+        acqs = acquisitions_from_records(records, str(path))
+        return write_mrd2_acquisitions(path, header_xml, acqs, overwrite=overwrite)
     for i, rec in enumerate(records):
         h = rec["head"]
         nc, ns, nt = int(h["active_channels"]), int(h["number_of_samples"]), int(
@@ -522,7 +532,8 @@ def sniff_format(path: str | Path) -> str:
 
 
 def load_raw(path: str | Path, *, seq: str | Path | None = None,
-             measurement: int | None = None) -> RawData:
+             measurement: int | None = None, reference: str | Path | None = None,
+             reference_seq: str | Path | None = None) -> RawData:
     """Read raw data in any supported format into :class:`RawData`.
 
     Parameters
@@ -534,6 +545,9 @@ def load_raw(path: str | Path, *, seq: str | Path | None = None,
     measurement : int, optional
         twix only: which measurement of a multi-measurement file (default: the last
         image measurement).
+    reference, reference_seq : str or Path, optional
+        twix EPI only: the same EPI measured with phase encoding off and its ``.seq``;
+        its readouts become phase-correction data for ghost correction.
 
     Returns
     -------
@@ -545,6 +559,10 @@ def load_raw(path: str | Path, *, seq: str | Path | None = None,
         If the format is unknown, or a twix file comes without its ``.seq``.
     """
     kind = sniff_format(path)
+    if kind != "twix" and (seq is not None or measurement is not None
+                           or reference is not None or reference_seq is not None):
+        raise RawDataError(f"{path}: a .seq, measurement or reference scan goes with Siemens "
+                           f"twix input; this is {kind}")
     if kind == "ismrmrd":
         return read_raw(path)
     if kind == "mrd2":
@@ -556,7 +574,8 @@ def load_raw(path: str | Path, *, seq: str | Path | None = None,
                            "(--seq SEQ.seq)")
     from mrharmony.formats.twix import read_twix_raw
 
-    return read_twix_raw(path, seq, measurement=measurement)
+    return read_twix_raw(path, seq, measurement=measurement, reference=reference,
+                         reference_seq=reference_seq)
 
 
 class RawStreamWriter:
