@@ -5,6 +5,7 @@
 - :func:`make_diffusion_phantom`: NIST/QIBA PVP diffusion phantom (reference ADC).
 - :func:`make_brain_phantom`: MNI152 brain from nilearn's packaged template, 0.55-7 T.
 - :func:`make_shepp_logan`: MR Shepp-Logan (Gach 2008).
+- :func:`make_uniform_phantom`: a uniform doped-water sphere or cylinder (scanner checks).
 - :func:`make_cohort` / :class:`Cohort`: virtual traveling-subject cohorts.
 
 Only :mod:`~mrharmony.phantoms.phantom` is imported eagerly (the simulator needs just
@@ -32,6 +33,7 @@ _LAZY = {
     "TissueValues": "relaxation",
     "tissue_values": "relaxation",
     "make_shepp_logan": "shepp_logan",
+    "make_uniform_phantom": "uniform",
     "make_system_phantom": "system",
     "system_reference": "system",
 }
