@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from mrharmony import __version__
 from mrharmony.errors import ReconError
 from mrharmony.fileio import atomic_path
 from mrharmony.formats.nifti import nifti_image, save_nifti
@@ -81,11 +82,25 @@ def sidecar(images: list[ReconImage], *, header: Any = None) -> dict[str, Any]:
         out["ManufacturersModelName"] = meta["model"]
     if "map" in meta:
         out["Quantity"] = meta["map"]
+    if "sequence_name" in meta:
+        out["PulseSequenceDetails"] = f"Pulseq sequence ({meta['sequence_name']})"
+    out["SoftwareVersions"] = f"mrharmony {__version__}"
+    out["NonlinearGradientCorrection"] = False
     out["ReconstructionSettings"] = meta.get("recon", {})
     if header is not None and getattr(header, "encoding", None):
         enc = header.encoding[0]
         out["ReconMatrix"] = [int(enc.reconSpace.matrixSize.x), int(enc.reconSpace.matrixSize.y),
                               int(enc.reconSpace.matrixSize.z or 1)]
+        out["MRAcquisitionType"] = "3D" if int(enc.encodedSpace.matrixSize.z or 1) > 1 else "2D"
+        system = getattr(header, "acquisitionSystemInformation", None)
+        if system is not None:
+            for key, attr in (("StationName", "stationName"),
+                              ("InstitutionName", "institutionName")):
+                if getattr(system, attr, None):
+                    out[key] = str(getattr(system, attr))
+            if system.coilLabel:
+                out["ReceiveCoilActiveElements"] = ";".join(
+                    str(c.coilName) for c in system.coilLabel)
     return out
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from mrharmony.errors import StudyError
 from mrharmony.study import load_study, run_study
-from mrharmony.study.analysis import compute_numbers
+from mrharmony.study.analysis import DERIVATIVES, compute_numbers
 from mrharmony.study.store import TaskStore, task_key
 
 IRSE = """
@@ -152,14 +152,24 @@ def test_tiny_study_runs_end_to_end(tiny_runs):
     _, two, _ = tiny_runs
     assert two.failed == 0 and two.skipped == 0, two.records
     out = two.out_dir
-    assert (out / "report.html").is_file() and (out / "features.csv").is_file()
+    deriv = out / DERIVATIVES
+    assert (deriv / "report.html").is_file() and (deriv / "features.csv").is_file()
+    assert two.report == deriv / "report.html"
     tree = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
                   if p.is_file() and ".mrharmony" not in p.parts)
-    assert "sequences/siemens-prisma/t1.seq" in tree
+    assert "sourcedata/sequences/siemens-prisma/t1.seq" in tree
     assert any(t.startswith("sub-phantom/ses-siemensprisma3t/anat/") and t.endswith(
         "_T1map.nii.gz") for t in tree)
-    assert any(t.startswith("sub-phantom/ses-philipsingenia15t/raw/") for t in tree)
-    features = pd.read_csv(out / "features.csv")
+    # the 3-TI inversion-recovery series: one file per inversion, its TI a number (s)
+    inv = [t for t in tree if t.startswith("sub-phantom/ses-siemensprisma3t/anat/")
+           and "_run-1_inv-" in t and t.endswith("_IRT1.json")]
+    assert [json.loads((out / t).read_text())["InversionTime"] for t in sorted(inv)] == \
+        pytest.approx([0.1, 0.4, 1.2])
+    assert any(t.startswith("sourcedata/raw/sub-phantom/ses-philipsingenia15t/") for t in tree)
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "raw" and description["GeneratedBy"][0]["Name"] == \
+        "mrharmony"
+    features = pd.read_csv(deriv / "features.csv")
     t1 = features[(features["quantity"] == "t1") & (features["feature"] == "mean")]
     assert set(t1["site"]) == {"siemens-prisma-3t", "philips-ingenia-1.5t"}
     assert len(t1) > 0
@@ -168,15 +178,17 @@ def test_tiny_study_runs_end_to_end(tiny_runs):
 def test_two_workers_and_default_give_identical_results(tiny_runs):
     _, two, default = tiny_runs
     for name in ("features.csv", "report.json"):
-        assert (two.out_dir / name).read_bytes() == (default.out_dir / name).read_bytes()
+        assert (two.out_dir / DERIVATIVES / name).read_bytes() == \
+            (default.out_dir / DERIVATIVES / name).read_bytes()
 
 
 def test_report_numbers_recomputed_from_features_csv(tiny_runs):
     path, two, _ = tiny_runs
-    numbers = json.loads((two.out_dir / "report.json").read_text())
-    recomputed = compute_numbers(pd.read_csv(two.out_dir / "features.csv"), load_study(path))
+    deriv = two.out_dir / DERIVATIVES
+    numbers = json.loads((deriv / "report.json").read_text())
+    recomputed = compute_numbers(pd.read_csv(deriv / "features.csv"), load_study(path))
     assert json.loads(json.dumps(recomputed, allow_nan=False)) == numbers
-    html = (two.out_dir / "report.html").read_text()
+    html = (deriv / "report.html").read_text()
     mean_cov = numbers["arms"]["shared"]["mean_cov_pct"]
     assert f"{mean_cov:.2f}" in html
 
@@ -187,8 +199,8 @@ def test_rerun_without_resume_refuses_and_resume_reuses_everything(tiny_runs):
         run_study(path, two.out_dir, workers=1, progress=False)
     again = run_study(path, two.out_dir, workers=1, resume=True, progress=False)
     assert again.ran == 0 and again.cached == len(two.records)
-    assert (again.out_dir / "report.json").read_bytes() == \
-        (two.out_dir / "report.json").read_bytes()
+    assert (again.out_dir / DERIVATIVES / "report.json").read_bytes() == \
+        (two.out_dir / DERIVATIVES / "report.json").read_bytes()
 
 
 def test_resume_after_kill_redoes_no_finished_task(tiny_runs, tmp_path):
@@ -215,4 +227,20 @@ def test_resume_after_kill_redoes_no_finished_task(tiny_runs, tmp_path):
     assert not (reran & finished)
     assert resumed.failed == 0
     for name in ("features.csv", "report.json"):
-        assert (out / name).read_bytes() == (two.out_dir / name).read_bytes()
+        assert (out / DERIVATIVES / name).read_bytes() == \
+            (two.out_dir / DERIVATIVES / name).read_bytes()
+
+
+def test_study_folder_is_a_valid_bids_dataset(tiny_runs):
+    """The official validator (bids-validator-deno) finds no error in the study folder."""
+    import shutil
+
+    exe = shutil.which("bids-validator-deno")
+    if exe is None:
+        pytest.skip("bids-validator-deno is not installed (pip install bids-validator-deno)")
+    _, two, _ = tiny_runs
+    proc = subprocess.run([exe, str(two.out_dir), "--json"], capture_output=True, text=True,
+                          timeout=300)
+    issues = json.loads(proc.stdout)["issues"]["issues"]
+    errors = [(i["code"], i.get("location")) for i in issues if i["severity"] == "error"]
+    assert errors == []

@@ -23,7 +23,8 @@ from mrharmony.study.config import Study
 from mrharmony.study.plan import Plan
 from mrharmony.study.store import TaskStore
 
-__all__ = ["ID_COLUMNS", "analyse", "compute_numbers", "harmonized_tables", "wide_table"]
+__all__ = ["BIDS_VERSION", "DERIVATIVES", "ID_COLUMNS", "analyse", "compute_numbers",
+           "harmonized_tables", "materialise_tree", "wide_table", "write_dataset_files"]
 
 #: Columns that identify a scan in the wide feature table.
 ID_COLUMNS = ("subject", "site", "arm", "repeat", "vendor", "field_t")
@@ -222,13 +223,93 @@ def _num(value: Any) -> Any:
     return value
 
 
+#: BIDS version the study tree follows (checked by bids-validator in the tests).
+BIDS_VERSION = "1.10.0"
+#: Derivatives (tables, report, figures) live here, relative to the study folder.
+DERIVATIVES = Path("derivatives") / "mrharmony"
+
+
+def _generated_by() -> list[dict[str, str]]:
+    from mrharmony import __version__
+
+    return [{"Name": "mrharmony", "Version": __version__,
+             "Description": "vendor-agnostic MRI: Pulseq sequences, Bloch simulation at "
+                            "virtual sites, reconstruction and harmonization"}]
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".tmp") as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def write_dataset_files(out_dir: Path, study: Study, subjects: list[str]) -> list[Path]:
+    """``dataset_description.json``, ``README`` and ``participants.tsv`` of the raw dataset,
+    and the derivative's own ``dataset_description.json``."""
+    name = study.study.name
+    root = out_dir / "dataset_description.json"
+    _write_json(root, {
+        "Name": f"mrharmony study {name}", "BIDSVersion": BIDS_VERSION, "DatasetType": "raw",
+        "Authors": [f"mrharmony (in-silico study '{name}')"],
+        "GeneratedBy": _generated_by(),
+        "SourceDatasets": [{"Description": "ISMRMRD raw data and Pulseq sequences in "
+                                           "sourcedata/"}],
+    })
+    deriv = out_dir / DERIVATIVES / "dataset_description.json"
+    _write_json(deriv, {
+        "Name": f"mrharmony study {name}: features, harmonization, report",
+        "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
+        "GeneratedBy": _generated_by(),
+        "SourceDatasets": [{"URL": "../.."}],
+    })
+    readme = out_dir / "README"
+    with atomic_path(readme, suffix=".tmp") as tmp:
+        tmp.write_text(
+            f"mrharmony study '{name}': in-silico scans of known phantoms or virtual subjects\n"
+            "at virtual sites (simulated with Pulseq sequences, reconstructed by mrharmony).\n"
+            "sourcedata/: ISMRMRD raw data and the Pulseq .seq files that produced them.\n"
+            f"{DERIVATIVES.as_posix()}/: feature tables, harmonized tables, report.html.\n")
+    part = out_dir / "participants.tsv"
+    with atomic_path(part, suffix=".tmp") as tmp:
+        tmp.write_text("participant_id\n" + "".join(f"sub-{s}\n" for s in sorted(subjects)))
+    return [root, deriv, readme, part]
+
+
+def _split_volumes(src: Path, src_json: Path, dst_dir: Path, stem: str, suffix: str,
+                   key: str, entity: str, written: list[Path]) -> bool:
+    """Write a 4-D image whose sidecar lists ``key`` per volume as one file per volume
+    (``<stem>_<entity>-<k>_<suffix>``, ``key`` scalar), as BIDS asks for multi-echo and
+    multi-inversion data. Returns False when the image is not such a series."""
+    import nibabel as nib
+
+    from mrharmony.formats.nifti import nifti_image, save_nifti
+
+    meta = json.loads(src_json.read_text())
+    values = meta.get(key)
+    img = nib.load(str(src))
+    if not isinstance(values, list) or img.ndim != 4 or img.shape[3] != len(values):
+        return False
+    data = np.asarray(img.dataobj)
+    for k, value in enumerate(values):
+        name = f"{stem}_{entity}-{k + 1}_{suffix}"
+        one = nifti_image(np.ascontiguousarray(data[..., k]), img.affine)
+        written.append(save_nifti(one, dst_dir / f"{name}.nii.gz", overwrite=True))
+        _write_json(dst_dir / f"{name}.json", {**meta, key: value})
+        written.append(dst_dir / f"{name}.json")
+    return True
+
+
 def materialise_tree(plan: Plan, store: TaskStore, records: Mapping[str, Mapping[str, Any]],
                      out_dir: Path, study: Study) -> list[Path]:
-    """Lay out the BIDS-like tree from the task store (hard links where possible).
+    """Lay out the study as a BIDS dataset (hard links into the task store where possible).
 
-    ``sequences/<scanner>[_native-<site>]/<protocol>.seq``,
-    ``sub-<id>/ses-<site>/anat|dwi/sub-<id>_ses-<site>_acq-<protocol>_<arm>_run-<n>_<suffix>``
-    with ``.nii.gz`` + ``.json`` images and maps, and ``raw/...h5`` ISMRMRD files.
+    - ``sub-<id>/ses-<site>/anat|dwi/sub-<id>_ses-<site>_acq-<protocol>_rec-<arm>_run-<n>_
+      <suffix>.nii.gz`` + ``.json``: images and maps; multi-echo and multi-inversion
+      series as one file per echo (``echo-<k>``) or inversion (``inv-<k>``);
+    - ``sourcedata/sequences/<scanner>[_native-<site>]/<protocol>.seq`` and
+      ``sourcedata/raw/sub-<id>/ses-<site>/..._raw.h5`` (ISMRMRD);
+    - ``dataset_description.json``, ``README``, ``participants.tsv`` and the derivative's
+      description (:func:`write_dataset_files`).
     """
     written: list[Path] = []
 
@@ -249,8 +330,9 @@ def materialise_tree(plan: Plan, store: TaskStore, records: Mapping[str, Mapping
             continue
         folder = info["scanner"] + (f"_native-{info['site']}" if info["arm"] == "native" else "")
         place(store.path("sequence", key) / "sequence.seq",
-              out_dir / "sequences" / folder / f"{info['protocol']}.seq")
+              out_dir / "sourcedata" / "sequences" / folder / f"{info['protocol']}.seq")
     maps_of = {p.name: p.maps for p in study.protocols}
+    subjects = set()
     for scan in plan.scans:
         sub = f"sub-{_bids(scan.subject)}"
         ses = f"ses-{_bids(scan.site)}"
@@ -261,14 +343,22 @@ def materialise_tree(plan: Plan, store: TaskStore, records: Mapping[str, Mapping
         base = out_dir / sub / ses
         if records.get(scan.simulate_key, {}).get("status") == "done":
             place(store.path("simulate", scan.simulate_key) / "raw.h5",
-                  base / "raw" / f"{stem}_raw.h5")
+                  out_dir / "sourcedata" / "raw" / sub / ses / f"{stem}_raw.h5")
         if records.get(scan.recon_key, {}).get("status") == "done":
+            subjects.add(_bids(scan.subject))
             rdir = store.path("recon", scan.recon_key)
             suffix = {"t1": "T1map", "t2": "T2map", "adc": "ADC", "dti": "FA"}.get(maps, "")
-            for ext in (".nii.gz", ".json"):
-                place(rdir / f"image{ext}", base / kind / f"{stem}_{_image_suffix(maps)}{ext}")
-                if suffix:
+            series = {"t1": ("InversionTime", "inv"), "t2": ("EchoTime", "echo")}.get(maps)
+            image_suffix = _image_suffix(maps)
+            if not (series and (rdir / "image.nii.gz").is_file() and _split_volumes(
+                    rdir / "image.nii.gz", rdir / "image.json", base / kind, stem,
+                    image_suffix, *series, written)):
+                for ext in (".nii.gz", ".json"):
+                    place(rdir / f"image{ext}", base / kind / f"{stem}_{image_suffix}{ext}")
+            if suffix:
+                for ext in (".nii.gz", ".json"):
                     place(rdir / f"map{ext}", base / kind / f"{stem}_{suffix}{ext}")
+    written += write_dataset_files(out_dir, study, sorted(subjects))
     return written
 
 
@@ -283,14 +373,17 @@ def _bids(text: Any) -> str:
 def analyse(study: Study, plan: Plan, store: TaskStore,
             records: Mapping[str, Mapping[str, Any]], out_dir: Path,
             ) -> tuple[Path | None, dict[str, Any]]:
-    """Write ``features.csv``, harmonized tables, the tree, ``report.json`` and
-    ``report.html``; returns the report path and its numbers."""
+    """Lay out the BIDS tree, then write ``features.csv``, the harmonized tables,
+    ``report.json`` and ``report.html`` under ``derivatives/mrharmony/``; returns the
+    report path and its numbers."""
     from mrharmony.study.report import write_study_report
 
     materialise_tree(plan, store, records, out_dir, study)
     tidy = gather_features(plan, store, records)
     if tidy.empty:
         return None, {}
+    out_dir = out_dir / DERIVATIVES
+    out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(tidy, out_dir / "features.csv")
     truth = _cohort_truth(study)
     numbers = compute_numbers(tidy, study, truth)
