@@ -6,6 +6,8 @@ normalised so that ``sum_c |S_c|^2 = 1`` inside the object (``0`` outside for ES
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from mrharmony.backend import get_array_module, to_numpy
@@ -15,9 +17,19 @@ __all__ = ["combine", "espirit_maps", "sos", "walsh_maps"]
 
 
 def sos(images, *, axis: int = 0):
-    """Root sum of squares over the coil axis (float32)."""
+    """Root sum of squares over the coil axis (float32).
+
+    Magnitudes above 1e18 (whose squares would overflow float32) are first scaled by a
+    power of two, which is exact, so the result is finite for every finite input.
+    """
     xp = get_array_module(images)
-    return xp.sqrt(xp.sum(xp.abs(images) ** 2, axis=axis)).astype(np.float32)
+    mag = xp.abs(images)
+    peak = float(xp.max(mag)) if mag.size else 0.0
+    if not peak > 1e18:
+        return xp.sqrt(xp.sum(mag**2, axis=axis)).astype(np.float32)
+    scale = 2.0 ** math.ceil(math.log2(peak))
+    mag = mag / mag.dtype.type(scale)
+    return (xp.sqrt(xp.sum(mag**2, axis=axis)) * scale).astype(np.float32)
 
 
 def combine(images, maps):

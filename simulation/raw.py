@@ -38,16 +38,15 @@ parameter ``trajectory_units`` says so.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mrharmony.errors import SequenceFileError, SimulationError
-from mrharmony.formats.flags import flag_mask
 from mrharmony.formats.layout import AcquisitionLayout, layout_from_seq
-from mrharmony.formats.raw import acquisition_table, write_raw
+from mrharmony.formats.raw import noise_table, write_raw
 from mrharmony.simulation.site import Site, b0_residual_hz, b1_scale_map, load_site
 
 __all__ = [
@@ -416,13 +415,13 @@ def _acquisitions(
     records = layout.records
     # a noise-free simulation has no noise to measure: no (all-zero) noise scans
     n_noise = chain.noise_lines if np.any(chain.noise_scan) else 0
-    noise_records = [_NoiseRecord(0.0, chain.noise_samples, chain.noise_dwell_s)
-                     for _ in range(n_noise)]
-    noise_heads = acquisition_table(noise_records, n_coils=n_coils)
-    noise_heads["flags"] = flag_mask("IS_NOISE_MEASUREMENT")
+    noise_heads = noise_table([chain.noise_samples] * n_noise, n_coils=n_coils,
+                              dwell_s=chain.noise_dwell_s)
     all_heads = np.concatenate([noise_heads, layout.heads])
     all_heads["scan_counter"] = np.arange(all_heads.size, dtype=np.uint32)
-    data = _split(chain.noise_scan, noise_records) + _split(chain.signal, records)
+    noise = [chain.noise_scan[:, k * chain.noise_samples:(k + 1) * chain.noise_samples]
+             for k in range(n_noise)]
+    data = noise + _split(chain.signal, records)
     trajs = None
     if layout.trajectories is not None:
         # noise scans sample no k-space: no trajectory (their header says 0 dimensions)
@@ -431,10 +430,3 @@ def _acquisitions(
     return all_heads, data, trajs
 
 
-@dataclass(frozen=True)
-class _NoiseRecord:
-    t_start_s: float
-    num_samples: int
-    dwell_s: float
-    labels: dict[str, int] = field(default_factory=dict)
-    rotation: np.ndarray | None = None

@@ -10,6 +10,7 @@ happen. Only then is it handed to the ISMRMRD schema binding.
 
 from __future__ import annotations
 
+import warnings
 import xml.parsers.expat
 from typing import Any
 
@@ -91,11 +92,16 @@ def parse_ismrmrd_header(
 
     check_xml(document, source=source, error=error, what="ISMRMRD header XML")
     try:
-        header = ismrmrd.xsd.CreateFromDocument(document)
+        with warnings.catch_warnings():
+            # a value of the wrong type (e.g. "256.0" for an integer) is an error here,
+            # not a warning and a silently defaulted field
+            warnings.simplefilter("error")
+            header = ismrmrd.xsd.CreateFromDocument(document)
     except MrHarmonyError:
         raise
-    except Exception as exc:  # xsdata raises parser-specific exception types
-        raise error(f"{source}: not valid ISMRMRD header XML ({exc})") from None
+    except Exception as exc:  # xsdata raises parser-specific exception and warning types
+        text = " ".join(str(exc).split())
+        raise error(f"{source}: not valid ISMRMRD header XML ({text})") from None
     if not getattr(header, "encoding", None):
         raise error(f"{source}: the ISMRMRD header has no <encoding>")
     return header

@@ -553,7 +553,7 @@ def _reverse(k: np.ndarray, ns: np.ndarray) -> np.ndarray:
 
 
 def _noise_parts(meas: _Measurement, n_coils: int, dwell_s: float) -> tuple[np.ndarray, list]:
-    from mrharmony.formats.raw import acquisition_table
+    from mrharmony.formats.raw import noise_table
 
     data = []
     with open(meas.path, "rb") as fh:
@@ -562,22 +562,12 @@ def _noise_parts(meas: _Measurement, n_coils: int, dwell_s: float) -> tuple[np.n
         if d.shape[0] != n_coils:
             _LOG.warning("%s: noise-adjust scans have %d channels, the imaging data %d; "
                          "noise scans left out", meas.path, d.shape[0], n_coils)
-            return acquisition_table([], n_coils=n_coils), []
+            return noise_table([], n_coils=n_coils, dwell_s=dwell_s), []
         data.append(d)
     dwell = meas.noise_dwell_s or dwell_s
-    recs = [_NoiseRecord(0.0, d.shape[1], dwell) for d in data]
-    heads = acquisition_table(recs, n_coils=n_coils)
-    heads["flags"] = flag_mask("IS_NOISE_MEASUREMENT")
-    return heads, data
+    return noise_table([d.shape[1] for d in data], n_coils=n_coils, dwell_s=dwell), data
 
 
-@dataclass(frozen=True)
-class _NoiseRecord:
-    t_start_s: float
-    num_samples: int
-    dwell_s: float
-    labels: dict[str, int] = field(default_factory=dict)
-    rotation: np.ndarray | None = None
 
 
 def _side(path: Path, seq_path: Path, measurement: int | None) -> tuple[Any, ...]:
