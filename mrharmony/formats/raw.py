@@ -34,6 +34,7 @@ __all__ = [
     "check_counters",
     "encoding_of",
     "load_raw",
+    "noise_table",
     "raw_from_arrays",
     "read_raw",
     "sniff_format",
@@ -402,6 +403,38 @@ def acquisition_table(
         flags[np.flatnonzero(imaging)[-1]] |= flag_mask("LAST_IN_MEASUREMENT")
     head["flags"] = flags
     return head
+
+
+@dataclass(frozen=True)
+class _NoiseRecord:
+    t_start_s: float
+    num_samples: int
+    dwell_s: float
+    labels: dict[str, int] = field(default_factory=dict)
+    rotation: np.ndarray | None = None
+
+
+def noise_table(samples: list[int], *, n_coils: int, dwell_s: float) -> np.ndarray:
+    """Acquisition headers of noise scans (flag ``IS_NOISE_MEASUREMENT``, no trajectory).
+
+    Parameters
+    ----------
+    samples : list of int
+        Samples per noise acquisition.
+    n_coils : int
+        Receive channels.
+    dwell_s : float
+        Sample spacing (s), recorded as ``sample_time_us`` (prewhitening scales by it).
+
+    Returns
+    -------
+    ndarray
+        ``acquisition_header_dtype`` records, one per noise acquisition.
+    """
+    heads = acquisition_table([_NoiseRecord(0.0, int(n), float(dwell_s)) for n in samples],
+                              n_coils=n_coils)
+    heads["flags"] = flag_mask("IS_NOISE_MEASUREMENT")
+    return heads
 
 
 def _records(
