@@ -13,6 +13,9 @@ import xml.etree.ElementTree as ET
 import ismrmrd
 import numpy as np
 import pytest
+
+pytest.importorskip("gadgetron", reason="the Gadgetron client package (a peer) is not installed")
+
 from gadgetron.external import Connection
 from gadgetron.external import constants as gtc
 from gadgetron.external.readers import read, read_image
