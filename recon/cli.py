@@ -17,6 +17,8 @@ __all__ = ["recon"]
 
 def _map_path(out: Path, name: str) -> Path:
     text = out.name
+    if text.endswith(".mrd"):
+        return out.with_name(f"{text[:-len('.mrd')]}_{name}.mrd")
     stem = text[: -len(".nii.gz")] if text.endswith(".nii.gz") else text.rsplit(".nii", 1)[0]
     suffix = ".nii.gz" if text.endswith(".nii.gz") else ".nii"
     return out.with_name(f"{stem}_{name}{suffix}")
@@ -26,7 +28,8 @@ def _map_path(out: Path, name: str) -> Path:
 @click.argument("raw", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "output", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
-              help="Output NIfTI (.nii or .nii.gz); a .json sidecar is written beside it.")
+              help="Output NIfTI (.nii or .nii.gz; a .json sidecar is written beside it), "
+                   "or MRD v2 images (.mrd).")
 @click.option("--method", default="auto", show_default=True,
               type=click.Choice(["auto", "fft", "grappa", "sense", "cs", "tv", "nufft"]),
               help="Reconstruction method.")
@@ -49,7 +52,8 @@ def _map_path(out: Path, name: str) -> Path:
 def recon(raw: Path, output: Path, method: str, backend: str, maps: str | None,
           seq: Path | None, measurement: int | None, reference: Path | None,
           reference_seq: Path | None, dataset: str, write_mrd: bool, force: bool) -> None:
-    """Reconstruct RAW (ISMRMRD HDF5, MRD v2, or twix with --seq) into OUTPUT (NIfTI + JSON)."""
+    """Reconstruct RAW (ISMRMRD HDF5, MRD v2, or twix with --seq) into OUTPUT (NIfTI + JSON,
+    or MRD v2 images)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from mrharmony.formats.raw import load_raw, read_raw, sniff_format
@@ -89,7 +93,13 @@ def recon(raw: Path, output: Path, method: str, backend: str, maps: str | None,
                 raise FileExistsError(f"{path}: exists (use --force to replace it)")
         written = []
         for path, group in outputs:
-            written += write_nifti(group, path, header=data.header, force=force)
+            if path.suffix == ".mrd":
+                from mrharmony.formats.mrd2 import write_mrd2_images
+
+                written.append(write_mrd2_images(path, group, header=data.header,
+                                                 overwrite=force))
+            else:
+                written += write_nifti(group, path, header=data.header, force=force)
         if write_mrd:
             write_mrd_images(plain, raw, dataset=dataset)
     for path in written:

@@ -147,22 +147,28 @@ def serve(host: str, port: int, workers: int, executor: str, backend: str,
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--timeout-s", default=600.0, show_default=True, type=click.FloatRange(min=1),
               help="Longest wait for the server after the last acquisition (s).")
+@click.option("--mrd2/--mrd1", "mrd2", default=None,
+              help="Protocol: MRD v2 (yardl stream, as Pingvin) or the v1 (Gadgetron/ISMRMRD) "
+                   "messages. Default: MRD v2 for an MRD v2 RAW, v1 otherwise.")
 @_tls_options
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def stream(raw: Path, host: str, port: int, config: str, config_file: Path | None,
-           out_dir: Path, timeout_s: float, tls_ca: Path | None, tls_cert: Path | None,
-           tls_key: Path | None, tls_server_name: str | None, force: bool) -> None:
-    """Stream RAW (ISMRMRD HDF5) to a server, write the images as NIfTI + JSON sidecars."""
+           out_dir: Path, timeout_s: float, mrd2: bool | None, tls_ca: Path | None,
+           tls_cert: Path | None, tls_key: Path | None, tls_server_name: str | None,
+           force: bool) -> None:
+    """Stream RAW (ISMRMRD HDF5 or MRD v2) to a server, write the images as NIfTI + JSON."""
     from rich.progress import Progress
 
-    from mrharmony.formats.raw import read_raw
+    from mrharmony.formats.raw import load_raw, sniff_format
     from mrharmony.recon.stream.client import stream_acquisitions, write_stream_outputs
 
     stem = raw.name.removesuffix(".h5").removesuffix(".mrd")
     target = out_dir / f"{stem}.nii.gz"
     if target.exists() and not force:
         raise FileExistsError(f"{target}: exists (use --force to replace it)")
-    data = read_raw(raw)
+    if mrd2 is None:
+        mrd2 = sniff_format(raw) == "mrd2"
+    data = load_raw(raw)
     acqs = list(data.noise) + list(data.acquisitions)
     cfg = config_file.read_text() if config_file is not None else config
     ctx = _client_tls(tls_ca, tls_cert, tls_key)
@@ -174,7 +180,7 @@ def stream(raw: Path, host: str, port: int, config: str, config_file: Path | Non
 
         result = asyncio.run(stream_acquisitions(
             data.header, acqs, host=host, port=port, config=cfg, ssl_context=ctx,
-            server_hostname=tls_server_name, pace=pace, timeout_s=timeout_s))
+            server_hostname=tls_server_name, pace=pace, timeout_s=timeout_s, mrd2=mrd2))
     for text in result.texts:
         click.echo(f"server: {text}", err=True)
     if not result.images:

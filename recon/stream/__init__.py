@@ -1,4 +1,5 @@
-"""Online reconstruction over the MRD (Gadgetron/ISMRMRD) streaming protocol.
+"""Online reconstruction over the MRD (Gadgetron/ISMRMRD) streaming protocol, v1 messages
+or an MRD v2 (yardl) stream.
 
 * :mod:`.protocol` — message reading/writing on asyncio streams with limits;
 * :mod:`.server` — ``mrharmony serve``: slice-by-slice reconstruction server;

@@ -4,7 +4,8 @@ It sends a config (a name such as ``default.xml``, or XML text), the ISMRMRD hea
 the acquisitions and CLOSE, while it receives images (and TEXT messages) until the
 server's CLOSE. Sending and receiving run concurrently, so images come back while the
 scan is still being sent. It speaks the same protocol as a Gadgetron server, so it
-works against ``mrharmony serve`` and against a real Gadgetron (port 9002).
+works against ``mrharmony serve`` and against a real Gadgetron (port 9002). With
+``mrd2=True`` it sends an MRD v2 (yardl) stream instead and reads the MRD v2 reply.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ async def stream_acquisitions(
     pace: Pace | None = None,
     timeout_s: float = 600.0,
     connect_timeout_s: float = 30.0,
+    mrd2: bool = False,
 ) -> StreamResult:
     """Stream one scan to a server and collect the images it sends back.
 
@@ -144,6 +146,12 @@ async def stream_acquisitions(
         Longest wait for the server's CLOSE after everything was sent (s).
     connect_timeout_s : float
         Longest wait for the TCP/TLS connection (s).
+    mrd2 : bool
+        Speak MRD v2 (a yardl stream: header, acquisitions, end of stream) instead of
+        the v1 protocol. The config travels in the header's user parameter string
+        ``mrharmony.config``; the images come back as MRD v2 and are returned as
+        ``ismrmrd.Image`` objects like v1 images. MRD v2 has no text message: a server error
+        shows as a reply stream without its end marker (a text in ``result.texts``).
 
     Returns
     -------
@@ -167,17 +175,33 @@ async def stream_acquisitions(
     except (OSError, TimeoutError, ssl.SSLError) as exc:
         raise StreamError(f"cannot connect to {host}:{port}: {exc}") from None
     result = StreamResult()
-    receiver = asyncio.create_task(_receive(reader, result))
+    if mrd2:
+        from mrharmony.formats.mrd2 import Mrd2Encoder, acquisition_to_mrd2
+
+        encoder = Mrd2Encoder()
+        receiver = asyncio.create_task(_receive_mrd2(reader, result))
+    else:
+        receiver = asyncio.create_task(_receive(reader, result))
     try:
-        cfg: Any = ConfigText(config) if config.lstrip().startswith("<") else ConfigFile(config)
-        await write_message(writer, cfg)
-        await write_message(writer, header)
+        if mrd2:
+            writer.write(encoder.begin(_mrd2_header(header, config)))
+            await writer.drain()
+        else:
+            cfg: Any = (ConfigText(config) if config.lstrip().startswith("<")
+                        else ConfigFile(config))
+            await write_message(writer, cfg)
+            await write_message(writer, header)
         for i, acq in enumerate(acquisitions):
             if pace is not None:
                 await pace(i, acq, result)
             if receiver.done():
                 break  # the server ended the connection (error text received)
-            writer.write(encode_message(acq))
+            if mrd2:
+                import mrd
+
+                writer.write(encoder.items([mrd.StreamItem.Acquisition(acquisition_to_mrd2(acq))]))
+            else:
+                writer.write(encode_message(acq))
             if has_flag(acq.flags, "LAST_IN_SLICE"):
                 await writer.drain()
                 result.last_sent_s[(int(acq.idx.slice), int(acq.idx.repetition))] = \
@@ -185,7 +209,11 @@ async def stream_acquisitions(
             elif writer.transport.get_write_buffer_size() > _WRITE_BUFFER_BYTES:
                 await writer.drain()
         if not receiver.done():
-            await write_message(writer, None)
+            if mrd2:
+                writer.write(encoder.end())
+                await writer.drain()
+            else:
+                await write_message(writer, None)
     except (ConnectionError, ssl.SSLError):
         pass  # the receiver reports what the server said before it closed
     try:
@@ -221,8 +249,62 @@ async def _receive(reader: asyncio.StreamReader, result: StreamResult) -> None:
         # acquisitions/waveforms/arrays returned by a pass-through chain are ignored
 
 
+def _mrd2_header(header: Any, config: str) -> Any:
+    """The MRD v2 header to send: ``header`` with the config as the user parameter
+    string ``mrharmony.config`` (replacing one already there)."""
+    import mrd
+
+    from mrharmony.formats.mrd2 import header_to_mrd2
+    from mrharmony.recon.stream.server import MRD2_CONFIG_PARAMETER
+
+    out = header_to_mrd2(header)
+    if out.user_parameters is None:
+        out.user_parameters = mrd.UserParametersType()
+    params = [p for p in out.user_parameters.user_parameter_string
+              if p.name != MRD2_CONFIG_PARAMETER]
+    params.append(mrd.UserParameterStringType(name=MRD2_CONFIG_PARAMETER, value=config))
+    out.user_parameters.user_parameter_string = params
+    return out
+
+
+def _mrd2_reply_item(_index: int, item: Any) -> Any:
+    """Decoder-thread side of the client: MRD v2 images become ``ismrmrd.Image``."""
+    from mrharmony.formats.mrd2 import image_from_mrd2
+
+    name = type(item).__name__
+    if name.startswith("StreamItem.Image") and name != "StreamItem.ImageArray":
+        return image_from_mrd2(item)
+    return None
+
+
+async def _receive_mrd2(reader: asyncio.StreamReader, result: StreamResult) -> None:
+    from mrharmony.recon.stream.protocol import MessageReader, Mrd2Source
+
+    source = Mrd2Source(MessageReader(reader), limits=_CLIENT_LIMITS, idle_timeout_s=None,
+                        transform=_mrd2_reply_item)
+    try:
+        await source.next()  # the header the server echoes
+        while True:
+            kind, value = await source.next()
+            if kind == "end":
+                result.closed = True
+                return
+            if value is not None:
+                result.images.append(value)
+                result.image_times_s.append(time.perf_counter())
+                result.image_event.set()
+    except StreamError as exc:
+        result.texts.append(f"mrharmony error: the server's MRD v2 reply ended early (an "
+                            f"error on the server; see its log): {exc}")
+    except (ConnectionError, ssl.SSLError):
+        result.texts.append("mrharmony error: the connection to the server was lost")
+    finally:
+        source.close()
+
+
 async def stream_file(path: str | Path, **kwargs: Any) -> tuple[Any, StreamResult]:
-    """Read an ISMRMRD file and :func:`stream_acquisitions` it (noise scans first).
+    """Read a raw file (ISMRMRD HDF5 or MRD v2) and :func:`stream_acquisitions` it
+    (noise scans first). An MRD v2 file is streamed as MRD v2 unless ``mrd2`` is given.
 
     Returns
     -------
@@ -235,9 +317,10 @@ async def stream_file(path: str | Path, **kwargs: Any) -> tuple[Any, StreamResul
     StreamError
         See :func:`stream_acquisitions`.
     """
-    from mrharmony.formats.raw import read_raw
+    from mrharmony.formats.raw import load_raw, sniff_format
 
-    raw = read_raw(path)
+    raw = load_raw(path)
+    kwargs.setdefault("mrd2", sniff_format(path) == "mrd2")
     acqs = list(raw.noise) + list(raw.acquisitions)
     return raw.header, await stream_acquisitions(raw.header, acqs, **kwargs)
 

@@ -14,6 +14,10 @@ message. What they lack for a network server is added here:
 * a safe ISMRMRD XML header parse (no DTD / entities) with a :class:`StreamError`
   naming the problem.
 
+:class:`Mrd2Source` decodes the other protocol a connection may speak, MRD v2 (a yardl
+binary stream, ``mrd-python``), with the same kind of limits (:func:`mrd2_field_limit`);
+:func:`is_mrd2_start` tells the two apart from the first bytes.
+
 Wire format (little-endian): ``uint16`` message id, then
 
 =====  ==================  ====================================================
@@ -34,6 +38,7 @@ id     name                payload
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import io
 import struct
@@ -51,7 +56,7 @@ from ismrmrd.serialization import (
     ProtocolSerializer,
 )
 
-from mrharmony.errors import StreamError
+from mrharmony.errors import MrHarmonyError, StreamError
 from mrharmony.formats.header import parse_ismrmrd_header
 
 __all__ = [
@@ -63,11 +68,14 @@ __all__ = [
     "Message",
     "MessageId",
     "MessageReader",
+    "Mrd2Source",
     "StreamLimits",
     "acquisition_sizes",
     "decode_acquisition",
     "decode_acquisitions",
     "encode_message",
+    "is_mrd2_start",
+    "mrd2_field_limit",
     "parse_header_xml",
     "read_message",
     "write_message",
@@ -498,6 +506,27 @@ class MessageReader:
         del buf[:n]  # O(1) in CPython: the bytearray start moves
         return out
 
+    async def peek(self, n: int) -> bytes:
+        """The next ``n`` bytes without consuming them (fewer if the connection ends
+        first; empty at its end)."""
+        buf = self._buf
+        while len(buf) < n:
+            chunk = await self._reader.read(max(self._chunk, n - len(buf)))
+            if not chunk:
+                break
+            buf += chunk
+        return bytes(buf[:n])
+
+    async def read_some(self, n: int) -> bytes:
+        """Up to ``n`` bytes: what is buffered, else what one read returns (empty only at
+        the end of the connection)."""
+        buf = self._buf
+        if not buf:
+            return await self._reader.read(max(1, min(n, self._chunk)))
+        out = bytes(buf[:n])
+        del buf[:len(out)]
+        return out
+
     def pop_acquisition(self, limits: StreamLimits) -> Message | None:
         """The next message if it is an ACQUISITION already complete in the buffer.
 
@@ -561,3 +590,164 @@ async def write_message(writer: asyncio.StreamWriter, obj: Any | None) -> int:
     writer.write(data)
     await writer.drain()
     return len(data)
+
+
+# --------------------------------------------------------------------------- MRD v2
+
+
+def is_mrd2_start(first: bytes) -> bool:
+    """Whether the first bytes of a connection start an MRD v2 (yardl) stream rather
+    than a v1 message (whose ``uint16`` id is 1 to 5)."""
+    from mrharmony.formats.mrd2 import MRD2_MAGIC
+
+    return first[:len(MRD2_MAGIC)] == MRD2_MAGIC[:len(first)] and len(first) > 0
+
+
+def mrd2_field_limit(limits: StreamLimits) -> int:
+    """Largest single field (string or array, bytes) accepted in an MRD v2 stream: the
+    largest acquisition (complex64), header or image the v1 limits allow."""
+    return max(8 * limits.max_samples_x_channels, limits.max_header_bytes,
+               limits.max_image_bytes)
+
+
+class _Closed(Exception):
+    """The consumer of an :class:`Mrd2Source` went away."""
+
+
+class _LoopInput(io.BufferedIOBase):
+    """A blocking binary file for a worker thread that reads an asyncio connection
+    (through its :class:`MessageReader`) on the event loop."""
+
+    def __init__(self, source: Mrd2Source) -> None:
+        super().__init__()
+        self._source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self._source._call(self._source._read(len(b)))
+        n = len(data)
+        memoryview(b).cast("B")[:n] = data
+        return n
+
+
+class Mrd2Source:
+    """Decode an MRD v2 (yardl binary) stream arriving on an asyncio connection.
+
+    ``mrd-python`` decodes synchronously, so a worker thread runs the decoder; it pulls
+    the bytes from the connection on the event loop (with the idle timeout) and hands
+    each decoded item back through a bounded queue, so neither side runs ahead of the
+    other. ``transform(index, item)`` runs in the thread too (the server turns
+    acquisitions into v1 wire bytes there, the client images into ``ismrmrd.Image``).
+
+    Parameters
+    ----------
+    reader : MessageReader
+        The connection, positioned at the yardl magic.
+    limits : StreamLimits
+        Sizes: no single field over :func:`mrd2_field_limit`.
+    idle_timeout_s : float or None
+        Longest wait for more bytes (s).
+    transform : callable, optional
+        ``transform(index, item) -> value``, run in the worker thread.
+    """
+
+    def __init__(self, reader: MessageReader, *, limits: StreamLimits,
+                 idle_timeout_s: float | None = None,
+                 transform: Any = None) -> None:
+        self._reader = reader
+        self._limits = limits
+        self._timeout = idle_timeout_s
+        self._transform = transform
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=64)
+        self._closed = False
+        self.bytes_in = 0
+        import threading
+
+        self._thread = threading.Thread(target=self._run, name="mrh-mrd2-decoder", daemon=True)
+        self._thread.start()
+
+    async def _read(self, n: int) -> bytes:
+        if self._timeout is None:
+            data = await self._reader.read_some(n)
+        else:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    data = await self._reader.read_some(n)
+            except TimeoutError:
+                raise StreamError(f"timeout: nothing received for {self._timeout:g} s") from None
+        self.bytes_in += len(data)
+        return data
+
+    def _call(self, coro: Any) -> Any:
+        """Run ``coro`` on the loop from the worker thread and wait for it."""
+        import concurrent.futures
+
+        if self._closed:
+            coro.close()
+            raise _Closed
+        try:
+            fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except RuntimeError:  # the loop is closed
+            coro.close()
+            raise _Closed from None
+        while True:
+            try:
+                return fut.result(timeout=0.25)
+            except concurrent.futures.TimeoutError:
+                if self._closed:
+                    fut.cancel()
+                    raise _Closed from None
+            except concurrent.futures.CancelledError:
+                raise _Closed from None
+
+    def _post(self, kind: str, value: Any = None) -> None:
+        self._call(self._queue.put((kind, value)))
+
+    def _run(self) -> None:
+        from mrharmony.formats.mrd2 import open_mrd2_reader
+
+        try:
+            try:
+                reader = open_mrd2_reader(_LoopInput(self),
+                                          max_field_bytes=mrd2_field_limit(self._limits))
+                self._post("header", reader.read_header())
+                for i, item in enumerate(reader.read_data()):
+                    value = item if self._transform is None else self._transform(i, item)
+                    self._post("item", value)
+                self._post("end")
+            except (_Closed, StreamError):
+                raise
+            except EOFError:
+                raise StreamError("MRD v2 stream: truncated (the connection ended inside "
+                                  "a record or before the end of the stream)") from None
+            except MrHarmonyError as exc:
+                raise StreamError(f"MRD v2 stream: {exc}") from None
+            except Exception as exc:  # decoding errors of the generated code: any type
+                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise StreamError(f"MRD v2 stream: does not decode ({text})") from None
+        except _Closed:
+            return
+        except StreamError as exc:
+            with contextlib.suppress(_Closed):
+                self._post("error", exc)
+
+    async def next(self) -> tuple[str, Any]:
+        """The next event: ``("header", mrd.Header or None)``, ``("item", value)`` or
+        ``("end", None)``.
+
+        Raises
+        ------
+        StreamError
+            A truncated or undecodable stream, a field over the limit, a timeout.
+        """
+        kind, value = await self._queue.get()
+        if kind == "error":
+            raise value
+        return kind, value
+
+    def close(self) -> None:
+        """Stop the worker thread (it ends at its next read or hand-over)."""
+        self._closed = True

@@ -11,6 +11,15 @@ images are sent back at once, while the client keeps streaming. Whatever is left
 CLOSE is reconstructed then. Images sent by the client are echoed back unchanged
 (pass-through, as in a Gadgetron chain); waveforms are saved with ``--save-raw``.
 
+The server also speaks MRD v2 (the yardl stream of ``mrd-python``, what Pingvin /
+Gadgetron 5 read and write): a connection whose first bytes are the yardl magic
+``b"yardl"`` (a v1 connection starts with a ``uint16`` message id 1 to 5) is decoded by
+:class:`~mrharmony.recon.stream.protocol.Mrd2Source`, its acquisitions are converted to
+v1 and go through the same slice assembly and reconstruction, and the images go back as
+an MRD v2 stream (header, images, end of stream). The pipeline comes from the header's
+user parameter string ``mrharmony.config`` (:data:`MRD2_CONFIG_PARAMETER`). MRD v2 has no
+text message: errors are logged, and the reply stream ends without its end marker.
+
 Errors (truncated or unknown messages, over-limit lengths, bad header XML, data before
 the header, a second header) end that connection with a TEXT message naming the
 problem followed by CLOSE; the server keeps serving everyone else. A silent client is
@@ -49,13 +58,16 @@ from mrharmony.recon.stream.protocol import (
     EndOfStream,
     MessageId,
     MessageReader,
+    Mrd2Source,
     StreamLimits,
     decode_acquisitions,
+    is_mrd2_start,
     read_message,
     write_message,
 )
 
 __all__ = [
+    "MRD2_CONFIG_PARAMETER",
     "PIPELINES",
     "Pipeline",
     "ServerSettings",
@@ -316,6 +328,38 @@ def _warm_up() -> int:
     reconstruct_to_mrd(header, acqs, method="auto", backend="numpy")
     time.sleep(0.2)
     return os.getpid()
+
+
+#: Header user parameter (string) that selects the pipeline of an MRD v2 stream: a config
+#: name (``default.xml``, ...) or config XML; ``default.xml`` when absent.
+MRD2_CONFIG_PARAMETER = "mrharmony.config"
+
+
+def _mrd2_item(index: int, item: Any, *, limits: StreamLimits) -> tuple[str, Any]:
+    """Decoder-thread side of an MRD v2 session: name an item and convert what the
+    session needs (an acquisition into its v1 header and wire bytes, after the limits)."""
+    import mrd
+
+    from mrharmony.formats.mrd2 import acquisition_bytes_from_mrd2, waveform_from_mrd2
+
+    if isinstance(item, mrd.StreamItem.Acquisition):
+        acq = item.value
+        nc, ns = np.shape(acq.data) if np.ndim(acq.data) == 2 else (0, 0)
+        nt = np.shape(acq.trajectory)[0] if np.ndim(acq.trajectory) == 2 else 0
+        if nc * ns > limits.max_samples_x_channels:
+            raise StreamError(f"MRD v2 acquisition {index}: samples x channels ({ns} x {nc}) "
+                              f"= {nc * ns} is over the limit of "
+                              f"{limits.max_samples_x_channels}")
+        if nt > limits.max_trajectory_dimensions:
+            raise StreamError(f"MRD v2 acquisition {index}: trajectory dimensions {nt} is over "
+                              f"the limit of {limits.max_trajectory_dimensions}")
+        return "ACQUISITION", acquisition_bytes_from_mrd2(acq, where=f"acquisition {index}")
+    if isinstance(item, mrd.StreamItem.WaveformUint32):
+        return "WAVEFORM", waveform_from_mrd2(item)
+    name = type(item).__name__.removeprefix("StreamItem.")
+    if name.startswith("Image") and name != "ImageArray":
+        return "IMAGE", item
+    return name, None
 
 
 # --------------------------------------------------------------------------- raw files
@@ -579,6 +623,8 @@ class _Session:
         self.header_xml = ""
         self.image_index = 0
         self.t0 = time.monotonic()
+        self.mrd2 = False  # the client speaks MRD v2 (yardl); replies are MRD v2 too
+        self.encoder: Any = None  # mrharmony.formats.mrd2.Mrd2Encoder of the reply
 
     # ---- sending
     async def send(self, obj: Any) -> None:
@@ -586,6 +632,16 @@ class _Session:
             await write_message(self.writer, obj)
 
     async def send_image_bytes(self, blob: bytes) -> None:
+        if self.mrd2:
+            from mrharmony.formats.mrd2 import image_to_mrd2
+
+            img = ismrmrd.Image.from_bytes(blob)
+            async with self.lock:
+                self.image_index += 1
+                img.image_index = self.image_index & 0xFFFF
+                await self._write_mrd2(self.encoder.items([image_to_mrd2(img)]))
+                self.counts.images_sent += 1
+            return
         buf = bytearray(struct.pack("<H", int(MessageId.IMAGE)) + blob)
         async with self.lock:
             self.image_index += 1
@@ -594,7 +650,14 @@ class _Session:
             await self.writer.drain()
             self.counts.images_sent += 1
 
+    async def _write_mrd2(self, data: bytes) -> None:
+        """Send bytes of the MRD v2 reply stream (call with :attr:`lock` held)."""
+        self.writer.write(data)
+        await self.writer.drain()
+
     async def send_text(self, text: str) -> None:
+        if self.mrd2:
+            return  # MRD v2 has no text message: the problem is logged (and saved)
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.send(text)
             self.counts.texts_sent += 1
@@ -623,8 +686,9 @@ class _Session:
             self.counts.errors.append(str(exc))
             self.log.warning("conn %d: %s", self.id, exc)
             await self.send_text(f"mrharmony error: {exc}")
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await self.send(None)
+            if not self.mrd2:  # an MRD v2 reply ends without its end marker instead
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.send(None)
         except EndOfStream:
             reason = "client disconnected without CLOSE"
             self.log.warning("conn %d: %s", self.id, reason)
@@ -639,8 +703,9 @@ class _Session:
             self.counts.errors.append(reason)
             self.log.exception("conn %d: %s", self.id, reason)
             await self.send_text(f"mrharmony error: {reason}")
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await self.send(None)
+            if not self.mrd2:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.send(None)
         finally:
             for t in self.jobs:
                 t.cancel()
@@ -658,6 +723,22 @@ class _Session:
                 self.counts.bytes_in, self.counts.images_sent, self.counts.texts_sent)
 
     async def _serve(self) -> None:
+        timeout = self.server.settings.idle_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                first = await self.reader.peek(2)
+                if first and is_mrd2_start(first):
+                    first = await self.reader.peek(5)
+        except TimeoutError:
+            raise StreamError(f"timeout: nothing received for {timeout:g} s") from None
+        if not first:
+            raise EndOfStream("connection closed")
+        if is_mrd2_start(first):
+            if len(first) < 5:
+                raise StreamError("MRD v2 stream: truncated yardl magic")
+            self.mrd2 = True
+            await self._serve_mrd2()
+            return
         msg = await self.next_message()
         if msg.id == MessageId.CLOSE:
             await self.send(None)
@@ -675,11 +756,8 @@ class _Session:
             raise StreamError(f"{msg.name} before the HEADER")
         self.header = msg.value
         self.header_xml = msg.payload.decode("utf-8", errors="replace")  # as sent
+        self._open_raw()
         settings = self.server.settings
-        if settings.save_raw is not None:
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-            path = Path(settings.save_raw) / f"{stamp}_{os.getpid()}_conn{self.id:05d}.h5"
-            self.raw = RawStreamWriter(path, self.header_xml)
         limits = settings.limits
         received = self.counts.received
         while True:
@@ -691,15 +769,8 @@ class _Session:
             else:
                 msg = await self.next_message()
             if msg.id == MessageId.ACQUISITION:
-                head = msg.value  # AcquisitionHeader only: data are decoded in the worker
-                if self.raw is not None:
-                    self.raw.append(msg.payload)
-                groups = self.assembler.add(head, (head, msg.payload))
-                if groups:
-                    if self.raw is not None:
-                        self.raw.flush()  # slice complete: its lines are on disk
-                    for group in groups:
-                        self._submit(group)
+                # AcquisitionHeader only: data are decoded in the worker
+                self._on_acquisition(msg.value, msg.payload)
             elif msg.id == MessageId.CLOSE:
                 break
             elif msg.id == MessageId.WAVEFORM:
@@ -713,6 +784,29 @@ class _Session:
                 self.log.info("conn %d: NDARRAY %s ignored", self.id, msg.value.shape)
             else:
                 raise StreamError(f"{msg.name}: not allowed after the HEADER")
+        await self._finish()
+        await self.send(None)
+
+    def _open_raw(self) -> None:
+        settings = self.server.settings
+        if settings.save_raw is not None:
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            path = Path(settings.save_raw) / f"{stamp}_{os.getpid()}_conn{self.id:05d}.h5"
+            self.raw = RawStreamWriter(path, self.header_xml)
+
+    def _on_acquisition(self, head: Any, payload: bytes) -> None:
+        """Group one acquisition (v1 header + wire bytes); submit completed slices."""
+        if self.raw is not None:
+            self.raw.append(payload)
+        groups = self.assembler.add(head, (head, payload))
+        if groups:
+            if self.raw is not None:
+                self.raw.flush()  # slice complete: its lines are on disk
+            for group in groups:
+                self._submit(group)
+
+    async def _finish(self) -> None:
+        """Reconstruct what is incomplete at the end of the stream and wait for all jobs."""
         for group in self.assembler.flush():
             self._submit(group)
         if self.assembler.reopened:
@@ -720,7 +814,71 @@ class _Session:
                              sorted(set(self.assembler.reopened)))
         if self.jobs:
             await asyncio.gather(*self.jobs, return_exceptions=True)
-        await self.send(None)
+
+    def _count(self, name: str) -> None:
+        self.counts.received[name] = self.counts.received.get(name, 0) + 1
+
+    async def _serve_mrd2(self) -> None:
+        """An MRD v2 (yardl) session: header, stream items, end of stream.
+
+        The pipeline is the header's user parameter string ``mrharmony.config`` (a
+        config name or XML, as CONFIG_FILE/CONFIG_TEXT), else ``default.xml``.
+        Acquisitions are converted to v1 wire bytes in the decoder thread and go through
+        the same slice assembly and reconstruction as a v1 stream; images go back as an
+        MRD v2 stream (the header, then the images, then the end of the stream).
+        """
+        from mrharmony.formats.header import header_to_xml
+        from mrharmony.formats.mrd2 import Mrd2Encoder, header_from_mrd2
+        from mrharmony.recon.stream.protocol import parse_header_xml
+
+        settings = self.server.settings
+        limits = settings.limits
+        source = Mrd2Source(self.reader, limits=limits, idle_timeout_s=settings.idle_timeout_s,
+                            transform=functools.partial(_mrd2_item, limits=limits))
+        try:
+            kind, header = await source.next()
+            self._count("MRD2_HEADER")
+            if header is None:
+                raise StreamError("MRD v2 stream: no header (the reconstruction needs one)")
+            config = next((p.value for p in (header.user_parameters.user_parameter_string
+                                             if header.user_parameters else [])
+                           if p.name == MRD2_CONFIG_PARAMETER), "default.xml")
+            self.pipeline = pipeline_from_config(config)
+            self.log.info("conn %d: MRD v2, pipeline %s (method %s)", self.id,
+                          self.pipeline.name, self.pipeline.method)
+            try:
+                xml = header_to_xml(header_from_mrd2(header))
+            except ValueError as exc:
+                raise StreamError(f"MRD v2 header: {exc}") from None
+            self.header = parse_header_xml(xml, source="MRD v2 header")
+            self.header_xml = xml
+            self._open_raw()
+            self.encoder = Mrd2Encoder()
+            async with self.lock:
+                await self._write_mrd2(self.encoder.begin(header))
+            while True:
+                kind, value = await source.next()
+                if kind == "end":
+                    break
+                name, obj = value
+                self._count(name)
+                if name == "ACQUISITION":
+                    self._on_acquisition(*obj)
+                elif name == "IMAGE":  # pass-through, as in a Gadgetron chain
+                    async with self.lock:
+                        await self._write_mrd2(self.encoder.items([obj]))
+                elif name == "WAVEFORM":
+                    if self.raw is not None:
+                        self.raw.append_waveform(obj)
+                else:
+                    self.log.info("conn %d: MRD v2 %s ignored", self.id, name)
+            self.counts.bytes_in = source.bytes_in
+            await self._finish()
+            async with self.lock:
+                await self._write_mrd2(self.encoder.end())
+        finally:
+            self.counts.bytes_in = source.bytes_in
+            source.close()
 
     def _submit(self, group: list[Any]) -> None:
         self.counts.groups += 1
