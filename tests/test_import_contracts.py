@@ -1,0 +1,58 @@
+"""Layering contracts, checked on the source (every import statement, lazy ones included).
+
+``formats`` sits under every stage and imports only the core; ``sequences`` and
+``phantoms`` import only the core and ``formats``; nothing below the orchestration layer
+imports ``mrharmony.study``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = {"mrharmony", "mrharmony.errors", "mrharmony.config", "mrharmony.backend",
+        "mrharmony.fileio"}
+STAGES = ("sequences", "phantoms", "simulation", "recon", "harmonize")
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return {m for m in out if m == "mrharmony" or m.startswith("mrharmony.")}
+
+
+def _files(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def _allowed(module: str, prefixes: tuple[str, ...]) -> bool:
+    return module in CORE or any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize(("folder", "allowed"), [
+    ("mrharmony/formats", ("mrharmony.formats",)),
+    ("sequences", ("mrharmony.formats", "mrharmony.sequences")),
+    ("phantoms", ("mrharmony.formats", "mrharmony.phantoms")),
+])
+def test_lower_layers_import_only_what_is_below_them(folder, allowed):
+    bad = {f"{p.relative_to(ROOT)}: {m}" for p in _files(folder) for m in _imports(p)
+           if not _allowed(m, allowed)}
+    assert not bad, sorted(bad)
+
+
+def test_no_stage_imports_the_orchestration_layer():
+    bad = {f"{p.relative_to(ROOT)}: {m}" for folder in ("mrharmony/formats", *STAGES)
+           for p in _files(folder) for m in _imports(p) if m.startswith("mrharmony.study")}
+    assert not bad, sorted(bad)
+
+
+def test_the_contract_checker_sees_imports():
+    assert "mrharmony.formats.raw" in _imports(ROOT / "simulation" / "raw.py")
