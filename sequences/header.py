@@ -98,4 +98,6 @@ def ismrmrd_header_xml(
     receiver_channels: int = 1,
 ) -> str:
     """Serialise :func:`ismrmrd_header` to ISMRMRD XML text."""
-    return mrd.ToXML(ismrmrd_header(source, scanner, receiver_channels=receiver_channels))
+    from mrharmony.formats.header import header_to_xml
+
+    return header_to_xml(ismrmrd_header(source, scanner, receiver_channels=receiver_channels))

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from mrharmony.errors import SequenceFileError, SimulationError
+from mrharmony.formats.header import header_to_xml
 from mrharmony.formats.layout import AcquisitionLayout, layout_from_seq
 from mrharmony.formats.raw import noise_table, write_raw
 from mrharmony.simulation.site import Site, b0_residual_hz, b1_scale_map, load_site
@@ -208,7 +209,6 @@ def simulate_raw(
     SiteError, SequenceFileError, SimulationError, PhantomError
         Bad site, unreadable sequence, native flavour of a ``.seq``, bad phantom.
     """
-    import ismrmrd.xsd as mrd
 
     from mrharmony.simulation.engine import simulate
     from mrharmony.simulation.native import native_changes
@@ -286,7 +286,7 @@ def simulate_raw(
             if hasattr(protocol, key):
                 info[f"native_{key}"] = float(getattr(protocol, key))
     header = _complete_header(header, site, rx.labels, info)
-    return write_raw(out_path, mrd.ToXML(header), heads, data, trajs, overwrite=overwrite)
+    return write_raw(out_path, header_to_xml(header), heads, data, trajs, overwrite=overwrite)
 
 
 @dataclass(frozen=True)

@@ -107,8 +107,38 @@ def parse_ismrmrd_header(
     return header
 
 
+def _plain(obj: Any, seen: set[int] | None = None) -> None:
+    """Replace NumPy scalars in a header dataclass tree by Python numbers, in place (the
+    XML binding writes ``np.float64(128.0)`` for them under NumPy 2)."""
+    import dataclasses
+
+    import numpy as np
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, list):
+        for i, item in enumerate(obj):
+            if isinstance(item, np.generic):
+                obj[i] = item.item()
+            else:
+                _plain(item, seen)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, np.generic):
+                setattr(obj, f.name, value.item())
+            elif isinstance(value, list) or dataclasses.is_dataclass(value):
+                _plain(value, seen)
+
+
 def header_to_xml(header: Any) -> str:
-    """Serialise an ``ismrmrd.xsd.ismrmrdHeader`` to its XML text."""
+    """Serialise an ``ismrmrd.xsd.ismrmrdHeader`` to its XML text (the one header writer).
+
+    NumPy scalars anywhere in the header are written as plain numbers.
+    """
     import ismrmrd.xsd
 
+    _plain(header)
     return ismrmrd.xsd.ToXML(header)

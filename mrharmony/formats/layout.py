@@ -319,7 +319,8 @@ def minimal_header_from_seq(
         matrix[0] = int(ns.max())
     enc = mrd.encodingSpaceType(
         matrixSize=mrd.matrixSizeType(x=int(matrix[0]), y=int(matrix[1]), z=int(matrix[2])),
-        fieldOfView_mm=mrd.fieldOfViewMm(x=fov[0] * 1e3, y=fov[1] * 1e3, z=fov[2] * 1e3),
+        fieldOfView_mm=mrd.fieldOfViewMm(x=float(fov[0] * 1e3), y=float(fov[1] * 1e3),
+                                         z=float(fov[2] * 1e3)),
     )
     limits = mrd.encodingLimitsType(
         kspace_encoding_step_1=mrd.limitType(minimum=0, maximum=int(matrix[1]) - 1,

@@ -352,10 +352,9 @@ def _simulated_like(measured: Any, sim_path: Path) -> Any:
     """
     import h5py
     import ismrmrd
-    import ismrmrd.xsd as mrd
 
     from mrharmony.formats.flags import has_flag
-    from mrharmony.formats.header import parse_ismrmrd_header
+    from mrharmony.formats.header import header_to_xml, parse_ismrmrd_header
     from mrharmony.formats.raw import RawData, acquisitions_from_records
 
     with h5py.File(sim_path, "r") as f:
@@ -375,7 +374,7 @@ def _simulated_like(measured: Any, sim_path: Path) -> Any:
         head.active_channels = head.available_channels = int(s.active_channels)
         out.append(ismrmrd.Acquisition(head, data=np.asarray(s.data).copy(),
                                        trajectory=np.asarray(m.traj).copy()))
-    header = parse_ismrmrd_header(mrd.ToXML(measured.header), source=str(sim_path))
+    header = parse_ismrmrd_header(header_to_xml(measured.header), source=str(sim_path))
     system = header.acquisitionSystemInformation
     if system is not None:
         system.receiverChannels = int(sim[0].active_channels)
