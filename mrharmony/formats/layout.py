@@ -40,6 +40,7 @@ __all__ = [
     "layout_from_seq",
     "logical_kspace",
     "minimal_header_from_seq",
+    "readout_reversed",
 ]
 
 _LOG = logging.getLogger("mrharmony.formats")
@@ -82,7 +83,7 @@ def _label_ranges(seq: Any) -> dict[str, tuple[int, int]]:
     out = {}
     for name in _LABEL_LIMITS:
         values = np.array([r.labels.get(name, 0) for r in records], dtype=np.int64)
-        if values.size and name in seq.labels_table()[0]:
+        if values.size and name in seq.used_labels:
             out[name] = (int(values.min()), int(values.max()))
     return out
 
@@ -386,6 +387,101 @@ def _derived_labels(records: list[Any], k_cyc: np.ndarray, enc: Any) -> list[Any
     ]
 
 
+def _excitation_period(seq: Any, records: list[Any]) -> np.ndarray:
+    """Per ADC, the index of the excitation (RF ``excitation``/``undefined``) it follows."""
+    t_rf, _, uses = seq.rf_times()
+    exc = np.array([u in ("excitation", "undefined") for u in uses], dtype=bool)
+    t_exc = np.asarray(t_rf)[exc] if len(uses) else np.zeros(0)
+    return np.searchsorted(t_exc, [r.t_start_s for r in records], side="right")
+
+
+def readout_reversed(k: np.ndarray, ns: np.ndarray) -> np.ndarray:
+    """Per ADC, whether its readout runs towards negative k (k in cycles per FOV, ``ns``
+    samples per ADC)."""
+    off = np.concatenate(([0], np.cumsum(ns)))
+    return k[off[1:] - 1, 0] < k[off[:-1], 0]
+
+
+def _readout_spaces(enc: Any, k: np.ndarray, ns: int, seq: Any) -> None:
+    """Encoded x = all ``ns`` samples; recon x = the ``.seq``'s matrix over its FOV.
+
+    The recon matrix is the ``MatrixSize`` definition, else ``2 round(k_max)`` (k in
+    cycles per FOV). When a readout has more samples than that (readout oversampling,
+    ramp sampling) every sample stays: the encoded space is ``ns`` points over
+    ``FOV / dk`` (``dk`` the median sample step, the flat top's) and recon crops.
+    """
+    if k.size == 0 or ns < 2:
+        return
+    given = seq.definitions.get("MatrixSize")
+    kmax = float(np.max(np.abs(k[:, 0])))
+    n = (int(np.atleast_1d(given)[0]) if given is not None
+         else max(1, 2 * int(np.floor(kmax + 0.5))))
+    steps = np.abs(np.diff(k[:ns, 0]))
+    steps = steps[steps > 1e-6]
+    if n >= ns - 1 or steps.size == 0:
+        return
+    dk = float(np.median(steps))  # cycles per recon FOV
+    es = copy.deepcopy(enc.encodedSpace)
+    rs = copy.deepcopy(enc.reconSpace)
+    es.matrixSize.x = int(ns)
+    es.fieldOfView_mm.x = float(rs.fieldOfView_mm.x) / min(dk, 1.0)
+    rs.matrixSize.x = n
+    enc.encodedSpace, enc.reconSpace = es, rs
+    _LOG.info("readout: %d samples encoded (step %.3g cycles/FOV), %d reconstructed", ns, dk,
+              n)
+
+
+def _refine_cartesian(seq: Any, records: list[Any], heads: np.ndarray, header: Any,
+                      k: np.ndarray) -> list[np.ndarray] | None:
+    """What only the k-space of a Cartesian file tells: which readouts run backwards (a
+    ``REV`` label that contradicts the gradient is overruled, with a warning), whether the
+    file is EPI (one excitation reads several phase-encoded lines of both polarities;
+    trajectories are then given so recon regrids ramp samples), and readouts with more
+    samples than the matrix (oversampling, ramp sampling: all samples kept, the encoded
+    space holds them, recon crops). ``heads`` and ``header`` are updated in place.
+
+    Returns
+    -------
+    list of ndarray or None
+        Per ADC (kx, ky) trajectories in cycles per FOV when the file is EPI, else None.
+    """
+    import ismrmrd.xsd as mrd
+
+    from mrharmony.formats.flags import flag_mask, has_flag
+
+    ns = np.array([r.num_samples for r in records], dtype=np.int64)
+    off = np.concatenate(([0], np.cumsum(ns)))
+    rev = readout_reversed(k, ns)
+    labelled = has_flag(heads["flags"], "IS_REVERSE")
+    if "REV" in seq.used_labels and np.any(labelled != rev):
+        _LOG.warning("%d readout(s) are labelled REV against their readout gradient's "
+                     "direction (or the reverse); the gradient decides", int(np.sum(
+                         labelled != rev)))
+    heads["flags"] &= ~flag_mask("IS_REVERSE")
+    heads["flags"][rev] |= flag_mask("IS_REVERSE")
+    is_nav = has_flag(heads["flags"], "IS_PHASECORR_DATA")
+    enc = header.encoding[0]
+    trajs = None
+    period = _excitation_period(seq, records)
+    lines = heads["idx"]["kspace_encode_step_1"]
+    img = ~is_nav
+    # EPI: one excitation reads several phase-encoded lines with both polarities (a
+    # bipolar multi-echo readout of one line per excitation stays Cartesian)
+    if any(len(set(rev[sel].tolist())) == 2 and len(set(lines[sel].tolist())) > 1
+           for sel in (img & (period == p) for p in np.unique(period))):
+        enc.trajectory = mrd.trajectoryType.EPI
+        k2 = k[:, :2].astype(np.float32)
+        trajs = [k2[off[i]:off[i + 1]] for i in range(len(records))]
+        heads["trajectory_dimensions"] = 2
+        heads["center_sample"] = [int(np.argmin(np.abs(k[off[i]:off[i + 1], 0])))
+                                  for i in range(len(records))]
+        _LOG.info("readouts of both polarities per excitation: EPI (trajectories from the "
+                  "sequence's k-space)")
+    if img.any():
+        _readout_spaces(enc, k[~np.repeat(is_nav, ns)], int(ns[np.argmax(img)]), seq)
+    return trajs
+
+
 @dataclass
 class AcquisitionLayout:
     """The raw-data layout of a sequence, without samples.
@@ -501,5 +597,13 @@ def layout_from_seq(
     if traj_dims and k_cyc is not None:
         k32 = k_cyc[:, :traj_dims].astype(np.float32)
         trajs = [k32[offsets[i]:offsets[i + 1]] for i in range(len(records))]
+    # files that do not state everything (no labels, REV labels to check, no matrix):
+    # ask their k-space (the same for the simulator and the converter)
+    if cartesian and (k_cyc is not None or "REV" in seq.used_labels
+                      or "MatrixSize" not in defs):
+        if k_cyc is None:
+            k_cyc = kspace_cycles_per_fov(seq, records, header)
+        trajs = _refine_cartesian(seq, records, heads, header, k_cyc)
+        cartesian = trajs is None
     return AcquisitionLayout(header=header, records=records, heads=heads, k_cyc=k_cyc,
                              trajectories=trajs, counters_source=source, cartesian=cartesian)

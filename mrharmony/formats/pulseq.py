@@ -346,6 +346,14 @@ class PulseqSequence:
         state = self._label_states[row]
         return {name: int(v) for name, v in zip(self._label_names, state, strict=True)}
 
+    @property
+    def used_labels(self) -> tuple[str, ...]:
+        """Labels the file sets to a non-zero value somewhere (LABELSET/LABELINC)."""
+        if self._label_states.size == 0:
+            return ()
+        used = np.any(self._label_states != 0, axis=0)
+        return tuple(n for n, u in zip(self._label_names, used, strict=True) if u)
+
     def labels_table(self) -> tuple[tuple[str, ...], np.ndarray]:
         """Label counters and flags after every block, vectorised.
 

@@ -498,37 +498,6 @@ def _fill_header(header: Any, meas: _Measurement, n_coils: int, info: dict[str, 
     header.userParameters = params
 
 
-def _set_readout_spaces(enc: Any, k: np.ndarray, ns: int, seq: Any) -> None:
-    """Encoded x = all ``ns`` samples; recon x = the ``.seq``'s matrix over its FOV.
-
-    The recon matrix is the ``MatrixSize`` definition, else ``2 round(k_max)`` (k in
-    cycles per FOV). When a readout has more samples than that (readout oversampling,
-    ramp sampling) every sample stays: the encoded space is ``ns`` points over
-    ``FOV / dk`` (``dk`` the median sample step, the flat top's) and recon crops.
-    """
-    import copy
-
-    if k.size == 0 or ns < 2:
-        return
-    given = seq.definitions.get("MatrixSize")
-    kmax = float(np.max(np.abs(k[:, 0])))
-    n = (int(np.atleast_1d(given)[0]) if given is not None
-         else max(1, 2 * int(np.floor(kmax + 0.5))))
-    steps = np.abs(np.diff(k[:ns, 0]))
-    steps = steps[steps > 1e-6]
-    if n >= ns - 1 or steps.size == 0:
-        return
-    dk = float(np.median(steps))  # cycles per recon FOV
-    es = copy.deepcopy(enc.encodedSpace)
-    rs = copy.deepcopy(enc.encodedSpace)
-    es.matrixSize.x = int(ns)
-    es.fieldOfView_mm.x = float(rs.fieldOfView_mm.x) / min(dk, 1.0)
-    rs.matrixSize.x = n
-    enc.encodedSpace, enc.reconSpace = es, rs
-    _LOG.info("readout: %d samples encoded (step %.3g cycles/FOV), %d reconstructed", ns, dk,
-              n)
-
-
 # --------------------------------------------------------------------------- assembly
 
 
@@ -538,18 +507,6 @@ class _Parts:
     heads: np.ndarray
     data: list[np.ndarray]
     trajectories: list[np.ndarray] | None
-
-
-def _excitation_period(seq: Any, records: list[Any]) -> np.ndarray:
-    t_rf, _, uses = seq.rf_times()
-    exc = np.array([u in ("excitation", "undefined") for u in uses], dtype=bool)
-    t_exc = np.asarray(t_rf)[exc] if len(uses) else np.zeros(0)
-    return np.searchsorted(t_exc, [r.t_start_s for r in records], side="right")
-
-
-def _reverse(k: np.ndarray, ns: np.ndarray) -> np.ndarray:
-    off = np.concatenate(([0], np.cumsum(ns)))
-    return k[off[1:] - 1, 0] < k[off[:-1], 0]
 
 
 def _noise_parts(meas: _Measurement, n_coils: int, dwell_s: float) -> tuple[np.ndarray, list]:
@@ -595,35 +552,7 @@ def _assemble(path: Path, seq_path: Path, measurement: int | None,
                            f"{len(records)} ADC events")
     _LOG.info("%s: counters from the .seq's %s", seq_path, layout.counters_source)
     enc = header.encoding[0]
-    trajectory = str(getattr(enc.trajectory, "value", enc.trajectory)).lower()
-    ns = np.array([r.num_samples for r in records], dtype=np.int64)
-    off = np.concatenate(([0], np.cumsum(ns)))
     trajs = list(layout.trajectories) if layout.trajectories is not None else None
-    is_nav = has_flag(heads["flags"], "IS_PHASECORR_DATA")
-    if trajectory == "cartesian":
-        k = (layout.k_cyc if layout.k_cyc is not None
-             else _logical_kspace_cycles(seq, layout.records, enc))
-        rev = _reverse(k, ns)
-        heads["flags"] &= ~flag_mask("IS_REVERSE")
-        heads["flags"][rev] |= flag_mask("IS_REVERSE")
-        period = _excitation_period(seq, records)
-        img = ~is_nav
-        lines = heads["idx"]["kspace_encode_step_1"]
-        # EPI: one excitation reads several phase-encoded lines with both polarities (a
-        # bipolar multi-echo readout of one line per excitation stays Cartesian)
-        epi = any(len(set(rev[sel].tolist())) == 2 and len(set(lines[sel].tolist())) > 1
-                  for sel in (img & (period == p) for p in np.unique(period)))
-        if epi:
-            enc.trajectory = mrd.trajectoryType.EPI
-            k2 = k[:, :2].astype(np.float32)
-            trajs = [k2[off[i]:off[i + 1]] for i in range(len(records))]
-            heads["trajectory_dimensions"] = 2
-            heads["center_sample"] = [int(np.argmin(np.abs(k[off[i]:off[i + 1], 0])))
-                                      for i in range(len(records))]
-            _LOG.info("%s: readouts of both polarities per excitation: EPI (trajectories "
-                      "from the .seq's k-space)", seq_path)
-        _set_readout_spaces(enc, k[~np.repeat(is_nav, ns)], int(ns[np.argmax(~is_nav)]),
-                            seq)
     _apply_geometry(heads, groups)
     seq_noise = np.array([bool(r.labels.get("NOISE", 0)) for r in records])
     if seq_noise.any():  # NOISE-labelled ADCs: noise scans, written first
@@ -679,6 +608,7 @@ def _assemble(path: Path, seq_path: Path, measurement: int | None,
 def _reference_parts(reference: Path, reference_seq: Path, img_heads: np.ndarray, enc: Any,
                      n_coils: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """Phase-correction acquisitions of an EPI reference scan (phase encoding off)."""
+    from mrharmony.formats.layout import readout_reversed
     from mrharmony.formats.raw import acquisition_table
 
     seq, _, records, _, data = _side(reference, reference_seq, None)
@@ -700,7 +630,7 @@ def _reference_parts(reference: Path, reference_seq: Path, img_heads: np.ndarray
     for name in ("read_dir", "phase_dir", "slice_dir", "position"):
         heads[name] = src[name]
     heads["flags"] = flag_mask("IS_PHASECORR_DATA")
-    heads["flags"][_reverse(k, ns)] |= flag_mask("IS_PHASECORR_DATA", "IS_REVERSE")
+    heads["flags"][readout_reversed(k, ns)] |= flag_mask("IS_PHASECORR_DATA", "IS_REVERSE")
     heads["center_sample"] = [int(np.argmin(np.abs(k[off[i]:off[i + 1], 0])))
                               for i in range(len(records))]
     k2 = k[:, :2].astype(np.float32)
