@@ -31,9 +31,11 @@ def _console():
               help="Run the site vendor's native flavour (SEQ must be a protocol TOML).")
 @click.option("--isochromats", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Isochromats per voxel (> 1 models T2' dephasing).")
+@click.option("--noise/--no-noise", default=True, show_default=True,
+              help="Add the site's thermal noise (--no-noise: noiseless data, no noise scans).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def simulate(seq: Path, phantom_dir: Path, site_name: str, output: Path, backend: str, seed: int,
-             native: bool, isochromats: int, force: bool) -> None:
+             native: bool, isochromats: int, noise: bool, force: bool) -> None:
     """Simulate SEQ (a .seq file, or a protocol .toml built on the site's scanner) on the
     phantom in PHANTOM_DIR at a virtual site, and write ISMRMRD raw data."""
     from mrharmony.phantoms import Phantom
@@ -53,7 +55,8 @@ def simulate(seq: Path, phantom_dir: Path, site_name: str, output: Path, backend
                   f"{phantom.shape} at {site_obj.name} ({site_obj.coil.channels} channels, "
                   f"{site_obj.field_strength_t:g} T){' [native]' if native else ''}")
     path = simulate_raw(seq, phantom, site_obj, output, seed=seed, backend=backend, native=native,
-                        progress=True, overwrite=force, isochromats_per_voxel=isochromats)
+                        progress=True, overwrite=force, isochromats_per_voxel=isochromats,
+                        noise=noise)
     console.print(f"wrote {path}")
 
 

@@ -8,9 +8,14 @@ position projected onto the gradient directions used during the pulse) into an a
 map ``M -> A M + c``, and the timeline is executed by the kernels of
 :mod:`~mrharmony.simulation.kernels` with analytic free precession between events.
 
-Signal model: ``s_c(t_k) = exp(-i phi_k) * sum_s coil_sens[c, voxel(s)] * pd_s * Mxy_s(t_k)``
+Signal model: ``s_c(t_k) = exp(+i phi_k) * sum_s coil_sens[c, voxel(s)] * pd_s * Mxy_s(t_k)``
 with ``phi_k`` the ADC phase (phase offset + frequency offset since the ADC start), i.e.
-the receiver demodulates at the ADC's frequency/phase offset like a scanner.
+the receiver demodulates at the ADC's frequency/phase offset like a scanner. Spins precess
+left-handed (``Mxy ~ exp(-i 2 pi (df + k.r))``, so ``s = sum m exp(-i 2 pi k.r)``); RF
+and ADC phases of the Pulseq file, which are right-handed, enter conjugated (RF
+``conj(signal) exp(-i (phase + 2 pi freq t))``, receiver ``exp(+i phi)``), so that an RF
+or ADC frequency offset ``f = gamma G x0`` selects / centres position ``x0`` as the
+Pulseq specification defines.
 """
 
 from __future__ import annotations
@@ -362,5 +367,7 @@ def simulate(
                 bar.update(1)
     if bar is not None:
         bar.close()
-    signal *= np.exp(-1j * tl.sample_demod_rad)[None, :]
+    # Left-handed precession: the receiver at ADC frequency f brings spins at f (Hz)
+    # to DC by exp(+i 2 pi f t) (the conjugate of Pulseq's right-handed ADC phase).
+    signal *= np.exp(1j * tl.sample_demod_rad)[None, :]
     return signal.astype(np.complex64)

@@ -13,9 +13,13 @@ The timeline is a flat program of three operations, independent of the spins:
 ``RF r``
     One RF pulse instance: shape ``rf_inst_shape[r]`` (a piecewise-constant complex B1 on
     its raster, with the frequency offset and the gradient moment of each raster step
-    folded in) played with phase offset ``rf_inst_phase_rad[r]``. The per-spin effect of a
-    shape is an affine map of M that the engine computes once and reuses, rotating it by
-    the phase offset (the Bloch equation commutes with rotations about z).
+    folded in) played with phase offset ``rf_inst_phase_rad[r]``. Both are the complex
+    conjugate of the Pulseq RF (``signal * exp(i (phase + 2 pi freq t))``), because the
+    kernels precess spins left-handed (``M_xy ~ exp(-i 2 pi (df + G.r) t)``): a pulse at
+    ``freq = gamma G z0`` then excites ``z0``, as the Pulseq specification defines. The
+    per-spin effect of a shape is an affine map of M that the engine computes once and
+    reuses, rotating it by the phase offset (the Bloch equation commutes with rotations
+    about z).
 ``SAMPLE k``
     Record M_xy for ADC sample ``k`` (order of ``seq.adc_records()``).
 ``RUN q``
@@ -343,7 +347,10 @@ def compile_timeline(
         else:
             sig = np.asarray(rf.signal_hz, dtype=np.complex128)
             edges = edges_rel + float(block.start_s)
-            b1 = sig * np.exp(2j * np.pi * freq * (t_rel - edges_rel[0]))
+            # Pulseq phases are right-handed (RF phase phi + 2 pi f t, f = gamma G z
+            # selects +z); the kernels precess spins left-handed (M_xy ~ exp(-i 2 pi
+            # gamma G z t)), so the RF enters conjugated: exp(-i (phi + 2 pi f t)).
+            b1 = np.conj(sig) * np.exp(-2j * np.pi * freq * (t_rel - edges_rel[0]))
             m = np.diff(moment(edges), axis=0)
             dt = np.diff(edges)
             b1 = np.round(b1.real, 9) + 1j * np.round(b1.imag, 9)
@@ -359,7 +366,7 @@ def compile_timeline(
             if qkey is not None:
                 quick[qkey] = (key, rf, centre_rel)
         inst_shape[i] = keys[key]
-        inst_phase[i] = phase
+        inst_phase[i] = -phase  # conjugated, as the shape (see above)
         rf_start[i] = edges_rel[0] + float(block.start_s)
         rf_end[i] = edges_rel[-1] + float(block.start_s)
         rf_centre[i] = centre_rel + float(block.start_s)

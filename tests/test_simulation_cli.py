@@ -71,3 +71,22 @@ def test_simulate_errors_are_one_line(tmp_path, phantom_dir, capsys):
                  "siemens-prisma-3t", "-o", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_simulate_no_noise_writes_noiseless_data_without_noise_scans(tmp_path, phantom_dir):
+    seq = write_seq(build(gre(matrix=[16, 16]), load_site("ge-mr750-3t").profile),
+                    tmp_path / "gre.seq")
+    paths = {}
+    for flag in ("--noise", "--no-noise"):
+        paths[flag] = tmp_path / f"raw{flag}.h5"
+        assert main(["simulate", str(seq), str(phantom_dir), "--site", "ge-mr750-3t", "-o",
+                     str(paths[flag]), "--seed", "4", flag]) == 0
+    counts = {}
+    for flag, path in paths.items():
+        ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
+        try:
+            acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
+        finally:
+            ds.close()
+        counts[flag] = sum(a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) for a in acqs)
+    assert counts["--noise"] > 0 and counts["--no-noise"] == 0
