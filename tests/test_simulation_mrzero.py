@@ -27,16 +27,29 @@ SYSTEM = pp.Opts(
     rf_dead_time=100e-6, rf_ringdown_time=30e-6, adc_dead_time=10e-6,
 )
 
-#: Stated agreement (NRMSE after one global complex factor) with MRzeroCore 1.2.0.
-#: Measured: 3.9 % (2.5 % without B0 offsets); our side is converged in the number of
-#: isochromats per voxel (64 x 16 vs 128 x 32: 0.13 %) and MRzero's in its state count,
-#: so the rest is model difference (instantaneous pulses, relaxation timing).
+#: Stated agreement (NRMSE after one global complex factor) with MRzeroCore 1.2.0, for the
+#: GRE without RF spoiling (all RF and ADC phases zero). Measured: 3.9 % (random B0
+#: offsets of +-10 Hz per voxel); our side is converged in the number of isochromats per
+#: voxel (64 x 16 vs 128 x 32: 0.13 %) and MRzero's in its state count, so the rest is
+#: model difference (instantaneous pulses, relaxation timing).
 NRMSE_LIMIT = 0.05
+#: The same with RF spoiling. The two simulators apply Pulseq's RF/ADC phases in opposite
+#: senses: ours follows the specification (a frequency offset ``f = gamma G z0`` excites
+#: +z0, which the round trip of every protocol checks; phases are conjugated with it),
+#: MRzeroCore applies them as given (its own issue tracker records the sign it had to flip
+#: to match a scanner's B1 phases). So MRzero gets the file with every phase negated: the
+#: same experiment in its convention. Measured: 5.0 % (3.2 % without B0 offsets); the
+#: spoiled steady state weights the model differences above more.
+NRMSE_LIMIT_SPOILED = 0.06
 
 
 def write_gre(path, *, n: int, fov_m: float, flip_deg: float = 15.0, tr_s: float = 10e-3,
-              rf_spoiling: bool = True) -> None:
-    """Cartesian 2D RF-spoiled GRE with a non-selective block pulse (also used by the benchmark)."""
+              rf_spoiling: bool = True, phase_sign: float = 1.0) -> None:
+    """Cartesian 2D RF-spoiled GRE with a non-selective block pulse (also used by the benchmark).
+
+    ``phase_sign = -1`` writes every RF and ADC phase negated: the same experiment in
+    MRzeroCore's phase convention (see :data:`NRMSE_LIMIT`).
+    """
     seq = pp.Sequence(SYSTEM)
     rf = pp.make_block_pulse(math.radians(flip_deg), duration=0.2e-3, delay=SYSTEM.rf_dead_time,
                              system=SYSTEM, use="excitation")
@@ -50,8 +63,8 @@ def write_gre(path, *, n: int, fov_m: float, flip_deg: float = 15.0, tr_s: float
     fill = round(fill / SYSTEM.block_duration_raster) * SYSTEM.block_duration_raster
     phase, inc = 0.0, 0.0
     for line in range(n):
-        rf.phase_offset = phase
-        adc.phase_offset = phase
+        rf.phase_offset = (phase_sign * phase) % (2 * math.pi)
+        adc.phase_offset = (phase_sign * phase) % (2 * math.pi)
         seq.add_block(rf)
         gy = pp.make_trapezoid("y", area=(line - n // 2) * dk, duration=1e-3, system=SYSTEM)
         seq.add_block(gx_pre, gy)
@@ -123,16 +136,20 @@ def nrmse_after_global_factor(ours: np.ndarray, ref: np.ndarray) -> tuple[float,
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch/MRzeroCore internals
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch/MRzeroCore internals
-def test_gre_signal_agrees_with_mrzero(tmp_path):
+@pytest.mark.parametrize(("rf_spoiling", "limit"), [(False, NRMSE_LIMIT),
+                                                   (True, NRMSE_LIMIT_SPOILED)])
+def test_gre_signal_agrees_with_mrzero(tmp_path, rf_spoiling, limit):
     mr0 = pytest.importorskip("MRzeroCore")
     n, fov = 16, 0.2
     path = tmp_path / "gre.seq"
-    write_gre(path, n=n, fov_m=fov)
+    theirs = tmp_path / "gre_mrzero.seq"
+    write_gre(path, n=n, fov_m=fov, rf_spoiling=rf_spoiling)
+    write_gre(theirs, n=n, fov_m=fov, rf_spoiling=rf_spoiling, phase_sign=-1.0)
     obj = disc_object(n, fov, seed=0)
     ours = simulate(read_pulseq(path), box_spins(obj))[0]
-    ref = mrzero_signal(mr0, path, obj)
+    ref = mrzero_signal(mr0, theirs, obj)
     assert ref.shape == ours.shape
     err, factor = nrmse_after_global_factor(ours, ref)
     # Same amplitude scale (M0 * PD), excitation axis rotated by 90 degrees.
     assert abs(factor) == pytest.approx(1.0, abs=0.05)
-    assert err < NRMSE_LIMIT, f"NRMSE {err:.4f} vs MRzeroCore (limit {NRMSE_LIMIT})"
+    assert err < limit, f"NRMSE {err:.4f} vs MRzeroCore (limit {limit})"
