@@ -258,6 +258,32 @@ def kspace_cycles_per_fov(seq: Any, records: list[Any], header: Any) -> np.ndarr
     return logical_kspace(seq, records) * fov_m[None, :]
 
 
+def _median_step(values: np.ndarray) -> float:
+    """Median spacing of the distinct values (k-space steps), 0 for fewer than two."""
+    distinct = np.unique(np.round(np.asarray(values, dtype=np.float64), 6))
+    steps = np.diff(distinct)
+    return float(np.median(steps)) if steps.size else 0.0
+
+
+def _excitation_thickness_m(seq: Any) -> float:
+    """Slice thickness (m) of the first slice-selective excitation: the full width at half
+    maximum of its RF spectrum over its slice-select gradient (0 if there is none)."""
+    t_rf, blocks, uses = seq.rf_times()
+    exc = [i for i, u in enumerate(uses) if u in ("excitation", "undefined")]
+    if not exc:
+        return 0.0
+    t_g, g = seq.gradient_waveforms_concat()
+    grad = np.array([np.interp(t_rf[exc[0]], t_g, g[:, a]) for a in range(3)])
+    rf = seq.rf_library[int(seq.event_ids()[int(blocks[exc[0]]), 0])]
+    if not np.linalg.norm(grad) > 0 or rf.signal_hz.size < 2:
+        return 0.0
+    dt = float(np.median(np.diff(rf.t_s)))
+    spectrum = np.abs(np.fft.fftshift(np.fft.fft(rf.signal_hz, 16 * 1024)))
+    above = np.flatnonzero(spectrum >= 0.5 * spectrum.max())
+    fwhm_hz = (above[-1] - above[0] + 1) / (16 * 1024 * dt)
+    return float(fwhm_hz / np.linalg.norm(grad))
+
+
 def minimal_header_from_seq(
     seq: Any,
     *,
@@ -297,17 +323,23 @@ def minimal_header_from_seq(
         fov = fov * 1e-3
     steps = np.abs(np.diff(k[: offsets[1], 0])) if ns[0] > 1 else np.zeros(1)
     step = float(np.median(steps[steps > 0])) if np.any(steps > 0) else 0.0
-    if not np.all(fov[:2] > 0):
-        fov[:] = 1.0 / step if step > 0 else 0.256
-    fov[2] = fov[2] if fov[2] > 0 else fov[0]
-    kmax = np.max(np.abs(k), axis=0)
-    matrix = np.maximum(2 * np.round(kmax * fov), 1).astype(int)
     starts, ends = offsets[:-1], offsets[1:] - 1
-    # 3D when most readouts sit off kz = 0 at their in-plane k-space centre (partition
-    # encoding); a few stray ADCs (e.g. sync readouts without excitation) do not count.
     centre = starts + np.array([int(np.argmin(np.linalg.norm(k[a:b + 1, :2], axis=1)))
                                 for a, b in zip(starts, ends, strict=True)])
-    if np.mean(np.abs(k[centre, 2] * fov[2]) >= 0.5) <= 0.5:
+    if not np.all(fov[:2] > 0):
+        # read FOV from the sample spacing, phase FOV from the phase-encoding step
+        fov[0] = 1.0 / step if step > 0 else 0.256
+        dky = _median_step(k[centre, 1])
+        fov[1] = 1.0 / dky if dky > 0 else fov[0]
+    # 3D when most readouts sit off kz = 0 at their in-plane k-space centre (partition
+    # encoding); a few stray ADCs (e.g. sync readouts without excitation) do not count.
+    dkz = _median_step(k[centre, 2])
+    three_d = dkz > 0 and np.mean(np.abs(k[centre, 2]) >= 0.5 * dkz) > 0.5
+    if not fov[2] > 0:
+        fov[2] = (1.0 / dkz if three_d else _excitation_thickness_m(seq)) or fov[0]
+    kmax = np.max(np.abs(k), axis=0)
+    matrix = np.maximum(2 * np.round(kmax * fov), 1).astype(int)
+    if not three_d:
         matrix[2] = 1
     given = defs.get("MatrixSize")
     if given is not None:
@@ -431,6 +463,95 @@ def _readout_spaces(enc: Any, k: np.ndarray, ns: int, seq: Any) -> None:
               n)
 
 
+def excitation_offsets_mm(seq: Any, records: list[Any]) -> np.ndarray:
+    """Per ADC, where its excitation put the slice: offset (mm) along the ADC's slice axis.
+
+    The last excitation pulse (use ``excitation`` or ``undefined``) before each ADC
+    selects the plane ``r . G = f`` (Pulseq: ``freq_offset = gamma G z0``, gradients in
+    Hz/m), i.e. the point ``f G / |G|^2``; its component along the ADC's slice direction
+    (third column of its rotation, z without one) is returned. ADCs without a preceding
+    excitation, or after a non-selective one, get 0.
+
+    Returns
+    -------
+    ndarray
+        (n_adc,) float64 offsets in mm.
+    """
+    out = np.zeros(len(records))
+    t_rf, blocks, uses = seq.rf_times()
+    exc = np.array([u in ("excitation", "undefined") for u in uses], dtype=bool)
+    if not exc.any():
+        return out
+    t_exc = np.asarray(t_rf)[exc]
+    rf_ids = seq.event_ids()[np.asarray(blocks)[exc], 0]
+    lib = seq.rf_library
+    freq = np.array([lib[int(i)].freq_offset_hz for i in rf_ids], dtype=np.float64)
+    t_g, g = seq.gradient_waveforms_concat()
+    grad = np.stack([np.interp(t_exc, t_g, g[:, a]) for a in range(3)], axis=1)
+    g2 = np.sum(grad**2, axis=1)
+    point_m = np.where(g2[:, None] > 0, freq[:, None] * grad / np.where(g2 > 0, g2, 1)[:, None],
+                       0.0)
+    which = np.searchsorted(t_exc, [r.t_start_s for r in records], side="right") - 1
+    rot, _ = adc_rotations(records)
+    has = which >= 0
+    out[has] = np.einsum("ij,ij->i", point_m[which[has]], rot[has, :, 2]) * 1e3
+    return np.round(out, 4)
+
+
+def _slices_and_repeats(seq: Any, records: list[Any], enc: Any, *, derive_slices: bool,
+                        derive_repeats: bool) -> tuple[list[Any], np.ndarray | None]:
+    """Slice positions from the RF (and, for unlabelled files, SLC), then ECO/REP for
+    readouts that would otherwise share every counter (they would be averaged away).
+
+    Returns the records (labels completed) and the slice offsets (mm) per SLC index, or
+    None when the file is single-slice.
+    """
+    import ismrmrd.xsd as mrd
+
+    used = set(seq.used_labels)
+    offsets = excitation_offsets_mm(seq, records)
+    nav = np.array([bool(r.labels.get("NAV", 0)) for r in records])
+    img_off = offsets[~nav] if (~nav).any() else offsets
+    positions = None
+    if derive_slices and np.unique(img_off).size > 1:
+        if "SLC" in used:
+            slc = np.array([r.labels.get("SLC", 0) for r in records])
+            positions = np.array([float(np.median(offsets[slc == k])) if np.any(slc == k)
+                                  else 0.0 for k in range(int(slc.max()) + 1)])
+        else:
+            positions, slc = np.unique(offsets, return_inverse=True)
+            records = [dataclasses.replace(r, labels={**r.labels, "SLC": int(k)})
+                       for r, k in zip(records, slc, strict=True)]
+        enc.encodingLimits.slice = mrd.limitType(minimum=0, maximum=len(positions) - 1,
+                                                 center=0)
+        _LOG.info("%d slices from the excitations' frequency offsets", len(positions))
+    if derive_repeats:
+        period = _excitation_period(seq, records)
+        lab = np.array([[r.labels.get(n, 0) for n in ("LIN", "PAR", "SLC")] for r in records])
+        for name, scope in (("ECO", period), ("REP", None)):
+            if name in used:
+                continue
+            key = lab if scope is None else np.column_stack([lab, scope])
+            _, inv = np.unique(key, axis=0, return_inverse=True)
+            count = np.zeros(inv.max() + 1, np.int64) if inv.size else np.zeros(0, np.int64)
+            occ = np.zeros(inv.size, np.int64)
+            for i, k in enumerate(inv.ravel().tolist()):  # occurrence index of each key
+                occ[i] = count[k]
+                count[k] += 1
+            occ[nav] = 0
+            if occ.max(initial=0) > 0:
+                records = [dataclasses.replace(r, labels={**r.labels, name: int(o)})
+                           for r, o in zip(records, occ, strict=True)]
+                limit = "contrast" if name == "ECO" else "repetition"
+                setattr(enc.encodingLimits, limit,
+                        mrd.limitType(minimum=0, maximum=int(occ.max()), center=0))
+                _LOG.info("readouts repeating a line %s: %s counter from their order",
+                          "within one excitation" if name == "ECO" else "across excitations",
+                          name)
+            lab = np.column_stack([lab, occ])
+    return records, positions
+
+
 def _refine_cartesian(seq: Any, records: list[Any], heads: np.ndarray, header: Any,
                       k: np.ndarray) -> list[np.ndarray] | None:
     """What only the k-space of a Cartesian file tells: which readouts run backwards (a
@@ -452,7 +573,7 @@ def _refine_cartesian(seq: Any, records: list[Any], heads: np.ndarray, header: A
     ns = np.array([r.num_samples for r in records], dtype=np.int64)
     off = np.concatenate(([0], np.cumsum(ns)))
     rev = readout_reversed(k, ns)
-    labelled = has_flag(heads["flags"], "IS_REVERSE")
+    labelled = np.array([bool(r.labels.get("REV", 0)) for r in seq.adc_records()])
     if "REV" in seq.used_labels and np.any(labelled != rev):
         _LOG.warning("%d readout(s) are labelled REV against their readout gradient's "
                      "direction (or the reverse); the gradient decides", int(np.sum(
@@ -584,8 +705,13 @@ def layout_from_seq(
     offsets = np.concatenate(([0], np.cumsum(ns)))
     slice_pos = None
     defs = seq.definitions
-    if "SlicePositions" in defs and enc.reconSpace.matrixSize.z == 1:
+    two_d = enc.reconSpace.matrixSize.z == 1
+    if "SlicePositions" in defs and two_d:
         slice_pos = np.atleast_1d(np.asarray(defs["SlicePositions"], dtype=float)) * 1e3
+    else:  # files that do not state their slices: from the RF; unlabelled repeats: ECO/REP
+        records, slice_pos = _slices_and_repeats(
+            seq, records, enc, derive_slices=two_d,
+            derive_repeats=source == "k-space")
     centers = None
     if k_cyc is not None and traj_dims:
         kabs = np.linalg.norm(k_cyc, axis=1)
