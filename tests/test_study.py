@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -208,8 +209,10 @@ def test_resume_after_kill_redoes_no_finished_task(tiny_runs, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "mrharmony", "study", "run", str(path), "-o", str(out),
            "--workers", "1", "--quiet"]
+    # run from tmp_path: `python -m` puts the working folder on sys.path, and the source
+    # tree's mrharmony/ must not shadow the installed package
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, cwd=tmp_path)
     log = out / ".mrharmony" / "tasks.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -217,8 +220,13 @@ def test_resume_after_kill_redoes_no_finished_task(tiny_runs, tmp_path):
         if done >= 6 or proc.poll() is not None:
             break
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is not None and proc.returncode != 0:
+        pytest.fail(f"the study run exited with {proc.returncode}: "
+                    f"{proc.stderr.read().decode()[-2000:]}")
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    proc.stderr.close()
     finished = {json.loads(line)["key"] for line in log.read_text().splitlines()
                 if json.loads(line)["status"] == "done"}
     assert 0 < len(finished) < len(two.records)
@@ -235,7 +243,8 @@ def test_study_folder_is_a_valid_bids_dataset(tiny_runs):
     """The official validator (bids-validator-deno) finds no error in the study folder."""
     import shutil
 
-    exe = shutil.which("bids-validator-deno")
+    exe = shutil.which("bids-validator-deno") or shutil.which(
+        "bids-validator-deno", path=str(Path(sys.executable).parent))
     if exe is None:
         pytest.skip("bids-validator-deno is not installed (pip install bids-validator-deno)")
     _, two, _ = tiny_runs
