@@ -336,16 +336,17 @@ def compile_timeline(
         phase = float(rf.phase_offset_rad or 0.0) + _ppm_hz(
             getattr(rf, "phase_ppm", 0.0), larmor_hz, f"block {_bid(block)} RF phase_ppm"
         )
+        shim_w = _single_channel_shim(block)
         qkey = None
         if not np.any(gdelay):
             t_g, g_g = block.gradient_waveform()
             # RFEvent.id names the library event; the entry keeps a reference to rf.
             rf_key = ("id", rf.id) if hasattr(rf, "id") else ("obj", id(rf))
-            qkey = (rf_key, freq, _digest(np.asarray(t_g), np.asarray(g_g)))
+            qkey = (rf_key, freq, shim_w, _digest(np.asarray(t_g), np.asarray(g_g)))
         if qkey is not None and qkey in quick:
             key, _, centre_rel = quick[qkey]
         else:
-            sig = np.asarray(rf.signal_hz, dtype=np.complex128)
+            sig = np.asarray(rf.signal_hz, dtype=np.complex128) * shim_w
             edges = edges_rel + float(block.start_s)
             # Pulseq phases are right-handed (RF phase phi + 2 pi f t, f = gamma G z
             # selects +z); the kernels precess spins left-handed (M_xy ~ exp(-i 2 pi
@@ -508,6 +509,37 @@ def _fuse_runs(
     return new_op[keep], new_arg[keep], op_b, runs, sample_b
 
 
+def _single_channel_shim(block: Any) -> complex:
+    """Weight of the one transmit channel a shimmed pulse drives (1 without a shim).
+
+    Shims come from the Pulseq v1.5 ``RF_SHIMS`` extension of the block (channel ``c``
+    plays ``mag[c] * exp(1j * phase[c])`` times the pulse) or from the pTx RF rows of the
+    modified Pulseq that MRzero writes (:attr:`RFEvent.shim`). The virtual sites model
+    one transmit field (the body coil's B1+ map): a pulse that drives several channels
+    needs a B1+ map per channel, which they do not have, and is refused.
+    """
+    rf = block.rf
+    weights = getattr(rf, "shim", None)
+    ext = getattr(block, "rf_shim", None)
+    if ext is not None:
+        ext_w = np.asarray(ext.magnitudes) * np.exp(1j * np.asarray(ext.phases_rad))
+        if weights is not None and np.asarray(weights).size != ext_w.size:
+            raise SimulationError(
+                f"block {_bid(block)}: the RF row shims {np.asarray(weights).size} channels "
+                f"but the RF_SHIMS extension {ext_w.size}"
+            )
+        weights = ext_w if weights is None else weights * ext_w
+    if weights is None:
+        return 1.0
+    if np.asarray(weights).size != 1:
+        raise SimulationError(
+            f"block {_bid(block)}: RF event {getattr(rf, 'id', '?')} is a parallel-transmit "
+            f"pulse on {np.asarray(weights).size} channels; the virtual sites have one "
+            "transmit channel (no per-channel B1+ maps), so it cannot be simulated here"
+        )
+    return complex(np.asarray(weights).ravel()[0])
+
+
 def _diffusion_b(
     moment: _Moment,
     keep: np.ndarray,
@@ -532,7 +564,9 @@ def _diffusion_b(
     h = np.diff(pts)
     mid = 0.5 * (pts[1:] + pts[:-1])
     seg = np.searchsorted(centres, mid, side="right") - 1
-    off = np.where(seg[:, None] >= 0, offsets[np.maximum(seg, 0)], -moment(np.zeros(1))[0])
+    # Before the first RF (or in a file without RF) the moment is counted from t = 0.
+    offsets = np.concatenate([-moment(np.zeros(1))[:1], offsets])
+    off = offsets[seg + 1]
     x = np.sqrt(3.0 / 5.0)
     acc = np.zeros((h.size, 6))
     comps = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))

@@ -493,11 +493,13 @@ def parse_text(raw: bytes, source: str, *, verify_signature: bool = True) -> Par
         grads = _table(source, "[GRADIENTS]", rows_of("[GRADIENTS]"), (7,))
         adc = _table(source, "[ADC]", rows_of("[ADC]"), (9,))
     elif vc >= 1_004_000:
-        rf = _table(source, "[RF]", rows_of("[RF]"), (8,))
+        # + 2 fields: the pTx shim magnitude and phase shape IDs of the modified Pulseq
+        # (v1.4.5) that MRzero writes for parallel-transmit pulses.
+        rf = _table(source, "[RF]", rows_of("[RF]"), (8, 10))
         grads = _table(source, "[GRADIENTS]", rows_of("[GRADIENTS]"), (5,))
         adc = _table(source, "[ADC]", rows_of("[ADC]"), (6,))
     else:
-        rf = _table(source, "[RF]", rows_of("[RF]"), (7,))
+        rf = _table(source, "[RF]", rows_of("[RF]"), (7, 9))  # 9: pTx shims (v1.3.9)
         grads = _table(source, "[GRADIENTS]", rows_of("[GRADIENTS]"), (4,))
         adc = _table(source, "[ADC]", rows_of("[ADC]"), (6,))
     traps = _table(source, "[TRAP]", rows_of("[TRAP]"), (6,))
@@ -575,6 +577,10 @@ class RFEvent:
         ``excitation``, ``refocusing``, ``inversion``, ``saturation``, ``preparation``,
         ``other`` or ``undefined``. Files before v1.5 do not store it; it is inferred
         from the flip angle as MATLAB Pulseq and pypulseq do.
+    shim : np.ndarray or None
+        (n_tx,) complex weights of the transmit channels of a parallel-transmit pulse
+        (the pTx rows of the modified Pulseq v1.3.9/v1.4.5 that MRzero writes), or None
+        for an ordinary single-channel pulse.
     """
 
     id: int
@@ -588,6 +594,7 @@ class RFEvent:
     freq_ppm: float
     phase_ppm: float
     use: str
+    shim: np.ndarray | None = None
 
     @property
     def end_s(self) -> float:
@@ -740,12 +747,13 @@ def build_rf(parsed: ParsedFile, r: Rasters) -> dict[int, RFEvent]:
                 raise fail(parsed, line, f"[RF] {rid}: unknown use {tab.chars[k]!r} "
                             f"(expected one of {''.join(_RF_USES)})")
         elif vc >= 1_004_000:
-            amp, mag_id, ph_id, time_id, delay_us, freq, phase = v
+            amp, mag_id, ph_id, time_id, delay_us, freq, phase = v[:7]
             center_us, fppm, pppm, use = None, 0.0, 0.0, None
         else:
-            amp, mag_id, ph_id, delay_us, freq, phase = v
+            amp, mag_id, ph_id, delay_us, freq, phase = v[:6]
             time_id, center_us, fppm, pppm, use = 0, None, 0.0, 0.0, None
         what = f"[RF] event {rid}"
+        shim = _shim_weights(parsed, v, vc, what, line)
         mag = shape_of(parsed, int(mag_id), what, line)
         ph = shape_of(parsed, int(ph_id), what, line)
         if mag.size != ph.size:
@@ -779,8 +787,36 @@ def build_rf(parsed: ParsedFile, r: Rasters) -> dict[int, RFEvent]:
         t_s.setflags(write=False)
         signal.setflags(write=False)
         out[rid] = RFEvent(rid, t_s, signal, delay, delay + center, float(shape_dur),
-                           float(freq), float(phase), float(fppm), float(pppm), use)
+                           float(freq), float(phase), float(fppm), float(pppm), use, shim)
     return out
+
+
+def _shim_weights(
+    parsed: ParsedFile, v: np.ndarray, vc: int, what: str, line: int
+) -> np.ndarray | None:
+    """Transmit-channel weights of a pTx RF row (modified Pulseq v1.3.9/v1.4.5), or None.
+
+    The two extra fields name a magnitude and a phase (rad) shape with one sample per
+    transmit channel; channel ``c`` plays the pulse times ``mag[c] * exp(-1j * phase[c])``
+    (the convention of MRzeroCore, which writes these files). Both IDs 0: no shim.
+    """
+    n_plain = 7 if vc >= 1_004_000 else 6
+    if vc >= 1_005_000 or v.size <= n_plain:
+        return None
+    mag_id, ph_id = int(v[n_plain]), int(v[n_plain + 1])
+    if mag_id == 0 and ph_id == 0:
+        return None
+    if mag_id == 0 or ph_id == 0:
+        raise fail(parsed, line, f"{what}: pTx shim needs both a magnitude and a phase "
+                   f"shape (got IDs {mag_id} and {ph_id})")
+    mag = shape_of(parsed, mag_id, f"{what} (shim magnitude)", line)
+    ph = shape_of(parsed, ph_id, f"{what} (shim phase)", line)
+    if mag.size != ph.size:
+        raise fail(parsed, line, f"{what}: shim magnitude shape {mag_id} has {mag.size} "
+                   f"channels but shim phase shape {ph_id} has {ph.size}")
+    w = (mag * np.exp(-1j * ph)).astype(np.complex128)
+    w.setflags(write=False)
+    return w
 
 
 def build_adc(parsed: ParsedFile) -> dict[int, ADCEvent]:
