@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from mrharmony.cli import LazyGroup
+from mrharmony.cliutil import LazyGroup
 from mrharmony.errors import HarmonizeError
 
 __all__ = ["harmonize", "read_table", "split_names"]

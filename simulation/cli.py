@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
+from mrharmony.cliutil import console
+
 __all__ = ["simulate", "site"]
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(highlight=False, stderr=False, width=None if sys.stdout.isatty() else 150)
 
 
 @click.command("simulate")
@@ -49,15 +44,15 @@ def simulate(seq: Path, phantom_dir: Path, site_name: str, output: Path, backend
     if not phantom_dir.is_dir():
         raise FileNotFoundError(f"{phantom_dir}: no such phantom folder")
     site_obj = load_site(site_name)
-    console = _console()
+    out = console()
     phantom = Phantom.load(phantom_dir)
-    console.print(f"simulating [bold]{seq.name}[/] on {phantom.name or phantom_dir.name} "
+    out.print(f"simulating [bold]{seq.name}[/] on {phantom.name or phantom_dir.name} "
                   f"{phantom.shape} at {site_obj.name} ({site_obj.coil.channels} channels, "
                   f"{site_obj.field_strength_t:g} T){' [native]' if native else ''}")
     path = simulate_raw(seq, phantom, site_obj, output, seed=seed, backend=backend, native=native,
                         progress=True, overwrite=force, isochromats_per_voxel=isochromats,
                         noise=noise)
-    console.print(f"wrote {path}")
+    out.print(f"wrote {path}")
 
 
 @click.group("site")
@@ -85,4 +80,4 @@ def site_list() -> None:
             f"{s.native.rf_spoiling_inc_deg:g}", f"{s.native.rf_time_bw_product:g}",
             s.native.kspace_filter, "yes" if s.native.prescan_normalize else "no",
         )
-    _console().print(table)
+    console().print(table)
