@@ -16,11 +16,13 @@ import click
 from mrharmony.errors import HarmonizeError
 from mrharmony.fileio import atomic_path
 from mrharmony.harmonize.cli import read_table, split_names
+from mrharmony.harmonize.registry import feature_harmonizers, harmonizer_class, image_harmonizers
 
 __all__ = ["evaluate", "image"]
 
-IMAGE_METHODS = ("zscore", "histogram", "nyul", "whitestripe", "ravel")
-HARMONIZERS = ("combat", "mean", "none")
+IMAGE_METHODS = image_harmonizers()
+#: Harmonizers refitted inside the site classifier's folds ("none": skip that row).
+HARMONIZERS = (*feature_harmonizers(cross_sectional=True), "none")
 
 
 def _load_nifti(path: Path) -> Any:
@@ -140,15 +142,7 @@ def _write_csv(table: Any, path: Path, *, index: bool) -> Path:
 
 
 def _harmonizer(name: str) -> Any:
-    if name == "none":
-        return None
-    if name == "mean":
-        from mrharmony.harmonize.evaluate import MeanCentering
-
-        return MeanCentering
-    from mrharmony.harmonize.combat import ComBat
-
-    return ComBat
+    return None if name == "none" else harmonizer_class(name)
 
 
 @click.command("evaluate")

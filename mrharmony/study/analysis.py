@@ -72,13 +72,15 @@ def _feature_cols(wide: pd.DataFrame) -> list[str]:
 
 
 def _harmonizer_class(method: str) -> Any:
-    from mrharmony.harmonize import ComBat, ComBatGAM, CovBat
+    from mrharmony.harmonize.registry import harmonizer_class
 
-    return {"combat": ComBat, "covbat": CovBat, "gam": ComBatGAM}[method]
+    return harmonizer_class(method)
 
 
 def _make_harmonizer(method: str) -> Any:
-    return _harmonizer_class(method)()
+    from mrharmony.harmonize.registry import make_harmonizer
+
+    return make_harmonizer(method)
 
 
 def harmonized_tables(wide: pd.DataFrame, study: Study) -> dict[str, pd.DataFrame]:

@@ -141,7 +141,8 @@ class FeaturesSection:
 class HarmonizeSection:
     """Feature-level harmonizers applied to the study's feature table."""
 
-    methods: tuple[str, ...] = param(("combat",), doc="combat, covbat, gam (ComBat-GAM)")
+    methods: tuple[str, ...] = param(("combat",), doc="feature harmonizers of the registry "
+                                     "(mrharmony.harmonize.registry): combat, covbat, gam, mean")
     batch: str = param("site", doc="batch column")
     covariates: tuple[str, ...] = param((), doc="covariate columns kept (e.g. age, sex)")
     arm: str = param("shared", doc="the arm whose features are harmonized")
@@ -249,10 +250,13 @@ def study_from_mapping(data: dict[str, Any], *, source: str = "study",
         if arm not in ("shared", "native"):
             raise StudyError(f"{source} [sites] arms: unknown arm {arm!r} (shared, native)")
     harmonize = kwargs.get("harmonize", HarmonizeSection())
+    from mrharmony.harmonize.registry import feature_harmonizers
+
+    usable = feature_harmonizers(cross_sectional=True)
     for method in harmonize.methods:
-        if method not in ("combat", "covbat", "gam"):
+        if method not in usable:
             raise StudyError(f"{source} [harmonize] methods: unknown method {method!r} "
-                             "(combat, covbat, gam)")
+                             f"({', '.join(usable)})")
     if len(set(kwargs["sites"].names)) != len(kwargs["sites"].names):
         raise StudyError(f"{source} [sites] names: a site is listed twice")
     cohort = kwargs.get("cohort")
