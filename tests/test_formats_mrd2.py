@@ -28,16 +28,14 @@ from mrharmony.recon.stream.client import image_to_recon, stream_acquisitions, s
 from mrharmony.recon.stream.scanner import synthetic_cartesian_scan
 from mrharmony.recon.stream.server import ServerSettings, StreamServer
 
+from metrics import nrmse
+
 TIMEOUT_S = 60.0  # guard against hangs only, not a timing assertion
 SHEPP_LOGAN = shutil.which("ismrmrd_generate_cartesian_shepp_logan")
 
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, TIMEOUT_S))
-
-
-def nrmse(ref: np.ndarray, y: np.ndarray) -> float:
-    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
 def encoded_header(header) -> bytes:

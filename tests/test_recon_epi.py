@@ -16,6 +16,8 @@ import pytest
 from mrharmony.errors import ReconError
 from mrharmony.recon.epi import fit_ghost_phase, ramp_trajectory, reconstruct_epi
 
+from metrics import nrmse
+
 NX, NY, OS = 48, 40, 2
 FOV_MM = 240.0
 N_NAV = 3
@@ -113,10 +115,6 @@ def make_header(*, ramp_params: bool = False):
     return mrd.ismrmrdHeader(
         encoding=[enc],
         experimentalConditions=mrd.experimentalConditionsType(H1resonanceFrequency_Hz=1))
-
-
-def nrmse(x, ref):
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
 def test_ramp_sampled_epi_with_ghost_is_corrected():

@@ -22,6 +22,8 @@ from mrharmony.recon import reconstruct, reconstruct_acquisitions, write_nifti
 from mrharmony.recon.cartesian import fft_c, ifft_c
 from mrharmony.recon.io import sort_cartesian
 
+from metrics import nrmse, scaled_nrmse
+
 FLAG_NOISE, FLAG_CALIB, FLAG_REVERSE = 19, 20, 22
 
 
@@ -91,15 +93,6 @@ def phantom(n: int, seed: int = 0) -> np.ndarray:
     img = sp.shepp_logan((n, n)).astype(np.complex64)
     y, x = np.mgrid[:n, :n] / n
     return (img * np.exp(1j * (x - y))).astype(np.complex64)
-
-
-def nrmse(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
-
-
-def scaled_nrmse(a: np.ndarray, ref: np.ndarray) -> float:
-    s = np.vdot(a, ref) / np.vdot(a, a)
-    return nrmse(s * a, ref)
 
 
 needs_ismrmrd_tools = pytest.mark.skipif(

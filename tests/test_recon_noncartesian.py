@@ -23,6 +23,8 @@ from mrharmony.recon.noncartesian import (
     trajectory_cycles_per_fov,
 )
 
+from metrics import nrmse
+
 N = 64
 FOV_MM = 220.0
 
@@ -72,10 +74,6 @@ def reference_image(n: int = N) -> np.ndarray:
                  axis=-1).reshape(-1, 2).astype(float)
     k = shepp_logan_kspace(g, n)
     return np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(k.reshape(n, n)), norm="ortho"))
-
-
-def nrmse(x: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
 def make_header(trajectory: str = "radial", n_lines: int = 1, os_: int = 2):
