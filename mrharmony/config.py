@@ -231,8 +231,8 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, source: str = "config
         values[name] = _check_value(data[name], hints[name], f.metadata, where)
     try:
         instance = cls(**values)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+    except ConfigError as exc:  # keep the subclass (ProtocolError, ...)
+        raise type(exc)(f"{source}: {exc}") from None
     return instance
 
 
@@ -258,18 +258,29 @@ def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file, turning I/O and syntax problems into :class:`ConfigError`."""
+def load_toml(path: str | Path, *, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """Read a TOML file (the one TOML reader of every config: protocols, scanners, sites,
+    studies, cohort effects), turning I/O and syntax problems into ``error``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+    error : exception class
+        What to raise (default :class:`ConfigError`; the stages pass their own).
+    """
     path = Path(path)
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
+        raise error(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, expected a TOML file") from None
+        raise error(f"{path}: is a directory, expected a TOML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise error(f"{path}: not valid TOML: {exc}") from None
 
 
 def resolve_named_toml(

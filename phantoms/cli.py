@@ -9,11 +9,11 @@ mrharmony phantom show out/system -o system.png
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import click
 
+from mrharmony.config import load_toml
 from mrharmony.errors import PhantomError
 
 __all__ = ["phantom"]
@@ -108,10 +108,7 @@ def cohort(n_subjects: int, seed: int, field_t: float, voxel_size_mm: float, age
 
     effects = None
     if effects_path is not None:
-        try:
-            effects = tomllib.loads(effects_path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise PhantomError(f"{effects_path}: cannot read effects TOML ({exc})") from None
+        effects = load_toml(effects_path, error=PhantomError)
     c = make_cohort(n_subjects, seed, age_range=(age_min, age_max), effects=effects,
                     voxel_size_mm=voxel_size_mm)
     path = c.write(out_dir, field_t=field_t, phantoms=not no_phantoms, force=force,

@@ -23,12 +23,11 @@ naming the entry (``protocols[1] 't2-mese' cannot run at site 'ge-signa-3t': ...
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mrharmony.config import from_mapping, param, to_mapping
+from mrharmony.config import from_mapping, load_toml, param, to_mapping
 from mrharmony.errors import ConfigError, StudyError
 
 __all__ = [
@@ -278,8 +277,5 @@ def load_study(path: str | Path) -> Study:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: study file not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise StudyError(f"{path}: not valid TOML ({exc})") from exc
+    data = load_toml(path, error=StudyError)
     return study_from_mapping(data, source=str(path), base_dir=path.parent)
