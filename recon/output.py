@@ -135,7 +135,8 @@ def write_nifti(
     Returns
     -------
     list of Path
-        ``[nifti, json]``.
+        ``[nifti, json]``, plus ``[bval, bvec]`` (FSL/BIDS text files) for a diffusion
+        series (volumes with b-values in the header).
 
     Raises
     ------
@@ -165,11 +166,50 @@ def write_nifti(
     img = nifti_image(data, affine)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = sidecar(images, header=header)
-    # the JSON is written after the NIfTI; both through temp files in the same folder
+    gradients = _diffusion_table([group for _, group in _volumes(images)], affine)
+    grad_paths = [out.with_name(stem + ".bval"), out.with_name(stem + ".bvec")]
+    if gradients is not None:
+        for p in grad_paths:
+            if p.exists() and not force:
+                raise FileExistsError(f"{p}: exists (use --force to replace it)")
+    # the JSON is written after the NIfTI; all through temp files in the same folder
     save_nifti(img, out, overwrite=True)
     with atomic_path(json_path) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    return [out, json_path]
+    if gradients is None:
+        return [out, json_path]
+    bvals, bvecs = gradients
+    with atomic_path(grad_paths[0]) as tmp:
+        tmp.write_text(" ".join(f"{b:g}" for b in bvals) + "\n")
+    with atomic_path(grad_paths[1]) as tmp:
+        tmp.write_text("".join(" ".join(f"{c:.6f}" for c in row) + "\n" for row in bvecs))
+    return [out, json_path, *grad_paths]
+
+
+def _diffusion_table(
+    volumes: list[list[ReconImage]], affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """b-values (s/mm2) and FSL/BIDS b-vectors of a diffusion series, else None.
+
+    The header's gradient directions ``(rl, ap, fh)`` are patient LPS components (as the
+    Pulseq gradient axes). BIDS and FSL want them on the image's voxel axes, with the
+    first axis negated when the voxel-to-world matrix has a positive determinant (FSL's
+    radiological convention); b = 0 volumes get a zero vector.
+    """
+    if len(volumes) < 2 or not all("bvalue_s_mm2" in g[0].meta for g in volumes):
+        return None
+    bvals = np.array([float(g[0].meta["bvalue_s_mm2"]) for g in volumes])
+    lps = np.array([g[0].meta.get("bvec", [0.0, 0.0, 0.0]) for g in volumes], dtype=float)
+    ras = lps * np.array([-1.0, -1.0, 1.0])
+    axes = np.asarray(affine, dtype=float)[:3, :3]
+    axes = axes / np.linalg.norm(axes, axis=0)
+    vox = ras @ axes  # components on the voxel axes (axes is orthonormal)
+    if np.linalg.det(axes) > 0:
+        vox[:, 0] *= -1.0
+    norm = np.linalg.norm(vox, axis=1, keepdims=True)
+    vox = np.where(norm > 1e-9, vox / np.where(norm > 1e-9, norm, 1.0), 0.0)
+    vox[bvals <= 0] = 0.0
+    return bvals, vox.T
 
 
 def write_mrd_images(

@@ -355,8 +355,9 @@ def materialise_tree(plan: Plan, store: TaskStore, records: Mapping[str, Mapping
             if not (series and (rdir / "image.nii.gz").is_file() and _split_volumes(
                     rdir / "image.nii.gz", rdir / "image.json", base / kind, stem,
                     image_suffix, *series, written)):
-                for ext in (".nii.gz", ".json"):
-                    place(rdir / f"image{ext}", base / kind / f"{stem}_{image_suffix}{ext}")
+                for ext in (".nii.gz", ".json", ".bval", ".bvec"):
+                    if ext in (".nii.gz", ".json") or (rdir / f"image{ext}").is_file():
+                        place(rdir / f"image{ext}", base / kind / f"{stem}_{image_suffix}{ext}")
             if suffix:
                 for ext in (".nii.gz", ".json"):
                     place(rdir / f"map{ext}", base / kind / f"{stem}_{suffix}{ext}")
