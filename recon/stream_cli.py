@@ -87,6 +87,30 @@ def _client_tls(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None
               type=click.IntRange(min=1), help="Largest ISMRMRD header XML (bytes).")
 @click.option("--max-samples-x-channels", default=1 << 22, show_default=True,
               type=click.IntRange(min=1), help="Largest samples x channels of one acquisition.")
+@click.option("--max-connections", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Connections served at once; more get a TEXT error and are closed.")
+@click.option("--max-session-bytes", default=1 << 30, show_default=True,
+              type=click.IntRange(min=1),
+              help="Received, not yet reconstructed acquisition bytes one connection may "
+                   "hold (incomplete slices, noise, queued slices) (bytes).")
+@click.option("--max-jobs-per-connection", default=8, show_default=True,
+              type=click.IntRange(min=1),
+              help="Slices of one connection queued or running at once; beyond, the "
+                   "connection is not read until one finishes (slices are scheduled "
+                   "round-robin across connections).")
+@click.option("--write-timeout-s", default=60.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Drop a client that reads nothing for this long while images wait (s).")
+@click.option("--session-timeout-s", default=14400.0, show_default=True,
+              type=click.FloatRange(min=0),
+              help="Longest a connection may last (s); 0: no limit.")
+@click.option("--min-receive-bytes-per-s", default=64.0, show_default=True,
+              type=click.FloatRange(min=0),
+              help="Drop a client sending slower than this, averaged over "
+                   "--receive-rate-window-s of waiting for it (bytes/s); 0: no minimum.")
+@click.option("--receive-rate-window-s", default=60.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Window of the receive-rate check (s).")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Server certificate chain (PEM); with --tls-key enables TLS.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -98,12 +122,19 @@ def _client_tls(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def serve(host: str, port: int, workers: int, executor: str, backend: str,
           save_raw: Path | None, idle_timeout_s: float, drain_timeout_s: float,
-          max_header_bytes: int, max_samples_x_channels: int, tls_cert: Path | None,
-          tls_key: Path | None, tls_client_ca: Path | None, list_pipelines: bool,
-          log_level: str) -> None:
+          max_header_bytes: int, max_samples_x_channels: int, max_connections: int,
+          max_session_bytes: int, max_jobs_per_connection: int, write_timeout_s: float,
+          session_timeout_s: float, min_receive_bytes_per_s: float,
+          receive_rate_window_s: float, tls_cert: Path | None, tls_key: Path | None,
+          tls_client_ca: Path | None, list_pipelines: bool, log_level: str) -> None:
     """Run the MRD streaming reconstruction server (Gadgetron-compatible protocol)."""
     from mrharmony.recon.stream.protocol import StreamLimits
-    from mrharmony.recon.stream.server import PIPELINES, ServerSettings, StreamServer
+    from mrharmony.recon.stream.server import (
+        PIPELINES,
+        ServerSettings,
+        StreamServer,
+        check_raw_dir,
+    )
 
     if list_pipelines:
         for p in PIPELINES.values():
@@ -117,7 +148,13 @@ def serve(host: str, port: int, workers: int, executor: str, backend: str,
         limits=StreamLimits(max_header_bytes=max_header_bytes,
                             max_samples_x_channels=max_samples_x_channels),
         tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
+        max_connections=max_connections, max_session_bytes=max_session_bytes,
+        max_jobs_per_connection=max_jobs_per_connection, write_timeout_s=write_timeout_s,
+        session_timeout_s=session_timeout_s, min_receive_bytes_per_s=min_receive_bytes_per_s,
+        receive_rate_window_s=receive_rate_window_s,
     )
+    if save_raw is not None:
+        check_raw_dir(save_raw)  # before anything starts: one line, exit 2
     if host not in _LOOPBACK and tls_cert is None:
         logging.getLogger("mrharmony.stream").warning(
             "listening on %s without TLS: raw data will cross the network unencrypted", host)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -702,6 +703,20 @@ class RawStreamWriter:
         ds[self.waveforms] = rec[0]
         self.waveforms += 1
         self._file.flush()
+
+    def abort(self) -> None:
+        """Drop what is buffered, close the file and delete the partial ``.part`` file.
+
+        For a writer that failed (full disk, read-only folder): nothing is left behind.
+        Safe to call more than once and after an error inside h5py.
+        """
+        self._pending.clear()
+        self._pending_bytes = 0
+        if self._file:
+            with contextlib.suppress(Exception):
+                self._file.close()
+        with contextlib.suppress(OSError):
+            self.part.unlink()
 
     def close(self) -> Path:
         """Write what is buffered, close the file and move it to its final name."""

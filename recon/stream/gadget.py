@@ -24,17 +24,25 @@ is not an acquisition passes through unchanged. For passive mode run
 from __future__ import annotations
 
 import logging
+import struct
 import sys
 from typing import Any
 
 import ismrmrd
 
-from mrharmony.errors import ReconError, StreamError
+from mrharmony.errors import MrHarmonyError, StreamError
+from mrharmony.formats.header import check_xml, parse_ismrmrd_header
 from mrharmony.recon.stream.server import PIPELINES, SliceAssembler, pipeline_from_config
 
-__all__ = ["chain_xml_path", "config_pipeline", "listen", "recon"]
+__all__ = ["GADGET_MESSAGE_ERROR", "chain_xml_path", "config_pipeline", "listen", "recon",
+           "send_error"]
 
 log = logging.getLogger("mrharmony.stream.gadget")
+
+#: Message id with which an external gadget reports an error to Gadgetron (``uint16`` id,
+#: ``uint64`` length, UTF-8 text); Gadgetron ends the chain with it and reports it to its
+#: client. Sent after the last image, so every slice that can be reconstructed still is.
+GADGET_MESSAGE_ERROR = 8
 
 
 def chain_xml_path() -> Any:
@@ -86,19 +94,37 @@ def recon(connection: Any) -> None:
     """
     from mrharmony.recon.stream.server import reconstruct_to_mrd
 
-    method, backend = config_pipeline(connection.config)
+    raw = getattr(connection, "raw_bytes", None)
+    try:
+        # the gadgetron package parsed these already; refuse DTDs/entities all the same
+        if raw is not None and getattr(raw, "config", None):
+            check_xml(raw.config, source="gadget configuration", error=StreamError)
+        if raw is not None and getattr(raw, "header", None):
+            parse_ismrmrd_header(raw.header, source="HEADER", error=StreamError)
+        method, backend = config_pipeline(connection.config)
+    except StreamError as exc:
+        log.error("mrharmony gadget: %s", exc)
+        send_error(connection, f"mrharmony error: {exc}")
+        return
     header = connection.header
     log.info("mrharmony gadget: method %s, backend %s", method, backend)
     connection.filter(ismrmrd.Acquisition)  # everything else is passed back unchanged
     assembler = SliceAssembler()
     index = 0
+    errors: list[str] = []
 
     def emit(group: list[Any]) -> None:
         nonlocal index
+        first = next((a for a in group if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)),
+                     group[0])
+        where = f"slice {int(first.idx.slice)} repetition {int(first.idx.repetition)}"
         try:
             blobs = reconstruct_to_mrd(header, group, method=method, backend=backend)
-        except (ReconError, ValueError) as exc:
-            log.error("mrharmony gadget: reconstruction failed: %s", exc)
+        except Exception as exc:  # every failure is reported, with a traceback in the log
+            text = str(exc) if isinstance(exc, MrHarmonyError) and str(exc) else (
+                f"{type(exc).__name__}: {exc}")
+            errors.append(f"{where}: reconstruction failed: {text}")
+            log.error("mrharmony gadget: %s", errors[-1], exc_info=exc)
             return
         for blob in blobs:
             img = ismrmrd.Image.from_bytes(blob)
@@ -111,7 +137,24 @@ def recon(connection: Any) -> None:
             emit(group)
     for group in assembler.flush():
         emit(group)
-    log.info("mrharmony gadget: sent %d image(s)", index)
+    for text in errors:
+        send_error(connection, f"mrharmony error: {text}")
+    log.info("mrharmony gadget: sent %d image(s), %d error(s)", index, len(errors))
+
+
+def send_error(connection: Any, text: str) -> None:
+    """Report an error to Gadgetron through an external-gadget connection.
+
+    Parameters
+    ----------
+    connection : gadgetron.external.Connection
+        Its ``socket`` (``write(bytes)``) carries the message.
+    text : str
+        The error, sent as an ERROR message (:data:`GADGET_MESSAGE_ERROR`, ``uint64``
+        length, UTF-8).
+    """
+    data = text.encode("utf-8")
+    connection.socket.write(struct.pack("<HQ", GADGET_MESSAGE_ERROR, len(data)) + data)
 
 
 def listen(port: int) -> None:

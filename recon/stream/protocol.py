@@ -42,6 +42,8 @@ import contextlib
 import ctypes
 import io
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -473,12 +475,40 @@ class MessageReader:
         The connection.
     chunk_bytes : int
         Largest single read from ``reader`` (bytes).
+    on_receive : callable, optional
+        Called with the reader after every read from the connection (after
+        :attr:`wait_s` and :attr:`bytes_read` are updated); an exception it raises ends
+        the read (the server's minimum receive rate).
+
+    Attributes
+    ----------
+    wait_s : float
+        Seconds spent waiting for the connection's reads (time the caller was not
+        waiting for it, e.g. while the server applies back-pressure, is not counted).
+    bytes_read : int
+        Bytes received from the connection.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, *, chunk_bytes: int = 1 << 20) -> None:
+    def __init__(self, reader: asyncio.StreamReader, *, chunk_bytes: int = 1 << 20,
+                 on_receive: Callable[[MessageReader], None] | None = None) -> None:
         self._reader = reader
         self._buf = bytearray()
         self._chunk = int(chunk_bytes)
+        self.on_receive = on_receive
+        self.wait_s = 0.0
+        self.bytes_read = 0
+
+    async def _recv(self, n: int) -> bytes:
+        """One read from the connection, timed: :attr:`wait_s` (s) and :attr:`bytes_read`
+        accumulate, then ``on_receive(self)`` runs (it may raise to end the connection,
+        e.g. a receive rate below a minimum)."""
+        t0 = time.monotonic()
+        chunk = await self._reader.read(n)
+        self.wait_s += time.monotonic() - t0
+        self.bytes_read += len(chunk)
+        if self.on_receive is not None:
+            self.on_receive(self)
+        return chunk
 
     @property
     def buffered_bytes(self) -> int:
@@ -495,7 +525,7 @@ class MessageReader:
         """
         buf = self._buf
         while len(buf) < n:
-            chunk = await self._reader.read(max(self._chunk, n - len(buf)))
+            chunk = await self._recv(max(self._chunk, n - len(buf)))
             if not chunk:
                 partial = bytes(buf)
                 buf.clear()
@@ -511,7 +541,7 @@ class MessageReader:
         first; empty at its end)."""
         buf = self._buf
         while len(buf) < n:
-            chunk = await self._reader.read(max(self._chunk, n - len(buf)))
+            chunk = await self._recv(max(self._chunk, n - len(buf)))
             if not chunk:
                 break
             buf += chunk
@@ -522,7 +552,7 @@ class MessageReader:
         the end of the connection)."""
         buf = self._buf
         if not buf:
-            return await self._reader.read(max(1, min(n, self._chunk)))
+            return await self._recv(max(1, min(n, self._chunk)))
         out = bytes(buf[:n])
         del buf[:len(out)]
         return out
