@@ -15,10 +15,12 @@ import click
 
 from mrharmony.errors import HarmonizeError
 from mrharmony.harmonize.cli import read_table, split_names
+from mrharmony.harmonize.registry import feature_harmonizers, make_harmonizer
 
 __all__ = ["apply", "combat"]
 
-_METHODS = ("combat", "covbat", "gam", "longitudinal")
+_METHODS = feature_harmonizers(family="combat")
+_MODES = {"covbat": ("reference", "pooled"), "longitudinal": ("reference", "moments")}
 
 
 def _require(table: Any, columns: list[str], path: Path, what: str) -> None:
@@ -88,14 +90,19 @@ def _write_table(table: Any, output: Path, force: bool) -> None:
         table.to_csv(fh, index=False, float_format="%.17g")
 
 
-def _make_model(method: str, options: dict[str, Any], smooth: list[str]) -> Any:
-    from mrharmony.harmonize.combat import ComBat
-    from mrharmony.harmonize.combat_variants import ComBatGAM, CovBat, LongitudinalComBat
-
+def _make_model(method: str, options: dict[str, Any], smooth: list[str],
+                mode: str | None = None) -> Any:
+    if mode is not None:
+        if method not in _MODES:
+            raise HarmonizeError(f"--mode: only for --method covbat or longitudinal, not "
+                                 f"{method!r}")
+        if mode not in _MODES[method]:
+            raise HarmonizeError(f"--mode {mode}: not a mode of --method {method} "
+                                 f"(one of {', '.join(_MODES[method])})")
+        options = {**options, "mode": mode}
     if method == "gam":
-        return ComBatGAM(smooth=smooth or ("age",), **options)
-    return {"combat": ComBat, "covbat": CovBat, "longitudinal": LongitudinalComBat}[method](
-        **options)
+        options = {**options, "smooth": smooth or ("age",)}
+    return make_harmonizer(method, **options)
 
 
 @click.command("combat")
@@ -107,6 +114,15 @@ def _make_model(method: str, options: dict[str, Any], smooth: list[str]) -> Any:
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Also save the fitted model here (for `harmonize apply`).")
 @click.option("--method", type=click.Choice(_METHODS), default="combat", show_default=True)
+@click.option("--mode", type=click.Choice(("reference", "pooled", "moments")), default=None,
+              help="Estimator of --method covbat/longitudinal (recorded in --model). "
+              "reference (default): the authors' algorithm (covbat: R CovBat/covbat.py, "
+              "residuals scaled by their own SD before the PCA, the first PCs whose "
+              "cumulative variance exceeds 95 %; longitudinal: longCombat, one REML mixed "
+              "model per feature). pooled (covbat variant): residuals scaled by the ComBat "
+              "pooled SD, PCs until the cumulative variance reaches 95 %. moments "
+              "(longitudinal variant): vectorised moment estimator of the variance "
+              "components, fast for many features, differs from longCombat.")
 @click.option("--ref-batch", default=None, help="Reference batch (returned unchanged).")
 @click.option("--nonparametric", is_flag=True, help="Non-parametric empirical Bayes.")
 @click.option("--no-eb", is_flag=True, help="No empirical Bayes shrinkage.")
@@ -121,7 +137,7 @@ def _make_model(method: str, options: dict[str, Any], smooth: list[str]) -> Any:
 def combat(features_csv: Path, batch_col: str, covariates: str, output: Path,
            model_path: Path | None, method: str, ref_batch: str | None, nonparametric: bool,
            no_eb: bool, mean_only: bool, categorical: str, smooth: str, subject_col: str,
-           features: str, force: bool) -> None:
+           features: str, force: bool, mode: str | None = None) -> None:
     """Fit ComBat (or a variant) on FEATURES_CSV and write the harmonized table."""
     from rich.console import Console
 
@@ -140,7 +156,7 @@ def combat(features_csv: Path, batch_col: str, covariates: str, output: Path,
         raise HarmonizeError(f"--ref-batch: {ref_batch!r} is not a value of {batch_col!r}")
     options = {"parametric": not nonparametric, "eb": not no_eb, "mean_only": mean_only,
                "ref_batch": ref_batch, "categorical": split_names(categorical)}
-    model = _make_model(method, options, split_names(smooth))
+    model = _make_model(method, options, split_names(smooth), mode)
     cov = table[cov_cols] if cov_cols else None
     kwargs: dict[str, Any] = {}
     if method == "longitudinal":
@@ -169,8 +185,9 @@ def combat(features_csv: Path, batch_col: str, covariates: str, output: Path,
         if model_path is not None:
             model_path.unlink(missing_ok=True)
         raise
+    kind = model.model_kind + (f", mode {model.mode}" if hasattr(model, "mode") else "")
     console.print(f"wrote {output}: {len(table)} scans, {len(feats)} features, "
-                  f"{len(model.batches_)} batches ({model.model_kind})")
+                  f"{len(model.batches_)} batches ({kind})")
     if model_path is not None:
         console.print(f"wrote {model_path}")
 

@@ -8,7 +8,9 @@ an uncompressed NumPy ``.npz`` archive (a ZIP of ``.npy`` files) holding
       {"format": "mrharmony-harmonize-model", "format_version": 1,
        "model": "ComBat" | "CovBat" | "ComBatGAM" | "LongitudinalComBat" | "TravelingComBat",
        "mrharmony_version": "...", "created_utc": "...",
-       "state": {...model options, batch levels, covariate encoding, feature names...},
+       "state": {...model options (CovBat/LongitudinalComBat: "mode"; files without it
+                 predate the modes and load as "pooled"/"moments"), batch levels,
+                 covariate encoding, feature names...},
        "arrays": {"name": {"shape": [...], "dtype": "<f8"}, ...}, "extra": {...}}
 
 * one numeric array per fitted parameter (float64 / bool / int64; names are listed in

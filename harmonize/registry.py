@@ -55,6 +55,8 @@ class HarmonizerSpec:
         cross-sectional data such as a study's per-scan feature table.
     reference : str
         The publication or implementation it follows.
+    family : str
+        ``"combat"`` for the ComBat family (``mrharmony harmonize combat --method``).
     """
 
     name: str
@@ -63,6 +65,7 @@ class HarmonizerSpec:
     summary: str
     longitudinal: bool = False
     reference: str = ""
+    family: str = ""
 
     def load(self) -> Any:
         """The class or function (imports its module)."""
@@ -73,17 +76,19 @@ class HarmonizerSpec:
 _SPECS = (
     HarmonizerSpec("combat", "features", "mrharmony.harmonize.combat:ComBat",
                    "ComBat: location/scale per site with empirical Bayes",
-                   reference="Johnson et al. 2007; Fortin et al. 2018 (neuroCombat)"),
+                   reference="Johnson et al. 2007; Fortin et al. 2018 (neuroCombat)",
+                   family="combat"),
     HarmonizerSpec("covbat", "features", "mrharmony.harmonize.combat_variants:CovBat",
                    "CovBat: ComBat, then ComBat on the principal components of the residuals",
-                   reference="Chen et al. 2022 (CovBat)"),
+                   reference="Chen et al. 2022 (CovBat)", family="combat"),
     HarmonizerSpec("gam", "features", "mrharmony.harmonize.combat_variants:ComBatGAM",
                    "ComBat-GAM: non-linear (spline) covariate effects",
-                   reference="Pomponio et al. 2020 (neuroHarmonize)"),
+                   reference="Pomponio et al. 2020 (neuroHarmonize)", family="combat"),
     HarmonizerSpec("longitudinal", "features",
                    "mrharmony.harmonize.combat_variants:LongitudinalComBat",
                    "longitudinal ComBat: linear mixed model with a subject random intercept",
-                   longitudinal=True, reference="Beer et al. 2020 (longCombat)"),
+                   longitudinal=True, reference="Beer et al. 2020 (longCombat)",
+                   family="combat"),
     HarmonizerSpec("mean", "features", "mrharmony.harmonize.evaluate:MeanCentering",
                    "per-site mean centring (a baseline)"),
     HarmonizerSpec("zscore", "image", "mrharmony.harmonize.image:zscore",
@@ -103,10 +108,20 @@ _SPECS = (
 HARMONIZERS: dict[str, HarmonizerSpec] = {s.name: s for s in _SPECS}
 
 
-def feature_harmonizers(*, cross_sectional: bool = False) -> tuple[str, ...]:
-    """Names of the feature-level harmonizers (``cross_sectional``: without subjects)."""
+def feature_harmonizers(*, cross_sectional: bool = False,
+                        family: str | None = None) -> tuple[str, ...]:
+    """Names of the feature-level harmonizers.
+
+    Parameters
+    ----------
+    cross_sectional : bool
+        Only those that need no subject column (one scan per subject and site).
+    family : str, optional
+        Only those of this family (``"combat"``).
+    """
     return tuple(s.name for s in _SPECS if s.level == "features"
-                 and not (cross_sectional and s.longitudinal))
+                 and not (cross_sectional and s.longitudinal)
+                 and (family is None or s.family == family))
 
 
 def image_harmonizers() -> tuple[str, ...]:

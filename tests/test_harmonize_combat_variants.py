@@ -45,7 +45,8 @@ def test_gam_recovers_nonlinear_age_better_than_linear():
         ComBatGAM(smooth=("bmi",)).fit(X, site, cov)
 
 
-def test_covbat_aligns_site_covariance():
+@pytest.mark.parametrize("mode", ["reference", "pooled"])
+def test_covbat_aligns_site_covariance(mode):
     rng = np.random.default_rng(1)
     n, p = 240, 12
     site = np.repeat(["a", "b"], n // 2)
@@ -60,14 +61,15 @@ def test_covbat_aligns_site_covariance():
         return np.var(Y[site == "b"] @ u) / np.var(Y[site == "a"] @ u)
 
     assert ratio(ComBat().fit_transform(X, site)) > 2.0  # ComBat only scales per feature
-    model = CovBat(pct_var=0.95)
+    model = CovBat(pct_var=0.95, mode=mode)
     out = model.fit_transform(X, site)
     # truth 1; sampling error of a variance ratio at n = 120 per site is ~ 0.2
     assert ratio(out) == pytest.approx(1.0, abs=0.3)
     np.testing.assert_allclose(model.transform(X, site), out, atol=1e-12)
 
 
-def test_longitudinal_random_intercept():
+@pytest.mark.parametrize("mode", ["reference", "moments"])
+def test_longitudinal_random_intercept(mode):
     rng = np.random.default_rng(2)
     m, visits, p = 60, 3, 15
     subj = np.repeat(np.arange(m), visits)
@@ -79,10 +81,10 @@ def test_longitudinal_random_intercept():
     clean = 10 + 0.3 * time[:, None] + eta + rng.normal(0, sigma_e, (subj.size, p))
     X = clean + np.array([0.0, 1.5, -1.0])[code, None]
     cov = pd.DataFrame({"time": time})
-    model = LongitudinalComBat()
+    model = LongitudinalComBat(mode=mode)
     out = model.fit_transform(X, site, cov, subject=subj)
     lam = sigma_u**2 / sigma_e**2
-    # moment estimator of the variance ratio: within 50 % of the truth (60 subjects)
+    # REML or moment estimate of the variance ratio: within 50 % of the truth (60 subjects)
     assert np.median(model.lambda_) == pytest.approx(lam, rel=0.5)
     # the within-subject slope is preserved (true 0.3 per visit)
     slope = np.polyfit(time, (out - out.mean(0)).mean(1), 1)[0]
