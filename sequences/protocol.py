@@ -20,13 +20,14 @@ which raises :class:`~mrharmony.errors.ProtocolError` naming the parameter and l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from mrharmony.config import from_mapping, load_toml, param
-from mrharmony.errors import ConfigError
+from mrharmony.errors import ConfigError, ProtocolError
 
 __all__ = [
     "PROTOCOL_CLASSES",
@@ -42,9 +43,17 @@ __all__ = [
     "RadialProtocol",
     "SpiralProtocol",
     "TSEProtocol",
+    "check_receive_channels",
     "load_protocol",
     "protocol_from_mapping",
 ]
+
+#: Partial-Fourier fractions a protocol may ask for (5/8, 6/8, 7/8, off), as vendors offer.
+PARTIAL_FOURIER_FRACTIONS: tuple[float, ...] = (5 / 8, 6 / 8, 7 / 8, 1.0)
+
+#: Default number of integrated calibration (ACS) lines per accelerated axis (capped at
+#: half the axis' lines for small matrices).
+DEFAULT_ACS_LINES = 24
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,8 +136,200 @@ class _SpoilerMoments:
     )
 
 
+def _check_axis(
+    *, n: int, r: int, acs: int | None, pf: float, keys: tuple[str, str, str], axis: str
+) -> None:
+    """Refuse an acceleration / ACS / partial-Fourier setting one encoding axis cannot have."""
+    r_key, acs_key, pf_key = keys
+    if not any(abs(pf - f) < 1e-9 for f in PARTIAL_FOURIER_FRACTIONS):
+        raise ProtocolError(
+            f"{pf_key}: {pf:g} is not an offered partial-Fourier fraction (5/8 = 0.625, "
+            f"6/8 = 0.75, 7/8 = 0.875, or 1 for off)"
+        )
+    if r > max(n // 2, 1):
+        raise ProtocolError(
+            f"{r_key}: {r} is above the maximum {max(n // 2, 1)} for the {n} {axis} lines "
+            f"(an acceleration keeps at least two lines)"
+        )
+    if acs is None:
+        return
+    if r == 1 and acs > 0:
+        raise ProtocolError(
+            f"{acs_key}: {acs} calibration lines need {r_key} > 1 (the {axis} axis is fully "
+            f"sampled)"
+        )
+    if acs > n:
+        raise ProtocolError(f"{acs_key}: {acs} is above the {n} {axis} lines of the matrix")
+    n_keep = partial_fourier_lines(n, pf)
+    top = n // 2 - acs // 2 + acs - 1
+    if acs > 0 and top >= n_keep:
+        most = 2 * (n_keep - n // 2)  # symmetric ACS block inside the kept lines
+        raise ProtocolError(
+            f"{acs_key}: {acs} calibration lines reach {axis} line {top}, beyond the "
+            f"{n_keep} lines {pf_key} = {pf:g} keeps (maximum {most} calibration lines)"
+        )
+
+
+def partial_fourier_lines(n: int, fraction: float) -> int:
+    """Number of lines ``ceil(fraction * n)`` partial Fourier keeps (from ``-k_max``).
+
+    Parameters
+    ----------
+    n : int
+        Lines of the full matrix along the axis.
+    fraction : float
+        Partial-Fourier fraction (1 keeps every line).
+
+    Returns
+    -------
+    int
+        Lines ``0 .. n_keep - 1`` are sampled (FFT convention: the centre ``n // 2`` is
+        always among them for fractions >= 5/8).
+    """
+    return min(n, math.ceil(fraction * n - 1e-9))
+
+
 @dataclass(frozen=True, kw_only=True)
-class Gre2DProtocol(_Slices2D, _SpoilerMoments):
+class _Accelerated2D:
+    """In-plane undersampling along phase: GRAPPA/SENSE-style regular pattern + ACS + PF."""
+
+    acceleration: int = param(
+        1, doc="in-plane acceleration R along phase (every R-th line; 1: fully sampled)",
+        ge=1, le=16,
+    )
+    acs_lines: int | None = param(
+        None, doc="integrated fully sampled calibration lines at the k-space centre "
+        "(default 24 when acceleration > 1, at most half the phase lines)", ge=0, le=1024,
+    )
+    partial_fourier_fraction: float = param(
+        1.0, doc="partial Fourier along phase: 0.625, 0.75, 0.875 or 1 (off); the lines from "
+        "-ky_max are kept", gt=0.5, le=1,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[misc]
+        _check_axis(
+            n=int(self.matrix[1]), r=self.acceleration, acs=self.acs_lines,  # type: ignore[attr-defined]
+            pf=self.partial_fourier_fraction,
+            keys=("acceleration", "acs_lines", "partial_fourier_fraction"), axis="phase",
+        )
+
+    @property
+    def calibration_lines(self) -> tuple[int, ...]:
+        """ACS lines per accelerated axis (phase[, partition]) after the defaults."""
+        return (_acs_default(int(self.matrix[1]), self.acceleration, self.acs_lines),)  # type: ignore[attr-defined]
+
+    @property
+    def accelerations(self) -> tuple[int, ...]:
+        """Acceleration per phase-encoding axis (phase[, partition])."""
+        return (self.acceleration,)
+
+    @property
+    def partial_fourier(self) -> tuple[float, ...]:
+        """Partial-Fourier fraction per phase-encoding axis (phase[, partition])."""
+        return (self.partial_fourier_fraction,)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Accelerated3D:
+    """Undersampling along phase and partition: a regular 2D pattern + ACS block + PF."""
+
+    acceleration: int = param(
+        1, doc="acceleration R along phase (every R-th line; 1: fully sampled)", ge=1, le=16,
+    )
+    acceleration_partition: int = param(
+        1, doc="acceleration along partitions (every R-th partition; 1: fully sampled)",
+        ge=1, le=16,
+    )
+    acs_lines: int | None = param(
+        None, doc="calibration lines along phase in the fully sampled k-space-centre block "
+        "(default 24 when acceleration > 1, at most half the lines; all lines when phase is "
+        "not accelerated)", ge=0, le=1024,
+    )
+    acs_lines_partition: int | None = param(
+        None, doc="calibration partitions in the fully sampled k-space-centre block "
+        "(default 24 when acceleration_partition > 1, at most half the partitions; all "
+        "partitions when partitions are not accelerated)", ge=0, le=1024,
+    )
+    partial_fourier_fraction: float = param(
+        1.0, doc="partial Fourier along phase: 0.625, 0.75, 0.875 or 1 (off)", gt=0.5, le=1,
+    )
+    partial_fourier_fraction_partition: float = param(
+        1.0, doc="partial Fourier along partitions: 0.625, 0.75, 0.875 or 1 (off)", gt=0.5,
+        le=1,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[misc]
+        ny, nz = int(self.matrix[1]), int(self.matrix[2])  # type: ignore[attr-defined]
+        _check_axis(
+            n=ny, r=self.acceleration, acs=self.acs_lines, pf=self.partial_fourier_fraction,
+            keys=("acceleration", "acs_lines", "partial_fourier_fraction"), axis="phase",
+        )
+        _check_axis(
+            n=nz, r=self.acceleration_partition, acs=self.acs_lines_partition,
+            pf=self.partial_fourier_fraction_partition,
+            keys=("acceleration_partition", "acs_lines_partition",
+                  "partial_fourier_fraction_partition"), axis="partition",
+        )
+
+    @property
+    def calibration_lines(self) -> tuple[int, ...]:
+        """ACS lines per accelerated axis (phase, partition) after the defaults."""
+        ny, nz = int(self.matrix[1]), int(self.matrix[2])  # type: ignore[attr-defined]
+        return (_acs_default(ny, self.acceleration, self.acs_lines),
+                _acs_default(nz, self.acceleration_partition, self.acs_lines_partition))
+
+    @property
+    def accelerations(self) -> tuple[int, ...]:
+        """Acceleration per phase-encoding axis (phase, partition)."""
+        return (self.acceleration, self.acceleration_partition)
+
+    @property
+    def partial_fourier(self) -> tuple[float, ...]:
+        """Partial-Fourier fraction per phase-encoding axis (phase, partition)."""
+        return (self.partial_fourier_fraction, self.partial_fourier_fraction_partition)
+
+
+def _acs_default(n: int, r: int, acs: int | None) -> int:
+    """ACS lines of an axis: as given, else 24 (at most ``n // 2``) when accelerated, else 0."""
+    if acs is not None:
+        return int(acs)
+    return min(DEFAULT_ACS_LINES, n // 2) if r > 1 else 0
+
+
+def check_receive_channels(protocol: Protocol, channels: int) -> None:
+    """Refuse a protocol whose total acceleration exceeds a site's receive channels.
+
+    The scanner profile does not know the coil; the site does. Call this where a protocol
+    meets a site (study preflight, simulation).
+
+    Parameters
+    ----------
+    protocol : Protocol
+        Any protocol (those without acceleration keys always pass).
+    channels : int
+        Receive channels of the site's coil.
+
+    Raises
+    ------
+    ProtocolError
+        If ``acceleration`` (x ``acceleration_partition``) is above ``channels``.
+    """
+    total = 1
+    for r in getattr(protocol, "accelerations", (1,)):
+        total *= int(r)
+    if total > 1 and total > channels:
+        key = ("acceleration x acceleration_partition"
+               if getattr(protocol, "acceleration_partition", 1) > 1 else "acceleration")
+        raise ProtocolError(
+            f"{key}: total acceleration {total} is above the {channels} receive channel(s) of "
+            f"the site's coil (parallel imaging needs at least R channels)"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gre2DProtocol(_Accelerated2D, _Slices2D, _SpoilerMoments):
     """2D multi-slice RF-spoiled gradient echo."""
 
     builder: Literal["gre2d"] = param(doc="sequence builder name")
@@ -139,7 +340,7 @@ class Gre2DProtocol(_Slices2D, _SpoilerMoments):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Gre3DProtocol(_Volume3D, _SpoilerMoments):
+class Gre3DProtocol(_Accelerated3D, _Volume3D, _SpoilerMoments):
     """3D RF-spoiled gradient echo with slab-selective excitation."""
 
     builder: Literal["gre3d"] = param(doc="sequence builder name")
@@ -171,7 +372,7 @@ class IRSEProtocol(_Slices2D, _SpoilerMoments):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MPRAGEProtocol(_Volume3D):
+class MPRAGEProtocol(_Accelerated3D, _Volume3D):
     """3D MPRAGE (T1-weighted): one inversion per partition, a spoiled GRE train after it."""
 
     builder: Literal["mprage"] = param(doc="sequence builder name")
@@ -189,7 +390,7 @@ class MPRAGEProtocol(_Volume3D):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TSEProtocol(_Slices2D, _SpoilerMoments):
+class TSEProtocol(_Accelerated2D, _Slices2D, _SpoilerMoments):
     """2D turbo spin echo; ``te_ms`` is the effective TE (ky = 0)."""
 
     builder: Literal["tse"] = param(doc="sequence builder name")
@@ -200,7 +401,7 @@ class TSEProtocol(_Slices2D, _SpoilerMoments):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EPIProtocol(_Slices2D):
+class EPIProtocol(_Accelerated2D, _Slices2D):
     """Single-shot 2D gradient-echo EPI with navigator lines for ghost correction."""
 
     builder: Literal["epi"] = param(doc="sequence builder name")
@@ -211,10 +412,18 @@ class EPIProtocol(_Slices2D):
     )
     ramp_sampling: bool = param(False, doc="sample on the readout ramps")
     navigator_lines: int = param(3, doc="non-phase-encoded lines for ghost correction", ge=0, le=8)
+    acs_lines: int | None = param(
+        None, doc="calibration lines of the separate reference scan at the k-space centre "
+        "(default 24 when acceleration > 1, at most half the phase lines)", ge=0, le=1024,
+    )
+    acs_mode: Literal["separate"] = param(
+        "separate", doc="calibration: a separate non-accelerated segmented EPI reference "
+        "(acceleration shots per slice, same echo spacing) before the imaging",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
-class DWIEPIProtocol(_Slices2D):
+class DWIEPIProtocol(_Accelerated2D, _Slices2D):
     """Diffusion-weighted single-shot spin-echo EPI (Stejskal-Tanner PGSE)."""
 
     builder: Literal["dwi_epi"] = param(doc="sequence builder name")
@@ -232,6 +441,14 @@ class DWIEPIProtocol(_Slices2D):
     )
     ramp_sampling: bool = param(False, doc="sample on the readout ramps")
     navigator_lines: int = param(3, doc="non-phase-encoded lines for ghost correction", ge=0, le=8)
+    acs_lines: int | None = param(
+        None, doc="calibration lines of the separate reference scan at the k-space centre "
+        "(default 24 when acceleration > 1, at most half the phase lines)", ge=0, le=1024,
+    )
+    acs_mode: Literal["separate"] = param(
+        "separate", doc="calibration: a separate non-accelerated segmented EPI reference "
+        "(acceleration shots per slice, same echo spacing) before the imaging",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -100,6 +100,33 @@ def test_protocol_the_scanner_cannot_run_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+GRE_R10 = """
+builder = "gre2d"
+name = "gre-r10"
+fov_mm = [200, 200]
+matrix = [40, 40]
+slice_thickness_mm = 5
+te_ms = 5
+tr_ms = 100
+flip_deg = 20
+acceleration = 10
+acs_lines = 0
+"""
+
+
+def test_acceleration_above_the_site_coil_is_refused(tmp_path):
+    """R = 10 needs at least 10 receive channels: the 8-channel GE site is named."""
+    study = STUDY.replace('file = "irse.toml"', 'file = "gre.toml"').replace(
+        '"philips-ingenia-1.5t"', '"ge-mr750-3t"')
+    folder = tmp_path / "s"
+    path = _write_study(folder, study)
+    (folder / "gre.toml").write_text(GRE_R10)
+    with pytest.raises(StudyError, match=r"cannot run at site 'ge-mr750-3t'.*total "
+                                         r"acceleration 10 is above the 8 receive"):
+        run_study(path, tmp_path / "out", workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- task store
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "FLAGS",
     "LABEL_COUNTERS",
     "NOT_IMAGING",
+    "PARALLEL_LABEL_FLAGS",
     "flag_mask",
     "has_flag",
 ]
@@ -61,6 +62,14 @@ LABEL_COUNTERS: dict[str, str] = {
     "ECO": "contrast", "SET": "set", "REP": "repetition", "AVG": "average",
     "PHS": "phase", "SEG": "segment",
 }  # fmt: skip
+
+#: Pulseq parallel-imaging flag labels ``(REF, IMA)`` → ISMRMRD acquisition flag: a
+#: calibration (ACS) line that is also imaging data, and a line of a separate reference
+#: scan (calibration only). ``(0, *)`` is plain imaging data.
+PARALLEL_LABEL_FLAGS: dict[tuple[int, int], str] = {
+    (1, 1): "IS_PARALLEL_CALIBRATION_AND_IMAGING",
+    (1, 0): "IS_PARALLEL_CALIBRATION",
+}
 
 
 def flag_mask(*names: str | int) -> np.uint64:

@@ -13,7 +13,12 @@ converter of scanner data (:mod:`mrharmony.formats.twix`) write the same files f
 - Counters come from the file's labels (LIN, PAR, SLC, ECO, SET, REP, AVG, PHS, SEG, NAV,
   REV) or, for a Cartesian file without ``LIN``/``PAR`` labels, from each readout's
   k-space position (phase index ``round(k·FOV)``, reversed lines from the readout
-  direction); :attr:`AcquisitionLayout.counters_source` says which.
+  direction); :attr:`AcquisitionLayout.counters_source` says which. ``REF``/``IMA`` labels
+  become the parallel-calibration flags (:data:`~mrharmony.formats.flags.PARALLEL_LABEL_FLAGS`);
+  ``Acceleration``/``CalibrationMode`` definitions the header's ``parallelImaging``; the
+  LIN/PAR limits of a Cartesian file span the full ``MatrixSize`` (centre
+  ``kSpaceCenterLine``/``kSpaceCenterPartition``, else ``n // 2``) even when lines were
+  left out.
 - Non-Cartesian trajectories are given in cycles per reconstructed FOV on the logical
   (read, phase, slice) axes, so the Cartesian grid points are the integers
   ``-N/2 .. N/2-1`` (the recon / SigPy convention).
@@ -88,6 +93,22 @@ def _label_ranges(seq: Any) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _parallel_imaging(mrd: Any, defs: dict[str, Any]) -> Any:
+    """``parallelImaging`` from the ``Acceleration`` / ``CalibrationMode`` definitions
+    (None when the file states no acceleration above 1)."""
+    acc = _values(defs, "Acceleration")
+    if acc is None or not np.any(acc > 1):
+        return None
+    acc = np.concatenate([acc, np.ones(2)])[:2].astype(int)
+    mode = str(_first(defs, "CalibrationMode", "embedded")).lower()
+    modes = {m.value: m for m in mrd.calibrationModeType}
+    return mrd.parallelImagingType(
+        accelerationFactor=mrd.accelerationFactorType(
+            kspace_encoding_step_1=int(acc[0]), kspace_encoding_step_2=int(acc[1])),
+        calibrationMode=modes.get(mode, mrd.calibrationModeType.OTHER),
+    )
+
+
 def header_from_seq(
     seq: Any,
     *,
@@ -154,14 +175,20 @@ def header_from_seq(
         "SLC": (0, int(_first(defs, "NumberOfSlices", 1)) - 1),
         "ECO": (0, len(_values(defs, "TE") if "TE" in defs else [0]) - 1),
     }
+    cartesian_like = trajectory in ("cartesian", "epi")
+    centre_keys = {"LIN": "kSpaceCenterLine", "PAR": "kSpaceCenterPartition"}
     for label_name, attr in _LABEL_LIMITS.items():
         lo_hi = ranges.get(label_name, default_ranges.get(label_name))
         if lo_hi is None:
             continue
         lo, hi = lo_hi
-        center = (hi + 1) // 2 if label_name in ("LIN", "PAR") and trajectory in (
-            "cartesian", "epi"
-        ) else 0
+        center = 0
+        if label_name in centre_keys and cartesian_like:
+            # the limits describe the full matrix, also when lines were left out
+            # (acceleration, partial Fourier): its centre stays the k-space centre
+            full = default_ranges[label_name]
+            lo, hi = min(lo, full[0]), max(hi, full[1])
+            center = int(_first(defs, centre_keys[label_name], (hi + 1) // 2))
         setattr(limits, attr, mrd.limitType(minimum=lo, maximum=hi, center=center))
     limits.kspace_encoding_step_0 = mrd.limitType(
         minimum=0, maximum=int(matrix[0] * os_) - 1, center=int(matrix[0] * os_) // 2
@@ -181,6 +208,9 @@ def header_from_seq(
         ]
     if "EchoTrainLength" in defs:
         encoding.echoTrainLength = int(_first(defs, "EchoTrainLength"))
+    parallel = _parallel_imaging(mrd, defs)
+    if parallel is not None:
+        encoding.parallelImaging = parallel
 
     params = mrd.sequenceParametersType()
     if "TR" in defs:
@@ -417,6 +447,18 @@ def _derived_labels(records: list[Any], k_cyc: np.ndarray, enc: Any) -> list[Any
         if dataclasses.is_dataclass(r) else r
         for r, a, b, c in zip(records, counters[0], counters[1], rev, strict=True)
     ]
+
+
+def _parallel_flags(records: list[Any], heads: np.ndarray) -> None:
+    """Calibration flags from the ``REF`` / ``IMA`` labels (``formats.flags``), in place."""
+    from mrharmony.formats.flags import PARALLEL_LABEL_FLAGS, flag_mask
+
+    ref = np.array([int(r.labels.get("REF", 0) > 0) for r in records], dtype=np.int64)
+    if not ref.any():
+        return
+    ima = np.array([int(r.labels.get("IMA", 0) > 0) for r in records], dtype=np.int64)
+    for (r, i), name in PARALLEL_LABEL_FLAGS.items():
+        heads["flags"][(ref == r) & (ima == i)] |= flag_mask(name)
 
 
 def _excitation_period(seq: Any, records: list[Any]) -> np.ndarray:
@@ -719,6 +761,7 @@ def layout_from_seq(
                             for i in range(len(records))])
     heads = acquisition_table(records, n_coils=n_coils, slice_positions_mm=slice_pos,
                               center_samples=centers, trajectory_dims=traj_dims)
+    _parallel_flags(records, heads)
     trajs = None
     if traj_dims and k_cyc is not None:
         k32 = k_cyc[:, :traj_dims].astype(np.float32)

@@ -132,6 +132,7 @@ def preflight(study: Study) -> Resolved:
         missing phantom directory.
     """
     from mrharmony.sequences import build, load_protocol
+    from mrharmony.sequences.protocol import check_receive_channels
     from mrharmony.simulation.native import native_protocol
     from mrharmony.simulation.site import load_site
 
@@ -168,6 +169,7 @@ def preflight(study: Study) -> Resolved:
                 try:
                     if arm == "native":
                         protocol = native_protocol(protocol, site)
+                    check_receive_channels(protocol, site.coil.channels)
                     build(protocol, site.profile)
                 except MrHarmonyError as exc:
                     raise StudyError(

@@ -14,6 +14,11 @@ Conventions every builder follows (the simulator and the reconstruction rely on 
   ``PAR`` (3D partition), ``ECO`` (echo), ``SET`` (TI or diffusion-encoding index),
   ``NAV`` / ``REV`` (EPI navigators and reversed lines). The first block of each TR
   carries ``TRID`` (segment id, as the GE interpreter needs).
+- Acceleration, calibration (ACS) lines and partial Fourier follow :class:`Sampling`:
+  ``LIN``/``PAR`` stay the true line indices, calibration lines carry ``REF``/``IMA``
+  and :func:`sampling_definitions` writes ``Acceleration``, ``PartialFourier``,
+  ``ACSLines``, ``CalibrationMode`` and ``kSpaceCenterLine`` (only when something is
+  left out, so unaccelerated files are unchanged).
 - All timing is on the scanner's rasters; a request that cannot be met raises
   :class:`~mrharmony.errors.ProtocolError` *before* anything is written.
 """
@@ -29,11 +34,13 @@ import numpy as np
 import pypulseq as pp
 
 from mrharmony.errors import ProtocolError
-from mrharmony.sequences.protocol import Protocol
+from mrharmony.sequences.protocol import Protocol, partial_fourier_lines
 from mrharmony.sequences.scanner import ScannerProfile
 
 __all__ = [
     "Readout",
+    "Sampling",
+    "acs_labels",
     "check_positive_delay",
     "excitation_pulse",
     "fill_delay",
@@ -45,6 +52,8 @@ __all__ = [
     "rf_center_time",
     "round_to",
     "round_up",
+    "sampling",
+    "sampling_definitions",
     "set_slice_offset",
     "slice_positions_m",
 ]
@@ -258,6 +267,132 @@ def make_readout(
 def phase_encode_areas(fov_m: float, n: int) -> np.ndarray:
     """Phase-encoding areas (1/m) of lines ``0..n-1`` in the FFT convention."""
     return (np.arange(n) - n // 2) / fov_m
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Which phase-encoding lines (and partitions) an accelerated protocol acquires.
+
+    Every axis follows the same rule, around the k-space centre ``n // 2`` (FFT
+    convention): partial Fourier keeps lines ``0 .. ceil(fraction * n) - 1`` (from
+    ``-k_max``; the high-k end is omitted), of which the lines ``l`` with
+    ``(l - n // 2) % R == 0`` (the centre is always one of them) and the calibration
+    (ACS) block ``n // 2 - acs // 2 .. n // 2 - acs // 2 + acs - 1`` are sampled. On an
+    axis that is not accelerated the calibration block spans all kept lines. In 3D a
+    point ``(ky, kz)`` is sampled when it is on both regular patterns or inside both
+    calibration ranges (a centre block, as GRAPPA/ESPIRiT calibrate on).
+
+    Attributes
+    ----------
+    shape : tuple of int
+        Full matrix along the phase-encoding axes (phase[, partition]).
+    accelerations, calibration, partial_fourier : tuple
+        Per axis: R, ACS lines, partial-Fourier fraction.
+    mask : ndarray of bool
+        ``shape``: sampled points (pattern and calibration block).
+    acs : ndarray of bool
+        ``shape``: points of the calibration block (empty when not accelerated).
+    """
+
+    shape: tuple[int, ...]
+    accelerations: tuple[int, ...]
+    calibration: tuple[int, ...]
+    partial_fourier: tuple[float, ...]
+    mask: np.ndarray
+    acs: np.ndarray
+    #: ``shape``: points of the regular pattern alone (without the calibration block).
+    pattern: np.ndarray
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether any axis is undersampled by a regular pattern (R > 1)."""
+        return any(r > 1 for r in self.accelerations)
+
+    @property
+    def reduced(self) -> bool:
+        """Whether anything is left out (acceleration or partial Fourier)."""
+        return self.accelerated or any(f < 1 for f in self.partial_fourier)
+
+    @property
+    def has_acs(self) -> bool:
+        """Whether the scan carries calibration lines (accelerated, with ACS)."""
+        return self.accelerated and bool(self.acs.any())
+
+    def lines(self) -> np.ndarray:
+        """Sampled phase lines of a 2D protocol, ascending."""
+        return np.flatnonzero(self.mask)
+
+
+def _axis_masks(n: int, r: int, acs: int, pf: float) -> tuple[np.ndarray, np.ndarray]:
+    keep = np.arange(n) < partial_fourier_lines(n, pf)
+    on = ((np.arange(n) - n // 2) % r == 0) & keep
+    if r == 1:
+        return on, keep
+    start = n // 2 - acs // 2
+    block = (np.arange(n) >= start) & (np.arange(n) < start + acs) & keep
+    return on, block
+
+
+def sampling(protocol: Protocol) -> Sampling:
+    """The sampled phase-encoding points of a Cartesian protocol (see :class:`Sampling`).
+
+    Protocols without acceleration keys sample every point.
+    """
+    ndim_pe = 2 if protocol.ndim == 3 else 1
+    shape = tuple(int(m) for m in protocol.matrix[1:1 + ndim_pe])
+    rs = tuple(getattr(protocol, "accelerations", (1,) * ndim_pe))
+    acs = tuple(getattr(protocol, "calibration_lines", (0,) * ndim_pe))
+    pfs = tuple(float(f) for f in getattr(protocol, "partial_fourier", (1.0,) * ndim_pe))
+    axes = [_axis_masks(n, r, a, f) for n, r, a, f in zip(shape, rs, acs, pfs, strict=True)]
+    if ndim_pe == 1:
+        on, block = axes[0]
+    else:
+        on = axes[0][0][:, None] & axes[1][0][None, :]
+        block = axes[0][1][:, None] & axes[1][1][None, :]
+    if not any(r > 1 for r in rs):
+        block = np.zeros_like(block)
+    return Sampling(shape=shape, accelerations=rs, calibration=acs, partial_fourier=pfs,
+                    mask=on | block, acs=block, pattern=on)
+
+
+def acs_labels(samp: Sampling, is_acs: bool, *, reference_only: bool = False
+               ) -> list[SimpleNamespace]:
+    """Pulseq ``REF`` / ``IMA`` labels of one readout of an accelerated scan.
+
+    ``REF = 1, IMA = 1``: a calibration line that is also imaging data (integrated ACS,
+    ISMRMRD ``ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING``); ``REF = 1, IMA = 0``: a line
+    of a separate reference scan (``ACQ_IS_PARALLEL_CALIBRATION``); both 0 otherwise.
+    Unaccelerated scans carry no such labels (the file stays as it was).
+    """
+    if not samp.accelerated:
+        return []
+    if reference_only:
+        return [label("REF", 1), label("IMA", 0)]
+    return [label("REF", int(is_acs)), label("IMA", int(is_acs))]
+
+
+def sampling_definitions(samp: Sampling, *, calibration_mode: str = "embedded"
+                         ) -> dict[str, Any]:
+    """``[DEFINITIONS]`` of an accelerated or partial-Fourier scan (empty otherwise).
+
+    ``Acceleration``, ``PartialFourier``, ``ACSLines`` (per phase-encoding axis),
+    ``CalibrationMode`` (``embedded``, ``separate``, or ``external`` when the scan
+    carries no calibration lines), ``kSpaceCenterLine`` (and ``kSpaceCenterPartition``
+    in 3D): the centre of the full matrix, which stays ``n // 2`` whatever is left out.
+    """
+    if not samp.reduced:
+        return {}
+    out: dict[str, Any] = {
+        "Acceleration": [int(r) for r in samp.accelerations],
+        "PartialFourier": [float(f) for f in samp.partial_fourier],
+        "ACSLines": [int(samp.acs.sum())] if samp.acs.ndim == 1 else [
+            int(samp.acs.any(axis=1).sum()), int(samp.acs.any(axis=0).sum())],
+        "CalibrationMode": calibration_mode if samp.has_acs else "external",
+        "kSpaceCenterLine": samp.shape[0] // 2,
+    }
+    if len(samp.shape) == 2:
+        out["kSpaceCenterPartition"] = samp.shape[1] // 2
+    return out
 
 
 def check_positive_delay(

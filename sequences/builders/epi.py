@@ -42,6 +42,7 @@ import pypulseq as pp
 
 from mrharmony.errors import ProtocolError
 from mrharmony.sequences.builders._common import (
+    acs_labels,
     check_positive_delay,
     excitation_pulse,
     fill_delay,
@@ -51,6 +52,8 @@ from mrharmony.sequences.builders._common import (
     rf_center_time,
     round_to,
     round_up,
+    sampling,
+    sampling_definitions,
     set_slice_offset,
     slice_positions_m,
     trapezoid,
@@ -67,6 +70,9 @@ __all__ = [
 
 #: Crusher / spoiler area in cycles across the slice thickness.
 _CRUSHER_CYCLES = 4.0
+
+#: TRID of each kind of shot (dummy, imaging, separate calibration reference).
+_TRID = {"dummy": 1, "imaging": 2, "reference": 3}
 
 
 def _round_down(t: float, raster: float) -> float:
@@ -110,6 +116,16 @@ class _EPITrain:
     n_samples: int
     ny: int
     n_nav: int
+    #: Phase lines of the imaging echo train (true line indices, ascending, step ``step``).
+    lines: tuple[int, ...]
+    #: Line step of the train (the acceleration R; the blips have area R / fov_y).
+    step: int
+    #: Lines of each shot of the separate calibration reference (empty: none).
+    ref_shots: tuple[tuple[int, ...], ...]
+    dk_y: float
+    #: Readout area of one line, and from the start of a positive line to its centre.
+    area_line: float
+    u_center: float
     #: Polarity (+1/-1) of the first line played (navigator or imaging).
     first_sign: int
     #: Time from the start of a positive line block to its k-space-centre sample.
@@ -131,7 +147,8 @@ class _EPITrain:
     def prep(
         self, system: pp.Opts, z_area: float = 0.0
     ) -> tuple[list[SimpleNamespace], float]:
-        """Prephaser gradients (x, y and an optional z area) and their common duration."""
+        """Prephaser gradients (x, y and an optional z area) and their common duration
+        (long enough for the reference shots' prephasers too)."""
         areas = {"x": self.pre_x_area, "y": self.pre_y_area, "z": z_area}
         durations = [
             pp.calc_duration(pp.make_trapezoid(channel=ch, area=a, system=system))
@@ -140,6 +157,8 @@ class _EPITrain:
         ]
         t_pre = round_up(max(durations, default=system.grad_raster_time),
                          system.block_duration_raster)
+        if self.ref_shots:
+            t_pre = max(t_pre, self.prep_duration(system, z_area))
         grads = [
             trapezoid(channel=ch, area=a, duration=t_pre, system=system)
             for ch, a in areas.items()
@@ -147,14 +166,82 @@ class _EPITrain:
         ]
         return grads, t_pre
 
+    @property
+    def center_position(self) -> int:
+        """Position of the k-space-centre line in the imaging train."""
+        return self.lines.index(self.ny // 2)
+
     def time_to_center(self, t_pre: float) -> float:
         """Time from the start of the prephaser block to the k-space-centre sample."""
-        lines_before = self.n_nav + self.ny // 2
+        lines_before = self.n_nav + self.center_position
         return t_pre + self.t_pre2_s + lines_before * self.line_s + self.center_in_line_s
 
     def duration(self, t_pre: float) -> float:
-        """Duration from the start of the prephaser block to the end of the last line."""
-        return t_pre + self.t_pre2_s + (self.n_nav + self.ny) * self.line_s
+        """Duration from the start of the prephaser block to the end of the last line.
+
+        With a separate reference, the longest of the imaging and reference shots."""
+        refs = [t_pre + self._ref_delay(shot) + len(shot) * self.line_s
+                for shot in self.ref_shots]
+        return max([self.imaging_duration(t_pre), *refs])
+
+    def imaging_duration(self, t_pre: float) -> float:
+        """Duration from the prephaser start to the end of the imaging train's last line."""
+        return t_pre + self.t_pre2_s + (self.n_nav + len(self.lines)) * self.line_s
+
+    def _ref_delay(self, shot: tuple[int, ...]) -> float:
+        """Delay before a reference shot's lines that puts its line nearest the k-space
+        centre at the imaging centre's time (the same TE), or 0 when it cannot."""
+        m_ref = int(np.argmin(np.abs(np.asarray(shot) - self.ny // 2)))
+        lines_between = self.n_nav + self.center_position - m_ref
+        return max(self.t_pre2_s + lines_between * self.line_s, 0.0)
+
+    def ref_prep(self, system: pp.Opts, shot: tuple[int, ...], t_pre: float,
+                 z_area: float = 0.0) -> list[SimpleNamespace]:
+        """Prephasers (duration ``t_pre``) of a reference shot: its first line, positive."""
+        areas = {"x": -self.u_center, "y": (shot[0] - self.ny // 2) * self.dk_y, "z": z_area}
+        return [trapezoid(channel=ch, area=a, duration=t_pre, system=system)
+                for ch, a in areas.items() if abs(a) > 0]
+
+    def prep_duration(self, system: pp.Opts, z_area: float = 0.0) -> float:
+        """Shortest prephaser block of the reference shots (0 without them)."""
+        out = 0.0
+        for shot in self.ref_shots:
+            for ch, a in (("x", -self.u_center), ("y", (shot[0] - self.ny // 2) * self.dk_y),
+                          ("z", z_area)):
+                if abs(a) > 0:
+                    out = max(out, pp.calc_duration(
+                        pp.make_trapezoid(channel=ch, area=a, system=system)))
+        return round_up(out, system.block_duration_raster) if out else 0.0
+
+    def add_reference(
+        self,
+        seq: pp.Sequence,
+        system: pp.Opts,
+        shot: tuple[int, ...],
+        t_pre: float,
+        *,
+        z_area: float = 0.0,
+        labels: list[SimpleNamespace],
+    ) -> float:
+        """Append one shot of the separate calibration reference (prephasers, centring
+        delay, lines ``shot`` with the imaging blips and echo spacing, no navigators).
+
+        Returns the duration from the prephaser start to the end of its last line (s).
+        """
+        seq.add_block(*self.ref_prep(system, shot, t_pre, z_area), pp.make_delay(t_pre))
+        delay = self._ref_delay(shot)
+        if delay > 0:
+            seq.add_block(pp.make_delay(delay))
+        for j, line in enumerate(shot):
+            s = 1 if j % 2 == 0 else -1
+            events: list[Any] = [self.gx_pos if s > 0 else self.gx_neg]
+            if len(shot) > 1:
+                events.append(self.gy_first if j == 0 else (
+                    self.gy_last if j == len(shot) - 1 else self.gy_mid))
+            events += [self.adc, label("NAV", 0), label("REV", int(s < 0)),
+                       label("LIN", line), *labels]
+            seq.add_block(*events)
+        return t_pre + delay + len(shot) * self.line_s
 
     def add_to(
         self,
@@ -187,11 +274,12 @@ class _EPITrain:
                 channel="y", area=self.pre2_y_area, duration=self.t_pre2_s, system=system
             )
             seq.add_block(gy2, pp.make_delay(self.t_pre2_s))
-        for j in range(self.ny):
+        n_lines = len(self.lines)
+        for j, line in enumerate(self.lines):
             s = self.sign(m)
             if j == 0:
                 gy = self.gy_first
-            elif j == self.ny - 1:
+            elif j == n_lines - 1:
                 gy = self.gy_last
             else:
                 gy = self.gy_mid
@@ -201,7 +289,7 @@ class _EPITrain:
                     self.adc,
                     label("NAV", 0),
                     label("REV", int(s < 0)),
-                    label("LIN", j),
+                    label("LIN", line),
                     *labels,
                 ]
             seq.add_block(*events)
@@ -213,7 +301,7 @@ class _EPITrain:
             "EchoSpacing": self.line_s,
             "ReadoutBandwidth": self.bandwidth_hz_per_px,
             "RampSampling": int(self.ramp_sampling),
-            "EchoTrainLength": self.ny,
+            "EchoTrainLength": len(self.lines),
             "NavigatorLines": self.n_nav,
             "ReadoutRampTime": self.ramp_s,
             "ReadoutFlatTime": self.flat_s,
@@ -275,13 +363,23 @@ def _design_epi(
     max_grad, max_slew = system.max_grad, system.max_slew
     dk_x, dk_y = 1.0 / fov_x, 1.0 / fov_y
 
+    samp = sampling(protocol)
+    step = int(samp.accelerations[0])
+    lines = tuple(int(j) for j in np.flatnonzero(samp.pattern))
+    acs_lines = np.flatnonzero(samp.acs) if samp.accelerated else np.zeros(0, int)
+    ref_shots = tuple(
+        shot for shot in (tuple(int(j) for j in acs_lines[s::step]) for s in range(step))
+        if shot
+    )
+
     dwell = _choose_dwell(system, scanner, bw, n_samples)
     t_adc = n_samples * dwell
     k_width = nx * dk_x  # area the ADC window must cover
 
-    # Triangular blip of area dk_y, split in two halves of duration hb.
-    hb = round_up(max(math.sqrt(dk_y / max_slew), dk_y / max_grad, g_raster), g_raster)
-    blip_peak = dk_y / hb
+    # Triangular blip of area step * dk_y, split in two halves of duration hb.
+    blip = step * dk_y
+    hb = round_up(max(math.sqrt(blip / max_slew), blip / max_grad, g_raster), g_raster)
+    blip_peak = blip / hb
 
     def too_fast(amplitude: float, max_bw: float | None) -> ProtocolError:
         mt = amplitude / scanner.max_grad_hz_per_m * scanner.max_grad_mt_per_m
@@ -358,9 +456,9 @@ def _design_epi(
     )
 
     n_nav = int(protocol.navigator_lines)
-    first_sign = 1 if (n_nav + ny // 2) % 2 == 0 else -1
+    first_sign = 1 if (n_nav + lines.index(ny // 2)) % 2 == 0 else -1
     pre_x = -u_center if first_sign > 0 else area_line - u_center
-    ky_first = -(ny // 2) * dk_y
+    ky_first = (lines[0] - ny // 2) * dk_y
     if n_nav:
         pre_y = -dk_y  # navigators at line ny//2 - 1
         pre2_y = ky_first - pre_y
@@ -385,6 +483,12 @@ def _design_epi(
         n_samples=n_samples,
         ny=ny,
         n_nav=n_nav,
+        lines=lines,
+        step=step,
+        ref_shots=ref_shots,
+        dk_y=dk_y,
+        area_line=area_line,
+        u_center=u_center,
         first_sign=first_sign,
         center_in_line_s=center_time,
         pre_x_area=pre_x,
@@ -484,21 +588,36 @@ def build_epi(protocol: EPIProtocol, scanner: ScannerProfile) -> pp.Sequence:
     fill = slot - min_slot
 
     positions = slice_positions_m(protocol)
-    volumes = [False] * protocol.dummy_scans + [True]
-    for acquire in volumes:
+    samp = sampling(protocol)
+    raster = system.block_duration_raster
+    # dummies (no ADC), the separate calibration reference (one volume per shot), imaging
+    volumes: list[tuple[str, tuple[int, ...]]] = (
+        [("dummy", ())] * protocol.dummy_scans
+        + [("reference", shot) for shot in train.ref_shots] + [("imaging", ())]
+    )
+    for kind, shot in volumes:
         for i_slice, pos in enumerate(positions):
             set_slice_offset(rf, gz.amplitude, float(pos))
-            seq.add_block(rf, gz, label("TRID", 2 if acquire else 1))
+            seq.add_block(rf, gz, label("TRID", _TRID[kind]))
             if delay_te > 0:
                 seq.add_block(pp.make_delay(delay_te))
-            train.add_to(
-                seq, system, prep_grads, t_pre, acquire=acquire,
-                labels=[label("SLC", i_slice)],
-            )
-            seq.add_block(spoil, pp.make_delay(t_spoil + fill))
+            if kind == "reference":
+                played = train.add_reference(
+                    seq, system, shot, t_pre, z_area=-gz.area / 2,
+                    labels=[label("SLC", i_slice), *acs_labels(samp, True, reference_only=True)],
+                )
+                pad = round_to(train.duration(t_pre) - played, raster)
+            else:
+                train.add_to(
+                    seq, system, prep_grads, t_pre, acquire=kind == "imaging",
+                    labels=[label("SLC", i_slice), *acs_labels(samp, False)],
+                )
+                pad = train.duration(t_pre) - train.imaging_duration(t_pre)
+            seq.add_block(spoil, pp.make_delay(t_spoil + fill + pad))
 
     extra = train.definitions()
     extra["DummyScans"] = protocol.dummy_scans
+    extra.update(sampling_definitions(samp, calibration_mode="separate"))
     return finalize(
         seq,
         protocol,
@@ -752,17 +871,22 @@ def build_dwi_epi(protocol: DWIEPIProtocol, scanner: ScannerProfile) -> pp.Seque
         return grads
 
     positions = slice_positions_m(protocol)
-    volumes: list[tuple[int | None, float, np.ndarray]] = [
-        (None, 0.0, np.zeros(3))
-    ] * protocol.dummy_scans + [(i, b, d) for i, (b, d) in enumerate(encodings)]
-    for i_enc, b, direction in volumes:
-        acquire = i_enc is not None
+    samp = sampling(protocol)
+    # dummies (b = 0, no ADC), the separate calibration reference (b = 0, one volume per
+    # shot, SET 0), then the encodings
+    volumes: list[tuple[str, int, float, np.ndarray, tuple[int, ...]]] = (
+        [("dummy", 0, 0.0, np.zeros(3), ())] * protocol.dummy_scans
+        + [("reference", 0, 0.0, np.zeros(3), shot) for shot in train.ref_shots]
+        + [("imaging", i, b, d, ()) for i, (b, d) in enumerate(encodings)]
+    )
+    for kind, i_enc, b, direction, shot in volumes:
+        acquire = kind == "imaging"
         diff = lobes(b, direction)
         for i_slice, pos in enumerate(positions):
             set_slice_offset(rf, gz.amplitude, float(pos))
             set_slice_offset(rf180, gz180.amplitude, float(pos))
             rf180.phase_offset += math.pi / 2
-            seq.add_block(rf, gz, label("TRID", 2 if acquire else 1))
+            seq.add_block(rf, gz, label("TRID", _TRID[kind]))
             seq.add_block(gzr, pp.make_delay(t_gzr))
             if lobe > 0:
                 seq.add_block(*diff, pp.make_delay(lobe))
@@ -776,10 +900,16 @@ def build_dwi_epi(protocol: DWIEPIProtocol, scanner: ScannerProfile) -> pp.Seque
             if lobe > 0:
                 seq.add_block(*diff, pp.make_delay(lobe))
             labels = [label("SLC", i_slice)]
-            if acquire:
-                labels.append(label("SET", i_enc))
-            train.add_to(seq, system, prep_grads, t_pre, acquire=acquire, labels=labels)
-            seq.add_block(spoil, pp.make_delay(t_spoil + fill))
+            if kind == "reference":
+                labels += [label("SET", 0), *acs_labels(samp, True, reference_only=True)]
+                played = train.add_reference(seq, system, shot, t_pre, labels=labels)
+                pad = round_to(train.duration(t_pre) - played, raster)
+            else:
+                if acquire:
+                    labels += [label("SET", i_enc), *acs_labels(samp, False)]
+                train.add_to(seq, system, prep_grads, t_pre, acquire=acquire, labels=labels)
+                pad = train.duration(t_pre) - train.imaging_duration(t_pre)
+            seq.add_block(spoil, pp.make_delay(t_spoil + fill + pad))
 
     extra = train.definitions()
     extra.update(
@@ -794,6 +924,7 @@ def build_dwi_epi(protocol: DWIEPIProtocol, scanner: ScannerProfile) -> pp.Seque
                 * scanner.max_grad_mt_per_m if b_req > 0 and timing.b_max > 0 else 0.0
             ),
             "DummyScans": protocol.dummy_scans,
+            **sampling_definitions(samp, calibration_mode="separate"),
         }
     )
     return finalize(

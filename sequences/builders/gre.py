@@ -8,6 +8,7 @@ import numpy as np
 import pypulseq as pp
 
 from mrharmony.sequences.builders._common import (
+    acs_labels,
     excitation_pulse,
     finalize,
     label,
@@ -16,6 +17,8 @@ from mrharmony.sequences.builders._common import (
     phase_encode_areas,
     rf_center_time,
     round_up,
+    sampling,
+    sampling_definitions,
     set_slice_offset,
     slice_positions_m,
     te_tr_fill,
@@ -96,6 +99,9 @@ def _spoiled_gre(
         raster_s=system.block_duration_raster,
     )
 
+    samp = sampling(protocol)
+    sampled = samp.mask.reshape(ny, nz)
+    acs = samp.acs.reshape(ny, nz)
     positions = np.zeros(1) if three_d else slice_positions_m(protocol)
     rf_phase = 0.0
     rf_inc = 0.0
@@ -104,7 +110,7 @@ def _spoiled_gre(
         set_slice_offset(rf, gz.amplitude, float(pos))
         base_phase = rf.phase_offset
         lines = [(None, None)] * protocol.dummy_scans + [
-            (iy, iz) for iz in range(nz) for iy in range(ny)
+            (iy, iz) for iz in range(nz) for iy in range(ny) if sampled[iy, iz]
         ]
         for iy, iz in lines:
             dummy = iy is None
@@ -130,6 +136,7 @@ def _spoiled_gre(
                     ro.adc,
                     label("LIN", iy),
                     label("PAR" if three_d else "SLC", iz if three_d else i_slice),
+                    *acs_labels(samp, samp.accelerated and bool(acs[iy, iz])),
                 )
             gy_rew = trapezoid(channel="y", area=-ky, duration=t_spoil, system=system)
             gz_rew = trapezoid(
@@ -150,6 +157,7 @@ def _spoiled_gre(
             "ReadoutBandwidth": ro.bandwidth_hz_per_px,
             "RFSpoilingIncrement": protocol.rf_spoiling_inc_deg,
             "DummyScans": protocol.dummy_scans,
+            **sampling_definitions(samp),
         },
     )
 

@@ -8,6 +8,7 @@ import numpy as np
 import pypulseq as pp
 
 from mrharmony.sequences.builders._common import (
+    acs_labels,
     check_positive_delay,
     excitation_pulse,
     fill_delay,
@@ -19,6 +20,8 @@ from mrharmony.sequences.builders._common import (
     rf_center_time,
     round_to,
     round_up,
+    sampling,
+    sampling_definitions,
     trapezoid,
 )
 from mrharmony.sequences.protocol import MPRAGEProtocol
@@ -155,14 +158,27 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
         esp = max(round_to(protocol.echo_spacing_ms * 1e-3, raster), esp_min)
     fill_esp = esp - esp_min
 
-    n_before_center = ny // 2
+    # Sampled lines of each partition (all of them without acceleration / partial
+    # Fourier). Trains may differ in length (calibration partitions have more lines):
+    # each partition's TI fill keeps TI (to its centre line) and TR fixed.
+    samp = sampling(protocol)
+    train_lines = {iz: np.flatnonzero(samp.mask[:, iz]) for iz in range(nz)
+                   if samp.mask[:, iz].any()}
+    before = {iz: int(np.sum(lines < ny // 2)) for iz, lines in train_lines.items()}
+    n_before_center = max(before.values())
     min_ti = t_inv - inv_c + t_isp + exc_c + n_before_center * esp
     delay_ti = fill_delay(
         min_ti, what="TI", key="ti_ms", requested_ms=protocol.ti_ms, scanner=scanner,
         raster_s=raster,
     )
     ti = min_ti + delay_ti
-    min_tr = t_inv + t_isp + delay_ti + ny * esp
+    # per partition: the TI fill grows by the lines its train lacks before the centre;
+    # the longest inversion period (train + that fill) sets the minimum TR
+    extra_ti = {iz: round_to((n_before_center - before[iz]) * esp, raster)
+                for iz in train_lines}
+    extra_period = max(extra_ti[iz] + round_to((lines.size - ny) * esp, raster)
+                       for iz, lines in train_lines.items())
+    min_tr = t_inv + t_isp + delay_ti + ny * esp + extra_period
     fill_tr = fill_delay(
         min_tr, what="TR", key="tr_ms", requested_ms=protocol.tr_ms, scanner=scanner,
         raster_s=raster,
@@ -177,17 +193,22 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
     rf_phase = 0.0
     rf_inc = 0.0
     inc = math.radians(protocol.rf_spoiling_inc_deg)
-    partitions: list[int | None] = [None] * protocol.dummy_scans + list(range(nz))
+    partitions: list[int | None] = [None] * protocol.dummy_scans + list(train_lines)
     for iz in partitions:
         dummy = iz is None
+        lines = np.arange(ny) if dummy else train_lines[iz]
+        # TI fill of this partition and the TR fill that keeps the period at TR
+        ti_fill = delay_ti + (0.0 if dummy else extra_ti[iz])
+        tr_fill = fill_tr + extra_period - (0.0 if dummy else extra_ti[iz]) + round_to(
+            (ny - lines.size) * esp, raster)
         kz = 0.0 if dummy else float(kz_areas[iz])
         gz_pre = trapezoid(channel="z", area=gz_reph_area + kz, duration=t_pre, system=system)
         gz_rew = trapezoid(channel="z", area=spoil_z.area - kz, duration=t_spoil, system=system)
         seq.add_block(rf_inv, pp.make_delay(t_inv), label("TRID", 1 if dummy else 2))
         seq.add_block(*isp)
-        if delay_ti > 0:
-            seq.add_block(pp.make_delay(delay_ti))
-        for iy in range(ny):
+        if ti_fill > 0:
+            seq.add_block(pp.make_delay(ti_fill))
+        for iy in lines:
             rf.phase_offset = rf_phase
             ro.adc.phase_offset = rf_phase
             rf_inc = (rf_inc + inc) % (2 * math.pi)
@@ -200,11 +221,12 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
                 seq.add_block(ro.gx, pp.make_delay(t_ro))
             else:
                 seq.add_block(
-                    ro.gx, ro.adc, pp.make_delay(t_ro), label("LIN", iy), label("PAR", iz)
+                    ro.gx, ro.adc, pp.make_delay(t_ro), label("LIN", iy), label("PAR", iz),
+                    *acs_labels(samp, bool(samp.acs[iy, iz])),
                 )
             seq.add_block(gx_spoil, gy_rew[iy], gz_rew, pp.make_delay(t_spoil + fill_esp))
-        if fill_tr > 0:
-            seq.add_block(pp.make_delay(fill_tr))
+        if tr_fill > 0:
+            seq.add_block(pp.make_delay(tr_fill))
 
     return finalize(
         seq,
@@ -221,7 +243,8 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
             "RFSpoilingIncrement": protocol.rf_spoiling_inc_deg,
             "InversionPulse": "hypsec",
             "InversionDuration": INVERSION_DURATION_S,
-            "LinesPerInversion": ny,
+            "LinesPerInversion": max(lines.size for lines in train_lines.values()),
             "DummyScans": protocol.dummy_scans,
+            **sampling_definitions(samp),
         },
     )

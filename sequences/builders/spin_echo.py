@@ -28,6 +28,7 @@ import pypulseq as pp
 from mrharmony.errors import ProtocolError
 from mrharmony.sequences.builders._common import (
     Readout,
+    acs_labels,
     check_positive_delay,
     excitation_pulse,
     finalize,
@@ -38,6 +39,8 @@ from mrharmony.sequences.builders._common import (
     rf_center_time,
     round_to,
     round_up,
+    sampling,
+    sampling_definitions,
     set_slice_offset,
     slice_positions_m,
     trapezoid,
@@ -75,7 +78,9 @@ def interleaved_slice_order(n_slices: int) -> list[int]:
     return list(range(0, n_slices, 2)) + list(range(1, n_slices, 2))
 
 
-def tse_ordering(n_lines: int, turbo_factor: int, center_echo: int) -> np.ndarray:
+def tse_ordering(
+    n_lines: int, turbo_factor: int, center_echo: int, center_index: int | None = None
+) -> np.ndarray:
     """Phase-encode table of a segmented TSE with the k-space centre at one echo.
 
     k-space (lines ``0..n_lines-1``, centre ``n_lines // 2``) is cut into ``turbo_factor``
@@ -95,24 +100,31 @@ def tse_ordering(n_lines: int, turbo_factor: int, center_echo: int) -> np.ndarra
         Echoes per excitation.
     center_echo : int
         1-based echo index that acquires ky = 0 (1 <= center_echo <= turbo_factor).
+    center_index : int, optional
+        Index of the k-space-centre line among the ``n_lines`` acquired lines (default
+        ``n_lines // 2``; with acceleration or partial Fourier the acquired lines are a
+        subset of the matrix and the centre is elsewhere in the list).
 
     Returns
     -------
     numpy.ndarray
-        Integer array ``(n_shots, turbo_factor)`` of line indices, -1 where the echo
-        acquires no line (when ``n_lines`` is not a multiple of ``turbo_factor``).
+        Integer array ``(n_shots, turbo_factor)`` of line indices (into the acquired
+        lines), -1 where the echo acquires no line (when ``n_lines`` is not a multiple
+        of ``turbo_factor``).
     """
     n_shots = math.ceil(n_lines / turbo_factor)
-    sigma = np.asarray(tse_echo_segments(n_lines, turbo_factor, center_echo))
+    sigma = np.asarray(tse_echo_segments(n_lines, turbo_factor, center_echo, center_index))
     table = sigma[None, :] * n_shots + np.arange(n_shots)[:, None]
     table[table >= n_lines] = -1
     return table
 
 
-def tse_echo_segments(n_lines: int, turbo_factor: int, center_echo: int) -> list[int]:
+def tse_echo_segments(
+    n_lines: int, turbo_factor: int, center_echo: int, center_index: int | None = None
+) -> list[int]:
     """k-space segment acquired by each echo of a TSE train (see :func:`tse_ordering`)."""
     n_shots = math.ceil(n_lines / turbo_factor)
-    s0 = (n_lines // 2) // n_shots
+    s0 = (n_lines // 2 if center_index is None else center_index) // n_shots
     e0 = center_echo - 1
     echoes = sorted(range(turbo_factor), key=lambda e: (abs(e - e0), e))
     segments = sorted(range(turbo_factor), key=lambda s: (abs(s - s0), s))
@@ -693,7 +705,11 @@ def build_tse(protocol: TSEProtocol, scanner: ScannerProfile) -> pp.Sequence:
     tr = n_sl * (timing.duration + fill_slot)
     te_eff = timing.echo_times[k - 1]
 
-    table = tse_ordering(ny, etl, k)
+    samp = sampling(protocol)
+    acquired = samp.lines()  # true line indices of the acquired lines, ascending
+    center_index = int(np.searchsorted(acquired, ny // 2))
+    positions_table = tse_ordering(acquired.size, etl, k, center_index)
+    table = np.where(positions_table >= 0, acquired[np.maximum(positions_table, 0)], -1)
     n_shots = table.shape[0]
     ky_all = phase_encode_areas(fov_m[1], ny)
     positions = slice_positions_m(protocol)
@@ -706,7 +722,8 @@ def build_tse(protocol: TSEProtocol, scanner: ScannerProfile) -> pp.Sequence:
         for n_in_tr, i_slice in enumerate(order):
             first = [label("TRID", 1 if shot is None else 2)] if n_in_tr == 0 else []
             adc_labels = [
-                None if j < 0 else [label("LIN", int(j)), label("SLC", i_slice)] for j in row
+                None if j < 0 else [label("LIN", int(j)), label("SLC", i_slice),
+                                    *acs_labels(samp, bool(samp.acs[j]))] for j in row
             ]
             _play_train(
                 seq, parts, timing, position_m=float(positions[i_slice]), ky_areas=kys,
@@ -716,7 +733,7 @@ def build_tse(protocol: TSEProtocol, scanner: ScannerProfile) -> pp.Sequence:
             if fill_slot > 0:
                 seq.add_block(pp.make_delay(fill_slot))
 
-    segments = tse_echo_segments(ny, etl, k)
+    segments = tse_echo_segments(acquired.size, etl, k, center_index)
     ordering = "linear" if segments == list(range(etl)) else "centre-at-echo-k"
     return finalize(
         seq,
@@ -736,5 +753,6 @@ def build_tse(protocol: TSEProtocol, scanner: ScannerProfile) -> pp.Sequence:
             "RefocusingFlipAngle": protocol.refocusing_flip_deg,
             "SliceOrder": order,
             "DummyScans": protocol.dummy_scans,
+            **sampling_definitions(samp),
         },
     )
