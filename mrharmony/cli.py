@@ -31,7 +31,7 @@ LAZY_COMMANDS = {
     "recon": "mrharmony.recon.cli:recon",
     "serve": "mrharmony.recon.stream_cli:serve",
     "stream": "mrharmony.recon.stream_cli:stream",
-    "scan": "mrharmony.recon.stream_cli:scan",
+    "scan": "mrharmony.study.scan_cli:scan",
     "harmonize": "mrharmony.harmonize.cli:harmonize",
     "evaluate": "mrharmony.harmonize.cli_eval:evaluate",
     "study": "mrharmony.study.cli:study",

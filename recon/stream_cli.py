@@ -1,4 +1,4 @@
-"""``mrharmony serve`` / ``stream`` / ``scan``: online reconstruction over MRD streams."""
+"""``mrharmony serve`` / ``stream``: online reconstruction over MRD streams."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import click
 
 from mrharmony.errors import StreamError
 
-__all__ = ["parse_host_port", "scan", "serve", "stream"]
+__all__ = ["client_tls", "parse_host_port", "serve", "stream", "tls_options"]
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -39,7 +39,8 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host, number
 
 
-def _tls_options(func):
+def tls_options(func: Any) -> Any:
+    """Add the client TLS options (``--tls-ca``, ``--tls-cert``, ...) to a command."""
     for opt in reversed([
         click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="CA bundle to verify the server (enables TLS)."),
@@ -54,7 +55,8 @@ def _tls_options(func):
     return func
 
 
-def _client_tls(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None) -> Any:
+def client_tls(tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None) -> Any:
+    """The client SSL context of the TLS options (None: plain TCP)."""
     if tls_ca is None and tls_cert is None:
         return None
     from mrharmony.recon.stream.client import client_ssl_context
@@ -187,7 +189,7 @@ def serve(host: str, port: int, workers: int, executor: str, backend: str,
 @click.option("--mrd2/--mrd1", "mrd2", default=None,
               help="Protocol: MRD v2 (yardl stream, as Pingvin) or the v1 (Gadgetron/ISMRMRD) "
                    "messages. Default: MRD v2 for an MRD v2 RAW, v1 otherwise.")
-@_tls_options
+@tls_options
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def stream(raw: Path, host: str, port: int, config: str, config_file: Path | None,
            out_dir: Path, timeout_s: float, mrd2: bool | None, tls_ca: Path | None,
@@ -208,7 +210,7 @@ def stream(raw: Path, host: str, port: int, config: str, config_file: Path | Non
     data = load_raw(raw)
     acqs = list(data.noise) + list(data.acquisitions)
     cfg = config_file.read_text() if config_file is not None else config
-    ctx = _client_tls(tls_ca, tls_cert, tls_key)
+    ctx = client_tls(tls_ca, tls_cert, tls_key)
     with Progress(transient=True) as progress:
         task = progress.add_task(f"streaming {raw.name}", total=len(acqs))
 
@@ -226,53 +228,3 @@ def stream(raw: Path, host: str, port: int, config: str, config_file: Path | Non
     for path in write_stream_outputs(result.images, out_dir, stem, header=data.header,
                                      force=force):
         click.echo(str(path))
-
-
-@click.command("scan")
-@click.argument("seq", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("phantom_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--site", required=True, help="Virtual site name or TOML.")
-@click.option("--stream", "address", required=True, help="Server as HOST:PORT.")
-@click.option("--realtime", is_flag=True, help="Send each readout at its acquisition time.")
-@click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(min=0.01),
-              help="Playback speed with --realtime (2 = twice real time).")
-@click.option("--config", "config", default="default.xml", show_default=True,
-              help="Pipeline name on the server.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Noise seed.")
-@click.option("--backend", default="numpy", show_default=True,
-              type=click.Choice(["numpy", "cupy"]), help="Bloch simulation backend.")
-@click.option("--keep-raw", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also keep the simulated ISMRMRD file.")
-@click.option("-o", "--output", "out_dir", default=None,
-              type=click.Path(file_okay=False, path_type=Path),
-              help="Write the returned images here (NIfTI + JSON).")
-@_tls_options
-@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-def scan(seq: Path, phantom_dir: Path, site: str, address: str, realtime: bool, speed: float,
-         config: str, seed: int, backend: str, keep_raw: Path | None, out_dir: Path | None,
-         tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None,
-         tls_server_name: str | None, force: bool) -> None:
-    """Virtual scanner: simulate SEQ on PHANTOM_DIR at a site and stream it to a server."""
-    from mrharmony.recon.stream.client import write_stream_outputs
-    from mrharmony.recon.stream.scanner import scan_to_server
-
-    host, port = parse_host_port(address)
-    for path in ([keep_raw] if keep_raw else []) + (
-            [out_dir / f"{seq.stem}.nii.gz"] if out_dir else []):
-        if path.exists() and not force:
-            raise FileExistsError(f"{path}: exists (use --force to replace it)")
-    if keep_raw is not None and keep_raw.exists():
-        keep_raw.unlink()
-    ctx = _client_tls(tls_ca, tls_cert, tls_key)
-    header, result = scan_to_server(seq, phantom_dir, site, host=host, port=port, config=config,
-                                    realtime=realtime, speed=speed, seed=seed, backend=backend,
-                                    ssl_context=ctx, keep_raw=keep_raw)
-    for text in result.texts:
-        click.echo(f"server: {text}", err=True)
-    click.echo(f"received {len(result.images)} image(s) from {host}:{port}", err=True)
-    if out_dir is not None:
-        for path in write_stream_outputs(result.images, out_dir, seq.stem, header=header,
-                                         force=force):
-            click.echo(str(path))
-    elif not result.images:
-        raise StreamError(f"{host}:{port} returned no images")

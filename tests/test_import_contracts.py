@@ -67,12 +67,7 @@ def test_the_contract_checker_sees_imports():
 def test_stages_do_not_import_their_peers(folder, forbidden):
     bad = {f"{p.relative_to(ROOT)}: {m}" for p in _files(folder) for m in _imports(p)
            if any(m == f or m.startswith(f + ".") for f in forbidden)}
-    assert not bad - _MOVING, sorted(bad)
-
-
-# The virtual scanner plays simulated data into the streaming server; it is moving to the
-# orchestration layer (until then it is the one recon module that imports simulation).
-_MOVING = {"recon/stream/scanner.py: mrharmony.simulation"}
+    assert not bad, sorted(bad)
 
 
 def test_only_the_entry_point_imports_the_top_level_cli():

@@ -1,11 +1,10 @@
-"""A virtual scanner: play acquisitions to a streaming server as they are acquired.
+"""Acquisitions as a scanner delivers them: real-time pacing and synthetic test scans.
 
-:func:`scan_to_server` runs a Pulseq sequence on a phantom at a virtual site with
-:func:`mrharmony.simulation.simulate_raw` (the Bloch engine simulates the whole
-sequence at once), then plays the acquisitions to a server in acquisition order:
+:func:`realtime_pace` plays acquisitions to a streaming server in acquisition order:
 noise scans first, then every readout at its ``acquisition_time_stamp`` (2.5 ms ticks,
-relative to the first readout) when ``realtime`` is set, or as fast as the connection
-takes them otherwise. Images come back while the "scan" goes on.
+relative to the first readout). The virtual scanner that simulates a sequence on a
+phantom and streams it (``mrharmony scan``) lives in the orchestration layer
+(:mod:`mrharmony.study.scan`), because it drives the simulator and recon together.
 
 :func:`synthetic_cartesian_scan` builds a small multi-coil, multi-slice Cartesian scan
 directly in memory (an analytic ellipse object and Gaussian coil sensitivities, FFT
@@ -15,9 +14,7 @@ convention of the sequence library), for tests and benchmarks that need data fas
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import ismrmrd
@@ -26,7 +23,7 @@ import numpy as np
 from mrharmony.errors import StreamError
 from mrharmony.formats.flags import flag_mask, has_flag
 
-__all__ = ["TICK_S", "realtime_pace", "scan_to_server", "synthetic_cartesian_scan"]
+__all__ = ["TICK_S", "realtime_pace", "synthetic_cartesian_scan"]
 
 TICK_S = 2.5e-3  # ISMRMRD acquisition_time_stamp tick used by mrharmony.simulation
 
@@ -176,70 +173,3 @@ def realtime_pace(acquisitions: list[Any], *, speed: float = 1.0):
             await asyncio.sleep(delay)
 
     return pace
-
-
-def scan_to_server(
-    seq_path: str | Path,
-    phantom: Any,
-    site: Any,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 9002,
-    config: str = "default.xml",
-    realtime: bool = False,
-    speed: float = 1.0,
-    seed: int = 0,
-    backend: str = "numpy",
-    ssl_context: Any = None,
-    keep_raw: str | Path | None = None,
-    timeout_s: float = 600.0,
-) -> tuple[Any, Any]:
-    """Simulate ``seq_path`` on ``phantom`` at ``site`` and stream it to a server.
-
-    Parameters
-    ----------
-    seq_path : str or Path
-        Pulseq ``.seq`` file (or protocol TOML, see :func:`~mrharmony.simulation.simulate_raw`).
-    phantom : Phantom or path
-        The object, or its saved folder.
-    site : str, Path or Site
-        Virtual site.
-    host, port, config : str, int, str
-        Server and pipeline (see :func:`~mrharmony.recon.stream.client.stream_acquisitions`).
-    realtime : bool
-        Send each readout at its acquisition time (scaled by ``speed``).
-    speed : float
-        Playback speed for ``realtime``.
-    seed : int
-        Noise seed of the simulation.
-    backend : str
-        Bloch engine backend (``numpy`` or ``cupy``).
-    ssl_context : ssl.SSLContext, optional
-        TLS to the server.
-    keep_raw : str or Path, optional
-        Also keep the simulated ISMRMRD file here.
-    timeout_s : float
-        Longest wait for the server after the last acquisition (s).
-
-    Returns
-    -------
-    (header, StreamResult)
-
-    Raises
-    ------
-    StreamError, SimulationError, SiteError, SequenceFileError, PhantomError
-    """
-    from mrharmony.formats.raw import read_raw
-    from mrharmony.recon.stream.client import stream_acquisitions
-    from mrharmony.simulation import simulate_raw
-
-    with tempfile.TemporaryDirectory(prefix="mrharmony-scan-") as work:
-        raw_path = Path(keep_raw) if keep_raw is not None else Path(work) / "scan.h5"
-        simulate_raw(seq_path, phantom, site, raw_path, seed=seed, backend=backend)
-        raw = read_raw(raw_path)
-    acqs = list(raw.noise) + list(raw.acquisitions)
-    pace = realtime_pace(acqs, speed=speed) if realtime else None
-    result = asyncio.run(stream_acquisitions(
-        raw.header, acqs, host=host, port=port, config=config, pace=pace,
-        ssl_context=ssl_context, timeout_s=timeout_s))
-    return raw.header, result
