@@ -23,13 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from mrharmony.errors import RawDataError
+from mrharmony.errors import RawDataError, ReconError
 from mrharmony.formats.flags import NOT_IMAGING, flag_mask
 from mrharmony.formats.raw import encoded_offsets, encoding_of
 
 __all__ = [
+    "CalibrationLines",
     "CartesianBuffer",
     "apply_prewhitening",
+    "check_not_empty",
     "noise_prewhitener",
     "sort_cartesian",
     "split_special",
@@ -187,6 +189,30 @@ class CartesianBuffer:
     reference: Any
 
 
+@dataclass
+class CalibrationLines:
+    """Every parallel-calibration line of one ``(slice, contrast, repetition, set)``.
+
+    Lines flagged ``IS_PARALLEL_CALIBRATION`` *or* ``IS_PARALLEL_CALIBRATION_AND_IMAGING``
+    (the ACS lines, wherever they sit), averaged per cell; what a parallel-imaging
+    reconstruction calibrates on. Keys that hold only calibration lines (a separate
+    reference scan) have one too.
+
+    Attributes
+    ----------
+    kspace : numpy.ndarray
+        complex64 ``(coils, nx, ny, nz)``, zeros where no calibration line was measured.
+    mask : numpy.ndarray
+        bool ``(ny, nz)``.
+    readout_mask : numpy.ndarray
+        bool ``(nx,)``.
+    """
+
+    kspace: np.ndarray
+    mask: np.ndarray
+    readout_mask: np.ndarray
+
+
 def sort_cartesian(header: Any, acquisitions: list[Any]) -> dict[tuple[int, int, int, int], Any]:
     """Sort Cartesian acquisitions into k-space buffers.
 
@@ -341,10 +367,19 @@ def _place(
 
 
 def _sort_cartesian(
-    header: Any, lines: list[Any], *, whitener: np.ndarray | None = None
+    header: Any,
+    lines: list[Any],
+    *,
+    whitener: np.ndarray | None = None,
+    calibration: dict[tuple[int, int, int, int], CalibrationLines] | None = None,
 ) -> dict[tuple[int, int, int, int], CartesianBuffer]:
     """:func:`sort_cartesian` of imaging/calibration ``lines`` (navigators and noise
-    already split off), each readout multiplied by ``whitener`` first when given."""
+    already split off), each readout multiplied by ``whitener`` first when given.
+
+    With a ``calibration`` dict, every key with calibration lines (flagged
+    ``IS_PARALLEL_CALIBRATION`` or ``..._AND_IMAGING``) gets a :class:`CalibrationLines`
+    in it, and keys that hold only calibration lines (a separate reference scan) are
+    kept there instead of raising."""
     if not lines:
         raise RawDataError("no imaging acquisitions to sort (only noise/navigator lines)")
     ny, nz, oy, oz = encoded_offsets(header, lines[0])
@@ -366,6 +401,7 @@ def _sort_cartesian(
     z = table[:, _STEP2] + oz
     bad = (start < 0) | (start + samples > nx) | (y < 0) | (y >= ny) | (z < 0) | (z >= nz)
     calib_only = ((flags & _CALIB) != 0) & ((flags & _CALIB_AND_IMAGING) == 0)
+    calib_any = (flags & (_CALIB | _CALIB_AND_IMAGING)) != 0
     placement = {
         "start": start, "samples": samples, "cell": y * nz + z,
         "reverse": (flags & _REVERSE) != 0, "whitener": whitener,
@@ -386,8 +422,15 @@ def _sort_cartesian(
                 f"slice {key[0]}: line ({step1}, {step2}) is outside the encoded matrix "
                 f"{ny} x {nz}"
             )
+        if calibration is not None:
+            acs = members[calib_any[members]]
+            if acs.size:
+                ka, acounts, aro = _place(data, acs, **placement)
+                calibration[key] = CalibrationLines(ka, acounts > 0, aro)
         imaging = members[~calib_only[members]]
         if not imaging.size:
+            if calibration is not None:
+                continue
             raise RawDataError(f"slice {key[0]}: only calibration lines, no imaging lines")
         k, counts, ro_mask = _place(data, imaging, **placement)
         kc = cmask = None
@@ -397,3 +440,25 @@ def _sort_cartesian(
             cmask = ccounts > 0
         out[key] = CartesianBuffer(k, counts > 0, kc, cmask, ro_mask, lines[int(members[0])])
     return out
+
+
+def check_not_empty(acquisitions: list[Any]) -> None:
+    """Refuse acquisitions without samples or channels before they reach the recon.
+
+    Parameters
+    ----------
+    acquisitions : list of ismrmrd.Acquisition
+
+    Raises
+    ------
+    ReconError
+        Naming the first acquisition with 0 samples or 0 active channels (the Cartesian
+        sorter divides by ``samples x channels``).
+    """
+    for i, acq in enumerate(acquisitions):
+        ns, nc = int(acq.number_of_samples), int(acq.active_channels)
+        if ns == 0 or nc == 0:
+            raise ReconError(
+                f"acquisition {i} of the group (scan counter {int(acq.scan_counter)}, slice "
+                f"{int(acq.idx.slice)}, line {int(acq.idx.kspace_encode_step_1)}) is empty: "
+                f"{ns} samples x {nc} channels")

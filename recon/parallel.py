@@ -12,15 +12,17 @@ Regularisation weights ``lamda`` are *relative*: the absolute weight is
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from mrharmony.backend import get_array_module
+from mrharmony.backend import get_array_module, to_numpy
 from mrharmony.errors import ReconError
 from mrharmony.recon.cartesian import fft_c, ifft_c
 
 __all__ = [
     "Wavelet",
+    "acceleration_from_mask",
     "grappa",
     "sense_cg",
     "sense_l1_wavelet",
@@ -393,91 +395,238 @@ def sense_tv(
     return x.astype(np.complex64)
 
 
+def acceleration_from_mask(mask: np.ndarray) -> tuple[int, ...]:
+    """Acceleration factor per axis of a sampling mask, from its line pattern.
+
+    Along each axis the mask is projected (any sample over the other axes) and the most
+    common gap larger than 1 between consecutive sampled lines is taken; an axis without
+    such gaps, or where fewer than 5 % of the lines inside the sampled extent are missing
+    (elliptical corners, a stray line), has factor 1. A fully sampled calibration block
+    inside the pattern does not change the answer (its gaps are 1).
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        bool, one axis per phase-encoding direction (``(ny,)`` or ``(ny, nz)``).
+
+    Returns
+    -------
+    tuple of int
+        One factor per axis of ``mask``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    out = []
+    for ax in range(mask.ndim):
+        line = mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)) if (
+            mask.ndim > 1) else mask
+        idx = np.flatnonzero(line)
+        if idx.size < 2:
+            out.append(1)
+            continue
+        extent = idx[-1] - idx[0] + 1
+        gaps = np.diff(idx)
+        gaps = gaps[gaps > 1]
+        if not gaps.size or 1.0 - idx.size / extent < 0.05:
+            out.append(1)
+            continue
+        out.append(int(np.argmax(np.bincount(gaps))))
+    return tuple(out)
+
+
+def _window(
+    accel: tuple[int, ...], phase: tuple[int, ...], kernel_blocks: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (n, ndim) of the neighbourhood searched for source points (centre left out):
+    ``R * kernel_blocks // 2`` either side along accelerated axes, 1 along the others."""
+    half = [r * kernel_blocks // 2 if r > 1 else (1 if n > 1 and len(phase) > 1 else 0)
+            for r, n in zip(accel, phase, strict=True)]
+    grid = np.stack(np.meshgrid(*[np.arange(-h, h + 1) for h in half], indexing="ij"), -1)
+    grid = grid.reshape(-1, len(phase))
+    return grid[np.any(grid != 0, axis=1)], np.array(half)
+
+
 def grappa(
     kspace,
     calib,
     *,
     mask: np.ndarray,
+    acceleration: int | Sequence[int] | None = None,
     kernel_x: int = 5,
     kernel_blocks: int = 4,
-    lamda: float = 1e-2,
+    lamda: float = 1e-3,
+    max_rows: int = 60000,
+    max_kernels: int | None = None,
 ):
-    """GRAPPA (Griswold et al. 2002) for 1-D undersampling along ky.
+    """GRAPPA (Griswold et al. 2002) for undersampling along one or two phase axes.
+
+    Every missing point inside the sampled extent is filled from the sampled points of
+    its neighbourhood (``R * kernel_blocks // 2`` lines either side along accelerated
+    axes, one along the other phase axis of 3-D data, ``kernel_x`` points along kx) by
+    weights fitted on the calibration block. Missing points are grouped by which
+    neighbours are sampled: a regular pattern needs one kernel per offset from the
+    lattice (``R - 1`` in 1-D); points next to a fully sampled ACS block, a partial-
+    Fourier edge, the matrix edge or an irregular pattern reuse a kernel whose sources
+    they have, or get their own (most frequent patterns first, at most ``max_kernels``;
+    rarer edge patterns then count points outside the matrix as sampled zeros, the usual
+    GRAPPA edge handling). Missing points farther than ``R - 1`` lines beyond the first
+    or last sampled line (partial Fourier) are left empty.
 
     Parameters
     ----------
     kspace : array
-        complex ``(coils, nx, ny)``, zeros on the missing lines.
+        complex ``(coils, nx, *phase)`` with one or two phase axes, zeros where missing.
     calib : array
-        complex ``(coils, nx, n_cal)``: fully sampled calibration lines (ACS).
+        complex ``(coils, nx, *cal)``: a fully sampled calibration block (ACS), centred
+        on the same kx grid.
     mask : numpy.ndarray
-        bool ``(ny,)`` sampled lines (imaging and calibration-and-imaging lines).
+        bool ``phase``: sampled points (imaging and calibration-and-imaging lines).
+    acceleration : int or sequence of int, optional
+        Factor per phase axis (an int is the first axis); default: from ``mask``
+        (:func:`acceleration_from_mask`).
     kernel_x : int
         Kernel width along kx (odd).
     kernel_blocks : int
-        Source lines along ky (sampled lines around each missing line).
+        Source lines per accelerated axis in a regular pattern.
     lamda : float
         Tikhonov weight relative to ``trace(A^H A) / n_columns``.
+    max_rows : int
+        At most this many calibration rows are fitted per kernel (evenly spread).
+    max_kernels : int, optional
+        At most this many fitted kernels (default 16 for one phase axis, ``3 Ry Rz`` for
+        two).
 
     Returns
     -------
     array
-        complex64 k-space with the missing lines filled; sampled lines untouched.
+        complex64 k-space with the missing points filled; sampled points untouched.
 
     Raises
     ------
     ReconError
-        If the calibration region is too small for the kernel.
+        If fewer than 2 points are sampled, or the calibration block is too small for a
+        kernel.
     """
     xp = get_array_module(kspace)
-    nc, nx, _ny = kspace.shape
-    mask = np.asarray(mask, dtype=bool)
-    sampled = np.flatnonzero(mask)
-    if sampled.size < 2:
+    nc, nx = kspace.shape[:2]
+    phase = tuple(int(n) for n in kspace.shape[2:])
+    nd = len(phase)
+    if nd not in (1, 2) or calib.ndim != kspace.ndim or calib.shape[0] != nc:
+        raise ReconError(f"grappa: k-space {kspace.shape} and calibration {calib.shape} must "
+                         "be (coils, nx, ny[, nz]) with the same coils")
+    mask = np.asarray(mask, dtype=bool).reshape(phase)
+    if mask.sum() < 2:
         raise ReconError("grappa: fewer than 2 sampled lines")
-    gaps = np.diff(sampled)
-    r = int(np.max(gaps))
-    if r == 1:
-        return kspace.astype(np.complex64)
-    ncal = calib.shape[2]
-    j_off = np.arange(kernel_blocks) - (kernel_blocks // 2 - 1)  # e.g. -1, 0, 1, 2
-    dx = np.arange(kernel_x) - kernel_x // 2
-    span = r * (j_off[-1] - j_off[0])
-    if ncal < span + 2:
-        raise ReconError(
-            f"grappa: {ncal} calibration lines are too few for R={r} with {kernel_blocks} "
-            f"kernel blocks (need at least {span + 2})"
-        )
+    if acceleration is None:
+        accel = acceleration_from_mask(mask)
+    elif np.ndim(acceleration) == 0:
+        accel = (int(acceleration),) + (1,) * (nd - 1)
+    else:
+        accel = tuple(int(a) for a in acceleration)
+    offsets, half = _window(accel, phase, kernel_blocks)
+    # points to fill: missing, inside the sampled extent widened by R - 1
+    inside = np.ones(phase, bool)
+    for ax in range(nd):
+        line = mask.any(axis=tuple(a for a in range(nd) if a != ax)) if nd > 1 else mask
+        idx = np.flatnonzero(line)
+        keep = np.zeros(phase[ax], bool)
+        keep[max(0, idx[0] - accel[ax] + 1):idx[-1] + accel[ax]] = True
+        inside &= keep.reshape([-1 if a == ax else 1 for a in range(nd)])
+    cells = np.argwhere(~mask & inside)
     out = kspace.astype(np.complex64).copy()
-    pad_y = r * kernel_blocks
-    kp = xp.pad(out, ((0, 0), (kernel_x // 2, kernel_x // 2), (pad_y, pad_y)))
-    ix = np.arange(nx)[:, None] + dx[None, :] + kernel_x // 2  # (nx, kx) in padded coords
+    if not cells.size:
+        return out
+    pad = [(int(h), int(h)) for h in half]
+    sampled_or_outside = np.pad(mask, pad, constant_values=True)
+    sampled = np.pad(mask, pad, constant_values=False)
+    where = tuple(cells[:, None, a] + half[a] + offsets[None, :, a] for a in range(nd))
+    pattern = sampled[where]
+    real = pattern.any(axis=1)
+    cells, pattern = cells[real], pattern[real]
+    if not cells.size:
+        return out
+    # with outside points as sampled zeros: the fallback of rare patterns at the edges
+    loose = sampled_or_outside[tuple(w[real] for w in where)]
+    uniq, first, inverse, counts = np.unique(pattern, axis=0, return_index=True,
+                                             return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    if max_kernels is None:
+        max_kernels = 16 if nd == 1 else 3 * int(np.prod(accel))
+    n_src = int(np.prod([kernel_blocks if r > 1 else 2 * h + 1
+                         for r, h in zip(accel, half, strict=True)]))
+    scale = np.maximum(np.array(accel, float), 1.0)
+    dist = np.sum((offsets / scale) ** 2, axis=1)
+    dx = np.arange(kernel_x) - kernel_x // 2
+    hx = kernel_x // 2
     cal = calib.astype(np.complex64)
-    cp = xp.pad(cal, ((0, 0), (kernel_x // 2, kernel_x // 2), (0, 0)))
-    missing = np.flatnonzero(~mask)
-    # distance of each missing line from the regular R pattern (the most common residue of
-    # the sampled lines modulo R; calibration lines off the pattern do not count)
-    base = int(np.argmax(np.bincount(sampled % r, minlength=r)))
-    t_of = (missing - base) % r
-    for t in range(1, r):
-        targets = missing[t_of == t]
-        if targets.size == 0:
-            continue
-        # training: target y in calib with all sources inside calib
-        ty = np.arange(ncal)
-        src_y = ty[:, None] - t + r * j_off[None, :]
-        ok = np.all((src_y >= 0) & (src_y < ncal), axis=1)
-        ty, src_y = ty[ok], src_y[ok]
-        a = cp[:, ix][:, :, :, src_y]  # (c, nx, kx, L, nb)
-        a = xp.transpose(a, (3, 1, 0, 2, 4)).reshape(ty.size * nx, -1)
-        bmat = xp.transpose(cal[:, :, ty], (2, 1, 0)).reshape(ty.size * nx, nc)
-        aha = a.conj().T @ a
-        reg = lamda * float(xp.real(xp.trace(aha))) / aha.shape[0]
-        w = xp.linalg.solve(aha + reg * xp.eye(aha.shape[0], dtype=aha.dtype), a.conj().T @ bmat)
-        # application
-        sy = targets[:, None] - t + r * j_off[None, :] + pad_y
-        s = kp[:, ix][:, :, :, sy]
-        s = xp.transpose(s, (3, 1, 0, 2, 4)).reshape(targets.size * nx, -1)
-        filled = (s @ w).reshape(targets.size, nx, nc)
-        out[:, :, targets] = xp.transpose(filled, (2, 1, 0))
+    cal_shape = tuple(int(n) for n in cal.shape[2:])
+    cal_flat = cal.reshape(nc, cal.shape[1], -1)
+    ro = np.flatnonzero(to_numpy(xp.any(cal != 0, axis=(0, *range(2, cal.ndim)))))
+    kp = xp.pad(out, [(0, 0), (hx, hx), *pad]).reshape(nc, nx + 2 * hx, -1)
+    padded_shape = tuple(n + 2 * int(h) for n, h in zip(phase, half, strict=True))
+    out_flat = out.reshape(nc, nx, -1)
+    xwin = xp.asarray(np.arange(nx)[:, None] + dx[None, :] + hx)
+    kernels: list[tuple[np.ndarray, Any]] = []
+    for u in np.argsort(-counts, kind="stable"):
+        have = uniq[u]
+        use = next((j for j, (src, _) in enumerate(kernels) if not np.any(src & ~have)), None)
+        if use is None and len(kernels) >= max_kernels:
+            have = loose[first[u]]
+            use = next((j for j, (src, _) in enumerate(kernels) if not np.any(src & ~have)),
+                       None)
+        if use is None:
+            src = have.copy()
+            if src.sum() > n_src:  # the nearest sources (in units of R) of a dense region
+                order = np.flatnonzero(src)[np.argsort(dist[src], kind="stable")]
+                src[:] = False
+                src[order[:n_src]] = True
+            kernels.append((src, _grappa_fit(xp, cal_flat, cal_shape, offsets[src], dx, ro,
+                                             lamda, max_rows, accel)))
+            use = len(kernels) - 1
+        src, w = kernels[use]
+        targets = cells[inverse == u]
+        pos = targets[:, None, :] + half[None, None, :] + offsets[src][None, :, :]
+        src_flat = np.ravel_multi_index(tuple(np.moveaxis(pos, -1, 0)), padded_shape)
+        dst_flat = xp.asarray(np.ravel_multi_index(tuple(targets.T), phase))
+        ncols = w.shape[0]
+        step = max(1, (128 * 2**20) // (8 * nx * ncols))
+        for lo in range(0, targets.shape[0], step):
+            g = kp[:, :, xp.asarray(src_flat[lo:lo + step])][:, xwin]  # (c, nx, kx, m, s)
+            m = g.shape[3]
+            a = xp.transpose(g, (1, 3, 0, 4, 2)).reshape(nx * m, ncols)
+            filled = (a @ w).reshape(nx, m, nc)
+            out_flat[:, :, dst_flat[lo:lo + step]] = xp.transpose(filled, (2, 0, 1))
     return out
+
+
+def _grappa_fit(xp, cal_flat, cal_shape, src_offsets, dx, ro, lamda, max_rows, accel):
+    """Weights ``(coils * sources * kx, coils)`` of one source pattern, fitted on every
+    position of the calibration block where the target and all sources lie inside it."""
+    nc = cal_flat.shape[0]
+    hx = dx.size // 2
+    lo = np.maximum(0, -np.minimum(src_offsets.min(axis=0), 0))
+    hi = np.array(cal_shape) - np.maximum(src_offsets.max(axis=0), 0)
+    if ro.size == 0 or np.any(hi <= lo) or ro[-1] - ro[0] + 1 <= 2 * hx:
+        span = (src_offsets.max(axis=0) - np.minimum(src_offsets.min(axis=0), 0) + 1)
+        raise ReconError(
+            f"grappa: the calibration block {list(cal_shape)} is too small for R="
+            f"{'x'.join(map(str, accel))} (a kernel spans {span.tolist()} lines)"
+        )
+    grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij")
+    t = np.stack([g.ravel() for g in grids], axis=1)
+    xs = np.arange(ro[0] + hx, ro[-1] - hx + 1)
+    if t.shape[0] * xs.size > max_rows:  # evenly thinned rows (the kernel is shift invariant)
+        keep_x = max(1, min(xs.size, max_rows // t.shape[0]))
+        xs = xs[np.linspace(0, xs.size - 1, keep_x).round().astype(int)]
+        if t.shape[0] * xs.size > max_rows:
+            t = t[np.linspace(0, t.shape[0] - 1, max_rows // xs.size).round().astype(int)]
+    src = np.ravel_multi_index(tuple(np.moveaxis(t[:, None, :] + src_offsets[None], -1, 0)),
+                               cal_shape)
+    tgt = xp.asarray(np.ravel_multi_index(tuple(t.T), cal_shape))
+    xwin = xp.asarray(xs[:, None] + dx[None, :])
+    g = cal_flat[:, :, xp.asarray(src)][:, xwin]  # (c, x, kx, t, s)
+    a = xp.transpose(g, (1, 3, 0, 4, 2)).reshape(xs.size * t.shape[0], -1)
+    b = xp.transpose(cal_flat[:, xp.asarray(xs)][:, :, tgt], (1, 2, 0)).reshape(-1, nc)
+    aha = a.conj().T @ a
+    reg = lamda * float(xp.real(xp.trace(aha))) / aha.shape[0]
+    return xp.linalg.solve(aha + reg * xp.eye(aha.shape[0], dtype=aha.dtype),
+                           a.conj().T @ b).astype(np.complex64)

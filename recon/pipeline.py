@@ -9,6 +9,20 @@ Methods: ``fft`` (zero-filled FFT, POCS partial Fourier, sum of squares), ``grap
 ``sense`` (CG-SENSE with ESPIRiT maps), ``cs`` (L1-wavelet SENSE), ``tv`` (TV SENSE),
 ``nufft`` (non-Cartesian gridding). ``auto`` picks ``fft`` for fully sampled Cartesian
 data, ``sense`` for undersampled Cartesian data and the trajectory's own recon otherwise.
+
+Accelerated Cartesian data are read from the header and the flags alone: the
+acceleration factor is ``encoding.parallelImaging.accelerationFactor`` where it says more
+than 1, else the most common gap of the sampled lines; lines flagged
+``IS_PARALLEL_CALIBRATION`` (only) never enter the image k-space; the calibration of an
+image is the first fully sampled centre block large enough for the kernel among: its own
+calibration lines (``..._CALIBRATION`` and ``..._CALIBRATION_AND_IMAGING``: embedded), those
+of all repetitions of the slice/contrast/set, those of the slice (a separate reference
+scan under other counters), the fully sampled centre of its own lines, and all lines of
+all its repetitions (interleaved offsets); ``calibrationMode`` "interleaved" puts the
+pooled repetitions first. Each repetition is reconstructed from its own lines. A fully
+sampled readout loses its oversampling before GRAPPA/SENSE (encoded -> recon matrix x).
+The method, acceleration, calibration, kernel, regularisation and coil combination go to
+``meta["recon"]`` (the sidecar's ``ReconstructionSettings``).
 Backends: ``numpy``, ``cupy`` (GPU), ``bart`` (ESPIRiT + ``pics`` through
 :mod:`mrharmony.recon.bart`), ``auto`` (``cupy`` when a GPU is usable, else ``numpy``).
 """
@@ -20,15 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from mrharmony.backend import cupy_available, get_xp, to_numpy
+from mrharmony.backend import cupy_available, get_array_module, get_xp, to_numpy
 from mrharmony.errors import ReconError
 from mrharmony.formats.raw import RawData, encoding_of
-from mrharmony.recon.cartesian import crop_center, ifft_c, pocs
+from mrharmony.recon.cartesian import crop_center, fft_c, ifft_c, pocs
 from mrharmony.recon.coils import espirit_maps, sos
 from mrharmony.recon.image import ReconImage
 from mrharmony.recon.io import (
     _sort_cartesian,
     apply_prewhitening,
+    check_not_empty,
     noise_prewhitener,
     split_special,
 )
@@ -66,21 +81,6 @@ def resolve_backend(backend: str) -> str:
 def _trajectory(header: Any) -> str:
     traj = encoding_of(header).trajectory
     return str(getattr(traj, "value", traj)).lower()
-
-
-def _central_block(mask_y: np.ndarray) -> tuple[int, int]:
-    """Largest run of sampled lines containing the centre ``n // 2`` (start, stop)."""
-    n = mask_y.size
-    c = n // 2
-    if not mask_y[c]:
-        return c, c
-    lo = c
-    while lo > 0 and mask_y[lo - 1]:
-        lo -= 1
-    hi = c
-    while hi < n - 1 and mask_y[hi + 1]:
-        hi += 1
-    return lo, hi + 1
 
 
 def _meta(header: Any, *, contrast: int, set_: int) -> dict[str, Any]:
@@ -150,53 +150,245 @@ def _crop_to_recon(x, header: Any, ref: Any, first_spatial: int):
     return x
 
 
-def _sens_maps(k, calib_k, method_backend: str, shape):
-    if method_backend == "bart":
+def _drop_readout_oversampling(k, size: int):
+    """k-space ``(coils, nx, ...)`` with the readout cut to the central ``size`` points of
+    the image (FFT along x, crop, FFT back; image amplitudes unchanged)."""
+    if k.shape[1] <= size:
+        return k
+    return fft_c(crop_center(ifft_c(k, axes=(1,)), size, 1), axes=(1,)).astype(np.complex64)
+
+
+# -------------------------------------------------------------- parallel imaging
+
+_PARALLEL = ("grappa", "sense", "cs", "tv")
+_GRAPPA_KERNEL = {"kernel_x": 5, "kernel_blocks": 4}
+_ESPIRIT = {"kernel_width": 6, "thresh": 0.02, "crop": 0.95, "max_calib_width": 24}
+
+
+def _parallel_header(header: Any, ref: Any) -> tuple[tuple[int, int] | None, str | None]:
+    """``(accelerationFactor step_1, step_2)`` and ``calibrationMode`` of the encoding."""
+    pi = getattr(encoding_of(header, ref), "parallelImaging", None)
+    if pi is None:
+        return None, None
+    factor = None
+    af = getattr(pi, "accelerationFactor", None)
+    if af is not None:
+        factor = (int(af.kspace_encoding_step_1 or 1), int(af.kspace_encoding_step_2 or 1))
+    mode = getattr(pi, "calibrationMode", None)
+    return factor, None if mode is None else str(getattr(mode, "value", mode)).lower()
+
+
+def _acceleration(header: Any, ref: Any, mask: np.ndarray) -> tuple[tuple[int, int], str]:
+    """Acceleration along (ky, kz): the header's ``accelerationFactor`` where it says more
+    than 1, else inferred from the sampled lines; and where it came from."""
+    from mrharmony.recon.parallel import acceleration_from_mask
+
+    factor, _ = _parallel_header(header, ref)
+    inferred = acceleration_from_mask(mask) if mask.shape[1] > 1 else (
+        acceleration_from_mask(mask[:, 0])[0], 1)
+    accel, source = [], []
+    for ax in range(2):
+        if factor is not None and (factor[ax] > 1 or inferred[ax] == 1):
+            accel.append(factor[ax])
+            source.append("header")
+        else:  # no factor in the header, or it says 1 where lines are missing
+            accel.append(int(inferred[ax]))
+            source.append("sampling pattern")
+    return (accel[0], accel[1]), " / ".join(dict.fromkeys(source))
+
+
+def _has_gaps(mask: np.ndarray) -> bool:
+    """Whether lines are missing inside the bounding box of the sampled ones (> 5 %)."""
+    ys, zs = np.nonzero(mask)
+    box = mask[ys.min():ys.max() + 1, zs.min():zs.max() + 1]
+    return bool(box.mean() < 0.95)
+
+
+def _centre_box(mask: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """A maximal fully sampled box of ``(ny, nz)`` cells around the centre
+    ``(ny // 2, nz // 2)``, as ``((y0, y1), (z0, z1))`` half-open; None if the centre is
+    not sampled."""
+    ny, nz = mask.shape
+    lo = [ny // 2, nz // 2]
+    hi = [ny // 2 + 1, nz // 2 + 1]
+    if not mask[lo[0], lo[1]]:
+        return None
+    grown = True
+    while grown:
+        grown = False
+        for ax, n in ((0, ny), (1, nz)):
+            for side in (-1, 1):
+                new = lo[ax] - 1 if side < 0 else hi[ax]
+                if not 0 <= new < n:
+                    continue
+                edge = mask[new, lo[1]:hi[1]] if ax == 0 else mask[lo[0]:hi[0], new]
+                if edge.all():
+                    if side < 0:
+                        lo[ax] = new
+                    else:
+                        hi[ax] = new + 1
+                    grown = True
+    return (lo[0], hi[0]), (lo[1], hi[1])
+
+
+def _mean_of(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Average of several zero-filled k-spaces ``(k, mask)``, per sampled cell."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    total = np.zeros_like(parts[0][0])
+    count = np.zeros(parts[0][1].shape, np.float32)
+    for k, m in parts:
+        total += k
+        count += m
+    hit = count > 0
+    total[:, :, hit] /= count[hit]
+    return total, hit
+
+
+def _select_calibration(key, buf, buffers, calibration, mode: str | None, need: tuple[int, int]):
+    """Calibration k-space for one image: the first candidate whose fully sampled centre
+    box is at least ``need`` lines (ky, kz).
+
+    Candidates: this image's calibration lines (``IS_PARALLEL_CALIBRATION`` and
+    ``..._AND_IMAGING``); those of all repetitions of its slice/contrast/set; those of its
+    slice (a separate reference scan with other counters); the fully sampled centre of
+    its own lines; all lines of all its repetitions (each with another offset). With
+    ``calibrationMode`` "interleaved" the pooled repetitions come first.
+
+    Returns
+    -------
+    tuple
+        ``(kspace (coils, nx, ny, nz), box, description)``.
+    """
+    slc, con, _rep, st = key
+    same = [kk for kk in calibration if (kk[0], kk[1], kk[3]) == (slc, con, st)]
+    cands = {
+        "calibration lines of this image": lambda: (
+            (calibration[key].kspace, calibration[key].mask) if key in calibration else None),
+        "calibration lines of all repetitions": lambda: _mean_of(
+            [(calibration[kk].kspace, calibration[kk].mask) for kk in same]),
+        "calibration lines of the slice": lambda: _mean_of(
+            [(c.kspace, c.mask) for kk, c in calibration.items() if kk[0] == slc]),
+        "fully sampled centre of this image": lambda: (buf.kspace, buf.mask),
+        "lines of all repetitions": lambda: _mean_of(
+            [(b.kspace, b.mask) for kk, b in buffers.items()
+             if (kk[0], kk[1], kk[3]) == (slc, con, st)]
+            + [(calibration[kk].kspace, calibration[kk].mask) for kk in same
+               if kk not in buffers]),
+    }
+    order = list(cands)
+    if mode == "interleaved":
+        order = [order[1], order[4], order[0], order[2], order[3]]
+    tried = []
+    for name in order:
+        got = cands[name]()
+        if got is None:
+            continue
+        k, m = got
+        box = _centre_box(m)
+        widths = (0, 0) if box is None else (box[0][1] - box[0][0], box[1][1] - box[1][0])
+        tried.append(f"{name}: {widths[0]} x {widths[1]}")
+        if box is not None and widths[0] >= need[0] and widths[1] >= need[1]:
+            return k, box, name
+    raise ReconError(
+        f"slice {slc}: no calibration region of at least {need[0]} x {need[1]} fully sampled "
+        f"lines (ky x kz) around the k-space centre for parallel imaging ({'; '.join(tried)})"
+    )
+
+
+def _centred_width(lo: int, hi: int, n: int, cap: int) -> int:
+    """Largest width <= cap whose centred window ``n//2 - w//2 ...`` lies in ``[lo, hi)``."""
+    c = n // 2
+    w = min(cap, hi - lo)
+    while w > 1 and not (c - w // 2 >= lo and c - w // 2 + w <= hi):
+        w -= 1
+    return max(w, 1)
+
+
+def _sens_maps(calib_k, box, backend: str, shape: tuple[int, int, int]):
+    """ESPIRiT maps ``(coils, nx, ny, nz)`` from the calibration box of ``calib_k``."""
+    xp = get_array_module(calib_k)
+    (y0, y1), (z0, z1) = box
+    cal = xp.zeros_like(calib_k)
+    cal[:, :, y0:y1, z0:z1] = calib_k[:, :, y0:y1, z0:z1]
+    cap = _ESPIRIT["max_calib_width"]
+    widths = (min(cap, shape[0]), _centred_width(y0, y1, shape[1], cap),
+              _centred_width(z0, z1, shape[2], cap))
+    nc = calib_k.shape[0]
+    if backend == "bart":
         from mrharmony.recon.bart import ecalib
 
-        width = min(24, calib_k.shape[2])
-        kk = to_numpy(calib_k)
-        return ecalib(kk if kk.shape[3] > 1 else kk[..., 0], calib_width=width).reshape(k.shape)
-    cal_lines = int(np.count_nonzero(np.any(to_numpy(calib_k != 0), axis=(0, 1, 3))))
-    width = max(6, min(24, cal_lines))
-    spatial = tuple(s for s in shape if s > 1)
-    maps = espirit_maps(calib_k.reshape(k.shape[0], *spatial), spatial, calib_width=width)
-    return maps.reshape(k.shape)
+        kk = to_numpy(cal)
+        width = min(widths[:2] + ((widths[2],) if shape[2] > 1 else ()))
+        maps = ecalib(kk if kk.shape[3] > 1 else kk[..., 0], calib_width=width)
+        return maps.reshape(nc, *shape), widths
+    keep = [i for i, n in enumerate(shape) if n > 1]
+    spatial = tuple(shape[i] for i in keep)
+    maps = espirit_maps(cal.reshape(nc, *spatial), spatial,
+                        calib_width=tuple(widths[i] for i in keep),
+                        kernel_width=_ESPIRIT["kernel_width"], thresh=_ESPIRIT["thresh"],
+                        crop=_ESPIRIT["crop"])
+    return maps.reshape(nc, *shape), widths
 
 
-def _calibration(buf: Any, k, lines_y: np.ndarray, xp):
-    """Calibration k-space and its ky lines: separate ACS lines, or the fully sampled
-    centre of the data."""
-    if buf.calib is not None:
-        return xp.asarray(buf.calib), buf.calib_mask.any(axis=1)
-    lo, hi = _central_block(lines_y)
-    cal_y = np.zeros(lines_y.size, bool)
-    cal_y[lo:hi] = True
-    return k * xp.asarray(cal_y)[None, None, :, None], cal_y
+def _grappa_fill(k, calib_k, box, mask: np.ndarray, accel: tuple[int, int], lamda: float):
+    """GRAPPA on ``(coils, nx, ny, nz)``: 2-D; 3-D in hybrid (x, ky, z) space when kz is
+    fully sampled in the data and the calibration; else with 3-D (kx, ky, kz) kernels."""
+    from mrharmony.recon.parallel import grappa
+
+    xp = get_array_module(k)
+    (y0, y1), (z0, z1) = box
+    cal = calib_k[:, :, y0:y1, z0:z1]
+    nz = k.shape[3]
+    opts = dict(_GRAPPA_KERNEL, lamda=lamda)
+    if nz == 1:
+        return grappa(k[..., 0], cal[..., 0], mask=mask[:, 0], acceleration=accel[0],
+                      **opts)[..., None], "2d (kx, ky)"
+    if accel[1] == 1 and z1 - z0 == nz and bool(np.all(mask == mask[:, :1])):
+        hybrid, hcal = ifft_c(k, axes=(3,)), ifft_c(cal, axes=(3,))
+        out = xp.empty_like(hybrid)
+        for z in range(nz):
+            out[..., z] = grappa(hybrid[..., z], hcal[..., z], mask=mask[:, 0],
+                                 acceleration=accel[0], **opts)
+        return fft_c(out, axes=(3,)), "hybrid (kx, ky) per z"
+    return grappa(k, cal, mask=mask, acceleration=accel, **opts), "3d (kx, ky, kz)"
 
 
-def _recon_cartesian(header: Any, buf: Any, *, method: str, backend: str, options: dict):
+def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method: str,
+                     backend: str, options: dict):
     xp = get_xp("cuda") if backend == "cupy" else np
     k = xp.asarray(buf.kspace)
     nc, nx, ny, nz = k.shape
     mask = buf.mask  # (ny, nz)
     lines_y = mask.any(axis=1)
     lo_y, hi_y = np.flatnonzero(lines_y)[[0, -1]]
-    block = lines_y[lo_y:hi_y + 1]
-    undersampled = block.mean() < 0.95 or (nz > 1 and mask[lines_y].mean() < 0.95)
-    partial_y = (ny // 2 - lo_y) - (hi_y - ny // 2) > 2 or (hi_y - ny // 2) - (ny // 2 - lo_y) > 2
+    accel, accel_source = _acceleration(header, buf.reference, mask)
+    undersampled = max(accel) > 1 and _has_gaps(mask)
+    tol = max(2, accel[0])
+    partial_y = abs((ny // 2 - lo_y) - (hi_y - ny // 2)) > tol
     ro = buf.readout_mask
     ro_idx = np.flatnonzero(ro)
     partial_x = abs((nx // 2 - ro_idx[0]) - (ro_idx[-1] - nx // 2)) > 2
+    settings: dict[str, Any] = {}
     if method == "auto":
-        method = "sense" if undersampled and nc > 1 else "fft"
-    if method in ("sense", "cs", "tv", "grappa") and nc == 1:
+        if undersampled and nc == 1:
+            raise ReconError(
+                f"slice {key[0]}: the data are undersampled (R={accel[0]}x{accel[1]}) and "
+                "have 1 receive coil: parallel imaging needs several (a zero-filled FFT "
+                "would alias; choose --method fft to get it anyway)")
+        method = "sense" if undersampled else "fft"
+        settings["auto"] = (f"undersampled (R={accel[0]}x{accel[1]}), {nc} coils: sense"
+                            if undersampled else "fully sampled: fft")
+    if method in _PARALLEL and nc == 1:
         raise ReconError(f"method {method!r} needs several receive coils; the data have 1")
     if method == "nufft":
         raise ReconError("method 'nufft' needs non-Cartesian data; these data are Cartesian")
-    if method != "fft":  # the plain FFT needs no calibration data
-        calib_k, cal_y = _calibration(buf, k, lines_y, xp)
-    settings: dict[str, Any] = {"method": method, "backend": backend}
+    settings.update({"method": method, "backend": backend})
+    if undersampled or method in _PARALLEL:
+        settings["acceleration"] = [int(accel[0]), int(accel[1])]
+        settings["acceleration_source"] = accel_source
     t0 = time.perf_counter()
     if method == "fft":
         if partial_y:
@@ -207,30 +399,69 @@ def _recon_cartesian(header: Any, buf: Any, *, method: str, backend: str, option
             settings["partial_fourier_readout"] = "pocs-kx"
         coil_img = ifft_c(k, axes=(1, 2, 3))
         img = coil_img[0] if nc == 1 else sos(coil_img)
-    elif method == "grappa":
-        from mrharmony.recon.parallel import grappa
-
-        cal_idx = np.flatnonzero(cal_y)
-        hybrid = ifft_c(k, axes=(3,)) if nz > 1 else k
-        hcal = ifft_c(calib_k, axes=(3,)) if nz > 1 else calib_k
-        out = xp.empty_like(hybrid)
-        for z in range(nz):
-            out[..., z] = grappa(
-                hybrid[..., z], hcal[:, :, cal_idx, z], mask=lines_y,
-                lamda=options.get("grappa_lamda", 1e-2),
-            )
-        coil_img = ifft_c(out, axes=(1, 2))
-        img = sos(coil_img)
-        settings["calibration_lines"] = int(cal_idx.size)
+        settings["coil_combination"] = "single coil" if nc == 1 else "sum of squares"
+        if undersampled:
+            settings["zero_filled"] = True
     else:
-        maps = _sens_maps(k, calib_k, backend, (nx, ny, nz))
-        settings["coil_maps"] = "espirit (bart ecalib)" if backend == "bart" else "espirit"
-        img = _iterative(k, xp.asarray(maps), mask, method=method, backend=backend,
-                         options=options)
-        settings.update({k2: v for k2, v in options.items() if k2 in ("lamda", "max_iter")})
+        kb = _GRAPPA_KERNEL["kernel_blocks"]
+        need = tuple(max(8, r * (kb - 1) + 2) if r > 1 else min(n, 3)
+                     for r, n in zip(accel, (ny, nz), strict=True))
+        calibrate = method != "grappa" or undersampled
+        if calibrate:
+            _, mode = _parallel_header(header, buf.reference)
+            cal_np, box, source = _select_calibration(key, buf, buffers, calibration, mode,
+                                                      need)
+            settings["calibration"] = {
+                "mode": mode or "not stated", "source": source,
+                "lines": [int(box[0][1] - box[0][0]), int(box[1][1] - box[1][0])],
+            }
+            calib_k = xp.asarray(cal_np)
+        enc = encoding_of(header, buf.reference)
+        rx = int(enc.reconSpace.matrixSize.x or nx)
+        if rx < nx and bool(ro.all()):  # readout fully sampled: drop oversampling first
+            k = _drop_readout_oversampling(k, rx)
+            if calibrate:
+                calib_k = _drop_readout_oversampling(calib_k, rx)
+            settings["readout_oversampling"] = f"removed before reconstruction ({nx} -> {rx})"
+        if method == "grappa":
+            lamda = float(options.get("grappa_lamda", 1e-3))
+            if undersampled:
+                k, geometry = _grappa_fill(k, calib_k, box, mask, accel, lamda)
+                settings["grappa"] = {
+                    "kernel_kx": _GRAPPA_KERNEL["kernel_x"],
+                    "kernel_lines": kb, "lamda": lamda, "kernel": geometry,
+                }
+            if partial_y:
+                k = pocs(k, np.abs(np.arange(ny) - (lo_y + hi_y) / 2) <= (hi_y - lo_y) / 2,
+                         axis=2, image_axes=(1, 2, 3))
+                settings["partial_fourier"] = "pocs-ky"
+            img = sos(ifft_c(k, axes=(1, 2, 3)))
+            settings["coil_combination"] = "sum of squares"
+        else:
+            maps, widths = _sens_maps(calib_k, box, backend, tuple(k.shape[1:]))
+            settings["coil_maps"] = {
+                "method": "espirit (bart ecalib)" if backend == "bart" else "espirit",
+                "calib_width": [int(w) for w in widths],
+                **{n: v for n, v in _ESPIRIT.items() if n != "max_calib_width"},
+            }
+            opts = _iterative_defaults(method, backend, options)
+            img = _iterative(k, xp.asarray(maps), mask, method=method, backend=backend,
+                             options=opts)
+            settings.update(opts)
+            settings["coil_combination"] = "sense (espirit maps)"
     settings["seconds"] = round(time.perf_counter() - t0, 4)
     img = _crop_to_recon(img, header, buf.reference, 0)
     return to_numpy(img), settings
+
+
+def _iterative_defaults(method: str, backend: str, options: dict) -> dict[str, Any]:
+    """``lamda`` and ``max_iter`` of an iterative method, the caller's or the default."""
+    defaults = {"sense": (0.0, 30), "cs": (3e-4, 50), "tv": (3e-4, 50)}
+    if backend == "bart":  # BART pics weights are absolute
+        defaults = {"sense": (1e-4, 30), "cs": (1e-3, 50), "tv": (1e-3, 50)}
+    lamda, iters = defaults[method]
+    return {"lamda": float(options.get("lamda", lamda)),
+            "max_iter": int(options.get("max_iter", iters))}
 
 
 def _iterative(k, maps, mask, *, method: str, backend: str, options: dict):
@@ -323,6 +554,7 @@ def reconstruct_acquisitions(
     if method not in METHODS:
         raise ReconError(f"method {method!r}: expected one of {', '.join(METHODS)}")
     backend = resolve_backend(backend)
+    check_not_empty(acquisitions)
     parts = split_special(acquisitions)
     if not parts["imaging"]:
         raise ReconError("no imaging acquisitions to reconstruct")
@@ -334,10 +566,14 @@ def reconstruct_acquisitions(
     if traj == "cartesian":
         # navigators play no part in a Cartesian recon; the imaging lines are stacked,
         # whitened (one batched product per buffer) and placed in one pass
-        buffers = _sort_cartesian(header, parts["imaging"], whitener=whitener)
+        calibration: dict[tuple[int, int, int, int], Any] = {}
+        buffers = _sort_cartesian(header, parts["imaging"], whitener=whitener,
+                                  calibration=calibration)
+        if not buffers:
+            raise ReconError("only parallel-calibration lines, no imaging lines to reconstruct")
         for key, buf in sorted(buffers.items()):
-            data, settings = _recon_cartesian(header, buf, method=method, backend=backend,
-                                              options=options)
+            data, settings = _recon_cartesian(header, key, buf, buffers, calibration,
+                                              method=method, backend=backend, options=options)
             meta = _meta(header, contrast=key[1], set_=key[3])
             meta["recon"] = {**settings, "prewhitened": prewhitened, "trajectory": traj}
             images.append(_image(header, buf.reference, data, meta))

@@ -21,6 +21,7 @@ import pytest
 from mrharmony.errors import RawDataError, ReconError, StreamError
 from mrharmony.formats.header import parse_ismrmrd_header
 from mrharmony.formats.raw import RawStreamWriter, read_raw
+from mrharmony.recon.io import check_not_empty
 from mrharmony.recon.stream import server as server_mod
 from mrharmony.recon.stream.client import stream_acquisitions
 from mrharmony.recon.stream.protocol import (
@@ -37,7 +38,6 @@ from mrharmony.recon.stream.scanner import synthetic_cartesian_scan
 from mrharmony.recon.stream.server import (
     ServerSettings,
     StreamServer,
-    check_not_empty,
     reconstruct_to_mrd,
 )
 

@@ -53,7 +53,7 @@ from typing import Any
 import ismrmrd
 import numpy as np
 
-from mrharmony.errors import ReconError, StreamError
+from mrharmony.errors import StreamError
 from mrharmony.fileio import atomic_path
 from mrharmony.formats.flags import flag_mask
 from mrharmony.formats.header import check_xml, parse_ismrmrd_header
@@ -79,7 +79,6 @@ __all__ = [
     "ServerSettings",
     "SliceAssembler",
     "StreamServer",
-    "check_not_empty",
     "check_raw_dir",
     "pipeline_from_config",
     "reconstruct_to_mrd",
@@ -307,31 +306,8 @@ def reconstruct_to_mrd(header: Any, acquisitions: list[Any], *, method: str,
     """
     from mrharmony.recon.pipeline import reconstruct_acquisitions
 
-    check_not_empty(acquisitions)
     images = reconstruct_acquisitions(header, acquisitions, method=method, backend=backend)
     return _to_mrd_bytes(images)
-
-
-def check_not_empty(acquisitions: list[Any]) -> None:
-    """Refuse acquisitions without samples or channels before they reach the recon.
-
-    Parameters
-    ----------
-    acquisitions : list of ismrmrd.Acquisition
-
-    Raises
-    ------
-    ReconError
-        Naming the first acquisition with 0 samples or 0 active channels (the Cartesian
-        sorter divides by ``samples x channels``).
-    """
-    for i, acq in enumerate(acquisitions):
-        ns, nc = int(acq.number_of_samples), int(acq.active_channels)
-        if ns == 0 or nc == 0:
-            raise ReconError(
-                f"acquisition {i} of the group (scan counter {int(acq.scan_counter)}, slice "
-                f"{int(acq.idx.slice)}, line {int(acq.idx.kspace_encode_step_1)}) is empty: "
-                f"{ns} samples x {nc} channels")
 
 
 def _recon_job_blobs(header_xml: str, blobs: list[bytes], method: str,
