@@ -82,6 +82,8 @@ def _write_study(folder: Path, study: str = STUDY, protocol: str = IRSE) -> Path
         (("repeats = 2", "repeats = 2\nrepeat = 2"), r"repeat: unknown key"),
         (('plate = "t1"', ""), r"protocols\[0\] 't1': the system phantom needs plate"),
         (('methods = ["combat"]', 'methods = ["kombat"]'), r"unknown method 'kombat'"),
+        (("[harmonize]", '[features]\nsegmentation = "kmeans"\n\n[harmonize]'),
+         r"segmentation"),
     ],
 )
 def test_invalid_study_fails_before_any_work(tmp_path, change, match):

@@ -134,6 +134,10 @@ class FeaturesSection:
 
     statistics: tuple[str, ...] = param(("mean",), doc="ROI statistics: mean, median")
     volumes: bool = param(False, doc="also tissue volumes (mL) from a segmentation")
+    segmentation: Literal["atlas", "gmm"] = param(
+        "atlas", doc="volumes from: atlas (MNI152 priors registered to the image, EM with "
+        "partial-volume classes, MRF, bias field; ~1 min per image) or gmm (3-class "
+        "intensity Gaussian mixture, soft counts; fast)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -265,6 +265,7 @@ def plan_tasks(study: Study, resolved: Resolved) -> Plan:
                         feat_params = {
                             "statistics": list(study.features.statistics),
                             "volumes": study.features.volumes, "maps": entry.maps,
+                            "segmentation": study.features.segmentation,
                             "protocol": entry.name,
                             "range_ms": measurable_range_ms(base_protocol, entry.maps),
                             "ids": {"subject": sid, "site": site_name, "arm": arm,

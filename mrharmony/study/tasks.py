@@ -271,21 +271,37 @@ def stage_features(params: Mapping[str, Any], inputs: Mapping[str, Path], work: 
 
 def _tissue_volumes(data: np.ndarray, image: Any, ids: Mapping[str, Any],
                     params: Mapping[str, Any]) -> Any:
-    """Tissue volumes (mL) from a 3-class Gaussian-mixture segmentation of the image."""
-    import pandas as pd
-    from sklearn.mixture import GaussianMixture
+    """Tissue volumes (mL) of a T1-weighted image, by ``params["segmentation"]``.
 
-    voxel_ml = float(np.prod(image.header.get_zooms()[:3])) / 1000.0
-    values = np.abs(data)
-    head = values > 0.1 * np.percentile(values, 99)
-    x = values[head].reshape(-1, 1)
-    gmm = GaussianMixture(3, random_state=0, n_init=1).fit(x)
-    order = np.argsort(gmm.means_.ravel())  # T1-weighted: CSF < GM < WM
-    post = gmm.predict_proba(x)[:, order]
+    ``atlas`` (default): :func:`mrharmony.harmonize.segment.segment_tissues` (MNI152
+    priors registered to the image, Gaussian intensities by EM with mixed partial-volume
+    classes, MRF, bias field); volumes are sums of PV fractions. ``gmm``: a 3-class
+    Gaussian mixture of the intensities (CSF < GM < WM), volumes from soft posteriors.
+    """
+    import pandas as pd
+
+    method = params.get("segmentation", "atlas")
+    if method == "gmm":
+        from sklearn.mixture import GaussianMixture
+
+        voxel_ml = float(np.prod(image.header.get_zooms()[:3])) / 1000.0
+        values = np.abs(data)
+        head = values > 0.1 * np.percentile(values, 99)
+        x = values[head].reshape(-1, 1)
+        gmm = GaussianMixture(3, random_state=0, n_init=1).fit(x)
+        order = np.argsort(gmm.means_.ravel())  # T1-weighted: CSF < GM < WM
+        post = gmm.predict_proba(x)[:, order]
+        volumes = {name: float(post[:, i].sum() * voxel_ml)
+                   for i, name in enumerate(("csf", "gm", "wm"))}
+    else:
+        from mrharmony.harmonize.segment import segment_tissues
+
+        seg = segment_tissues(np.abs(data), affine=np.asarray(image.affine, dtype=np.float64))
+        volumes = {name: float(seg.volumes_ml[name]) for name in ("csf", "gm", "wm")}
     names = ("csf", "gm", "wm")
     rows = [{"subject": ids["subject"], "site": ids["site"], "protocol": params["protocol"],
              "quantity": "segmentation", "region": name, "feature": "volume_ml",
-             "value": float(post[:, i].sum() * voxel_ml)} for i, name in enumerate(names)]
+             "value": volumes[name]} for name in names]
     frame = pd.DataFrame(rows)
     for k in ("arm", "repeat", "vendor", "field_t"):
         frame[k] = ids[k]
