@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import click
@@ -25,7 +26,8 @@ __all__ = ["simulate", "site"]
 @click.option("--native", is_flag=True,
               help="Run the site vendor's native flavour (SEQ must be a protocol TOML).")
 @click.option("--isochromats", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="Isochromats per voxel (> 1 models T2' dephasing).")
+              help="Isochromats per voxel (> 1 models T2' dephasing and intravoxel "
+                   "spoiling; spoiled GRE with long T2 needs 32-256).")
 @click.option("--noise/--no-noise", default=True, show_default=True,
               help="Add the site's thermal noise (--no-noise: noiseless data, no noise scans).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
@@ -34,7 +36,7 @@ def simulate(seq: Path, phantom_dir: Path, site_name: str, output: Path, backend
     """Simulate SEQ (a .seq file, or a protocol .toml built on the site's scanner) on the
     phantom in PHANTOM_DIR at a virtual site, and write ISMRMRD raw data."""
     from mrharmony.phantoms import Phantom
-    from mrharmony.simulation.raw import simulate_raw
+    from mrharmony.simulation.raw import SimulationWarning, simulate_raw
     from mrharmony.simulation.site import load_site
 
     if output.exists() and not force:
@@ -49,9 +51,16 @@ def simulate(seq: Path, phantom_dir: Path, site_name: str, output: Path, backend
     out.print(f"simulating [bold]{seq.name}[/] on {phantom.name or phantom_dir.name} "
                   f"{phantom.shape} at {site_obj.name} ({site_obj.coil.channels} channels, "
                   f"{site_obj.field_strength_t:g} T){' [native]' if native else ''}")
-    path = simulate_raw(seq, phantom, site_obj, output, seed=seed, backend=backend, native=native,
-                        progress=True, overwrite=force, isochromats_per_voxel=isochromats,
-                        noise=noise)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SimulationWarning)
+        path = simulate_raw(seq, phantom, site_obj, output, seed=seed, backend=backend,
+                            native=native, progress=True, overwrite=force,
+                            isochromats_per_voxel=isochromats, noise=noise)
+    for w in caught:
+        if issubclass(w.category, SimulationWarning):
+            click.echo(f"mrharmony: warning: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     out.print(f"wrote {path}")
 
 

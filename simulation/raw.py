@@ -38,6 +38,7 @@ parameter ``trajectory_units`` says so.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,49 @@ def _filter_readouts(signal: np.ndarray, ns: np.ndarray, response: Any) -> np.nd
     return out
 
 
+class SimulationWarning(UserWarning):
+    """A simulation that runs but is unlikely to be what was meant."""
+
+
+def _warn_if_outside_slices(seq: Any, phantom: Any) -> None:
+    """Warn when a 2-D phantom's plane lies outside every slice the sequence excites.
+
+    ``mrharmony simulate`` places the phantom where its affine says (the study runner
+    moves it to isocentre first, like the operator's laser landmark); a 2-D phantom
+    saved off-centre (e.g. the Shepp-Logan slice at z = -30 mm) then gives almost no
+    signal, which is physics but rarely what was meant.
+    """
+    from mrharmony.formats.layout import excitation_thickness_m
+
+    if int(phantom.shape[2]) != 1:
+        return
+    thick_m = float(excitation_thickness_m(seq))
+    t_rf, blocks, uses = seq.rf_times()
+    exc = [i for i, u in enumerate(uses) if u in ("excitation", "undefined")]
+    if thick_m <= 0 or not exc:
+        return
+    affine = np.asarray(phantom.affine, dtype=np.float64)
+    centre_ras = affine[:3, :3] @ ((np.array(phantom.shape, float) - 1) / 2) + affine[:3, 3]
+    centre_m = centre_ras * np.array([-1.0, -1.0, 1.0]) * 1e-3  # RAS mm -> LPS m
+    t_g, g = seq.gradient_waveforms_concat()
+    lib = seq.rf_library
+    ids = seq.event_ids()
+    dist = []
+    for i in exc:
+        grad = np.array([np.interp(t_rf[i], t_g, g[:, a]) for a in range(3)])
+        norm = float(np.linalg.norm(grad))
+        if norm <= 0:
+            return  # a non-selective excitation reaches every plane
+        freq = float(lib[int(ids[int(blocks[i]), 0])].freq_offset_hz)
+        dist.append(abs(centre_m @ grad / norm - freq / norm))
+    if min(dist) > thick_m:
+        warnings.warn(
+            f"the 2-D phantom's plane (centre at {np.round(centre_ras, 1).tolist()} mm RAS) "
+            f"is {min(dist) * 1e3:.1f} mm from the nearest excited slice ({thick_m * 1e3:.1f} "
+            "mm thick): almost no signal; move it to isocentre (the study runner does)",
+            SimulationWarning, stacklevel=3)
+
+
 def simulate_raw(
     seq_path: str | Path | Any,
     phantom: Any,
@@ -183,7 +227,8 @@ def simulate_raw(
     out_path : str or Path
         ISMRMRD HDF5 file to write (dataset ``"dataset"``).
     seed : int
-        Seed of the thermal noise and of the isochromat spread: same seed, same file.
+        Seed of the thermal noise: same seed, same file (isochromat positions are
+        deterministic).
     backend : {"numpy", "cupy"}
         Array backend of the Bloch engine.
     native : bool
@@ -193,7 +238,9 @@ def simulate_raw(
     overwrite : bool
         Replace an existing ``out_path``.
     isochromats_per_voxel : int
-        Isochromats per voxel (> 1 models T2' dephasing).
+        Isochromats per voxel (> 1 models T2' dephasing and intravoxel spoiling: stratified
+        through z, for a 2-D phantom in a 2-D scan over the excited slice; see
+        :mod:`.spins`).
     noise : bool
         Add thermal noise (False: noiseless data; noise scans are then all zero).
 
@@ -212,7 +259,7 @@ def simulate_raw(
 
     from mrharmony.simulation.engine import simulate
     from mrharmony.simulation.native import native_changes
-    from mrharmony.simulation.spins import SpinSystem
+    from mrharmony.simulation.spins import SpinSystem, through_plane_extent
 
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
@@ -228,30 +275,36 @@ def simulate_raw(
     records = seq.adc_records()
     if not records:
         raise SimulationError(f"{seq_path}: the sequence has no ADC events, nothing to write")
+    _warn_if_outside_slices(seq, ph)
     rx = receive_model(site, ph, prescan_normalize=native and site.native.prescan_normalize)
+    n_coils = len(rx.labels)
+    layout = layout_from_seq(
+        seq, n_coils=n_coils, need_kspace=native and site.native.kspace_filter != "none",
+        vendor=site.profile.vendor, model=site.profile.model,
+        field_t=site.field_strength_t,
+    )
+    # A 2-D phantom in a 2-D (slice-selective, no partition encoding) scan is an object
+    # uniform through z about its plane: its isochromats span the excited slice.
+    two_d = shape[2] == 1 and int(layout.header.encoding[0].encodedSpace.matrixSize.z) <= 1
     spins = SpinSystem.from_phantom(
         ph, isochromats_per_voxel=isochromats_per_voxel,
         b0_hz_extra=b0_residual_hz(site, affine, shape, mask=mask),
-        b1_scale=b1_scale_map(site, affine, shape), seed=seed,
+        b1_scale=b1_scale_map(site, affine, shape),
         subvoxel_positions=isochromats_per_voxel > 1,
+        through_plane_mm=(through_plane_extent(seq, isochromats_per_voxel)
+                          if two_d and isochromats_per_voxel > 1 else None),
     )
     signal = simulate(
         seq, spins, coil_sens=rx.sens, backend=backend, progress=progress,
         gradient_scale=site.gradient_scale, gradient_delay_s=site.gradient_delay_s,
         b0_t=site.field_strength_t,
     )
-    n_coils = len(rx.labels)
     signal = np.asarray(signal, dtype=np.complex64).reshape(n_coils, -1)
     ns = np.array([r.num_samples for r in records], dtype=np.int64)
     if signal.shape[1] != ns.sum():
         raise SimulationError(f"engine returned {signal.shape[1]} samples per coil, the "
                               f"sequence has {ns.sum()} ADC samples")
 
-    layout = layout_from_seq(
-        seq, n_coils=n_coils, need_kspace=native and site.native.kspace_filter != "none",
-        vendor=site.profile.vendor, model=site.profile.model,
-        field_t=site.field_strength_t,
-    )
     kind = site.native.kspace_filter if native else "none"
     records = layout.records
     traj_dims = layout.trajectory_dims

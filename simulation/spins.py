@@ -14,10 +14,29 @@ by a deterministic Lorentzian spread of off-resonance: isochromat ``j`` of ``n``
 the quantile ``(j + 0.5) / n`` of a Cauchy distribution of half width at half maximum
 ``1 / (2 pi T2')`` Hz, so the ensemble's free-induction decay approximates
 ``exp(-t / T2')`` (exactly as ``n`` grows) on top of the per-isochromat ``exp(-t / T2)``.
+
+Sub-voxel positions (gradient spoiling). A spoiled steady state needs intravoxel
+dephasing: the residual coherences of earlier excitations cancel only in the sum over a
+continuum of spoiler phases. With ``subvoxel_positions`` the ``n`` isochromats of a voxel
+sit at its in-plane centre and at ``n`` equally spaced (stratified, not random) heights
+along the voxel's third (slice, z) axis, where the builders put their crushers, so that
+the per-TR spoiler phases are ``n`` equally spaced values and every coherence pathway of
+order < ``n`` cancels exactly (random positions leave ~1/sqrt(n) of every pathway, and
+random in-plane offsets add random readout-spoiler phases that break the cancellation).
+
+A 2-D phantom (one voxel through z) is modelled as an object that is uniform through z
+about its plane: given the excited slice (:func:`through_plane_extent`), its isochromats
+span an extent ``L`` of at least twice the slice thickness ``T`` (the slice profile and
+its transition bands) chosen so that the slice-axis spoiler moment per TR winds a whole
+number ``q`` of cycles over ``L`` with ``gcd(q, n) = 1``, and each isochromat carries
+``PD L / (n T)``: the voxel's signal is ``(1/T) * integral of M_xy(z) dz``, which equals
+``PD`` times the nominal-flip signal for an ideal rectangular profile (N = 1: one
+isochromat at the plane, weight PD).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +44,7 @@ import numpy as np
 
 from mrharmony.errors import PhantomError, SimulationError
 
-__all__ = ["GAMMA_BAR_HZ_PER_T", "SpinSystem", "lorentzian_offsets_hz"]
+__all__ = ["GAMMA_BAR_HZ_PER_T", "SpinSystem", "lorentzian_offsets_hz", "through_plane_extent"]
 
 #: Proton gyromagnetic ratio / (2 pi), Hz per tesla (CODATA 2018).
 GAMMA_BAR_HZ_PER_T = 42.577478518e6
@@ -184,8 +203,8 @@ class SpinSystem:
         isochromats_per_voxel: int = 1,
         b0_hz_extra: np.ndarray | None = None,
         b1_scale: np.ndarray | None = None,
-        seed: int = 0,
         subvoxel_positions: bool = False,
+        through_plane_mm: tuple[float, float] | None = None,
         dtype: Any = np.float32,
     ) -> SpinSystem:
         """Isochromats for every voxel with PD > 0 of a phantom.
@@ -201,13 +220,17 @@ class SpinSystem:
             Site B0 inhomogeneity in Hz, added to ``phantom.b0_hz``.
         b1_scale : ndarray (nx, ny, nz), optional
             Relative transmit B1+ per voxel (default 1).
-        seed : int
-            Seed for the sub-voxel positions (used only with ``subvoxel_positions``).
         subvoxel_positions : bool
-            Spread the isochromats of a voxel uniformly at random (seeded) over the voxel,
-            in all three axes, instead of placing them all at its centre: gradient
-            spoilers and crushers then dephase them as in tissue. For a 2-D phantom the
-            spread through the voxel's thickness also samples the slice profile.
+            Place the isochromats of a voxel at equally spaced heights along its third
+            (slice) axis, at its in-plane centre, instead of all at its centre: gradient
+            spoilers and crushers then dephase them as in tissue (see the module doc).
+            The spread is the voxel's thickness, or ``through_plane_mm`` for a 2-D phantom.
+        through_plane_mm : (float, float), optional
+            2-D phantoms (``nz == 1``) with ``subvoxel_positions`` only: ``(L, T)``, the
+            extent (mm) the isochromats span through z, centred on the phantom's plane,
+            and the nominal slice thickness (mm) the signal is normalised to (each
+            isochromat weighs ``PD L / (n T)``); from :func:`through_plane_extent`.
+            Default: the voxel's own thickness, weight ``PD / n``.
         dtype : numpy dtype
             Precision the tissue values are rounded to (float32 by default, so that CPU
             and GPU runs see identical parameters); positions stay float64.
@@ -220,13 +243,21 @@ class SpinSystem:
         Raises
         ------
         SimulationError
-            If an extra map has the wrong shape or ``isochromats_per_voxel < 1``.
+            If an extra map has the wrong shape, ``isochromats_per_voxel < 1``, or
+            ``through_plane_mm`` is not two positive lengths.
         """
         if int(isochromats_per_voxel) != isochromats_per_voxel or isochromats_per_voxel < 1:
             raise SimulationError(
                 f"isochromats_per_voxel: must be an integer >= 1, got {isochromats_per_voxel!r}"
             )
         n_iso = int(isochromats_per_voxel)
+        if through_plane_mm is not None:
+            tp = np.asarray(through_plane_mm, dtype=np.float64)
+            if tp.shape != (2,) or not np.all(np.isfinite(tp)) or np.any(tp <= 0):
+                raise SimulationError(
+                    f"through_plane_mm: expected two lengths > 0 (extent, thickness) in mm, "
+                    f"got {through_plane_mm!r}"
+                )
         shape = tuple(np.shape(phantom.pd))
         if len(shape) != 3:
             raise PhantomError(f"pd: expected a 3-D (nx, ny, nz) map, got shape {shape}")
@@ -274,13 +305,16 @@ class SpinSystem:
         hwhm = r2prime / (2 * np.pi)
         spread = lorentzian_offsets_hz(hwhm, n_iso)  # (M, n_iso)
 
-        centre = ijk
+        weight = 1.0 / n_iso
+        vox = np.repeat(ijk[:, None, :], n_iso, axis=1)
         if subvoxel_positions and n_iso > 1:
-            rng = np.random.default_rng(seed)
-            jitter = rng.uniform(-0.5, 0.5, size=(flat.size, n_iso, 3))
-            vox = centre[:, None, :] + jitter
-        else:
-            vox = np.repeat(centre[:, None, :], n_iso, axis=1)
+            extent = 1.0  # in voxels along the third axis
+            if through_plane_mm is not None and shape[2] == 1:
+                length_mm, thick_mm = (float(v) for v in through_plane_mm)
+                voxel_z_mm = float(np.linalg.norm(affine[:3, 2]))
+                extent = length_mm / voxel_z_mm
+                weight = length_mm / (thick_mm * n_iso)
+            vox[:, :, 2] += ((np.arange(n_iso) + 0.5) / n_iso - 0.5) * extent
         ras_mm = vox.reshape(-1, 3) @ affine[:3, :3].T + affine[:3, 3]
         position_m = ras_mm * _RAS_TO_LPS * 1e-3
 
@@ -289,7 +323,7 @@ class SpinSystem:
 
         return cls(
             position_m=position_m,
-            pd=rep(pd.ravel()[flat].astype(dtype).astype(np.float64) / n_iso),
+            pd=rep(pd.ravel()[flat].astype(dtype).astype(np.float64) * weight),
             r1_per_s=rep(1e3 / t1),
             r2_per_s=rep(1e3 / t2),
             df_hz=(df[:, None] + spread).reshape(-1),
@@ -299,3 +333,52 @@ class SpinSystem:
             n_voxels=int(np.prod(shape)),
             field_t=field_t,
         )
+
+
+def through_plane_extent(seq: Any, isochromats_per_voxel: int) -> tuple[float, float] | None:
+    """Through-plane extent of a 2-D phantom's isochromats for a slice-selective sequence.
+
+    Parameters
+    ----------
+    seq : PulseqSequence
+        The sequence (:func:`mrharmony.formats.pulseq.read_pulseq`).
+    isochromats_per_voxel : int
+        Isochromats per voxel ``n``.
+
+    Returns
+    -------
+    (float, float) or None
+        ``(L, T)`` in mm for :meth:`SpinSystem.from_phantom`: ``T`` is the slice thickness
+        of the first slice-selective excitation (FWHM of its RF spectrum over its
+        slice-select gradient, :mod:`mrharmony.formats.layout`); ``L >= 2 T`` is the
+        smallest length over which the median z gradient moment between consecutive
+        excitations (``k`` cycles/m, the slice-axis spoiler) winds a whole number ``q``
+        of cycles with ``gcd(q, n) = 1`` (``q = L k``), so that the ``n`` stratified
+        isochromats see ``n`` distinct, equally spaced spoiler phases. Without a slice
+        spoiler (less than half a cycle per slice), ``L = 2 T``. ``None`` when the
+        sequence has no slice-selective excitation.
+    """
+    from mrharmony.formats.layout import excitation_thickness_m
+
+    thick_m = float(excitation_thickness_m(seq))
+    if not thick_m > 0:
+        return None
+    n = max(int(isochromats_per_voxel), 1)
+    t_rf, _, uses = seq.rf_times()
+    t_exc = np.asarray(t_rf, dtype=np.float64)[
+        np.array([u in ("excitation", "undefined") for u in uses], dtype=bool)
+    ]
+    k = 0.0
+    if t_exc.size >= 2:
+        t_g, g = seq.gradient_waveforms_concat()
+        t_g = np.asarray(t_g, dtype=np.float64)
+        gz = np.asarray(g, dtype=np.float64)[:, 2]
+        # exact integral of the piecewise-linear waveform, read at the pulse centres
+        cum = np.concatenate([[0.0], np.cumsum(0.5 * (gz[1:] + gz[:-1]) * np.diff(t_g))])
+        k = float(np.median(np.abs(np.diff(np.interp(t_exc, t_g, cum)))))
+    if k * thick_m < 0.5:
+        return 2e3 * thick_m, 1e3 * thick_m
+    q = max(math.ceil(2.0 * thick_m * k - 1e-6), 1)
+    while math.gcd(q, n) != 1:
+        q += 1
+    return 1e3 * q / k, 1e3 * thick_m

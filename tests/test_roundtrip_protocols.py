@@ -19,11 +19,13 @@ The phantom and the protocols are small so that the whole file runs in a few min
   slices 6 mm apart (thickness kept, gap = 6 mm - thickness) so that every slice centre
   holds one phantom plane.
 - RF-spoiled gradient echoes (gre2d, gre3d, radial, spiral, mprage) run with TR (MPRAGE:
-  echo spacing) long enough and with several isochromats per voxel at random sub-voxel
-  positions (``--isochromats``): a spoiled steady state needs intravoxel dephasing, and
+  echo spacing) long enough and with several isochromats per voxel at stratified heights
+  through the voxel (``--isochromats``): a spoiled steady state needs intravoxel dephasing, and
   with one isochromat per voxel the residual transverse coherence changes from TR to TR,
   which spreads PE ghosts / spiral swirls over the image (measured: 20 % of the image
-  energy outside the object for gre2d at TR 12 ms, 1 isochromat; 2.7 % at TR 40 ms with 8).
+  energy outside the object for gre2d at TR 12 ms, 1 isochromat). gre2d gets 32: with 8
+  or 16 the CSF coherences left at TR 40 ms move the object's centroid by 1.0-1.2 voxels
+  at some sites (tests/test_simulation_consistency.py measures the line-to-line error).
   EPI and bSSFP get 4 isochromats: with one, the long-T2 CSF of the previous slice is
   never dephased and shows in the next slice (10 % of the energy for EPI). This is a limit
   of the discrete-isochromat simulation, not of the reconstruction.
@@ -113,8 +115,8 @@ SMALL: dict[str, dict] = {
 #: 25 % of a 32-pixel spiral's energy outside the object).
 NOISY = {"siemens"}
 
-#: Isochromats per voxel (random sub-voxel positions) of the RF-spoiled sequences.
-ISOCHROMATS = {"gre2d": 8, "radial": 8, "spiral": 8, "gre3d": 4, "mprage": 4, "epi": 4,
+#: Isochromats per voxel (stratified through the voxel) of the RF-spoiled sequences.
+ISOCHROMATS = {"gre2d": 32, "radial": 8, "spiral": 8, "gre3d": 4, "mprage": 4, "epi": 4,
                "bssfp": 4}
 
 SLICE_SPACING_MM = 6.0

@@ -211,17 +211,27 @@ def test_lorentzian_spread_gives_t2prime_decay():
     np.testing.assert_allclose(fid, np.exp(-t / t2prime), rtol=0.02)
 
 
-def test_subvoxel_positions_are_seeded():
+def test_subvoxel_positions_are_stratified_through_the_voxel():
     ph = _phantom()
-    a = SpinSystem.from_phantom(ph, isochromats_per_voxel=4, subvoxel_positions=True, seed=7)
-    b = SpinSystem.from_phantom(ph, isochromats_per_voxel=4, subvoxel_positions=True, seed=7)
-    np.testing.assert_array_equal(a.position_m, b.position_m)
+    a = SpinSystem.from_phantom(ph, isochromats_per_voxel=4, subvoxel_positions=True)
+    b = SpinSystem.from_phantom(ph, isochromats_per_voxel=4, subvoxel_positions=True)
+    np.testing.assert_array_equal(a.position_m, b.position_m)  # deterministic
     centre = np.repeat(ph.positions_mm() * [-1e-3, -1e-3, 1e-3], 4, axis=0)
-    offset = np.abs(a.position_m - centre)
-    # spread over the whole voxel, through-plane too (2-D phantoms: through the slab that
-    # the voxel represents, so that slice-axis crushers and spoilers dephase)
-    half = np.array(ph.voxel_size_mm) / 2 * 1e-3
-    assert np.all(offset <= half + 1e-12) and np.all(offset[:, 2] > 0)
+    offset = a.position_m - centre
+    # in-plane at the voxel centre; through-plane equally spaced over the voxel (5 mm):
+    # slice-axis crushers and spoilers dephase them, with equally spaced phases
+    np.testing.assert_allclose(offset[:, :2], 0.0, atol=1e-12)
+    np.testing.assert_allclose(offset[:4, 2], np.array([-1.875, -0.625, 0.625, 1.875]) * 1e-3)
+    np.testing.assert_allclose(a.pd, 1 / 4, rtol=1e-6)
+    # a 2-D phantom through a given slab: extent L, weight PD L / (n T)
+    c = SpinSystem.from_phantom(ph, isochromats_per_voxel=4, subvoxel_positions=True,
+                                through_plane_mm=(12.0, 4.0))
+    np.testing.assert_allclose(c.position_m[:4, 2] - centre[:4, 2],
+                               np.array([-4.5, -1.5, 1.5, 4.5]) * 1e-3)
+    np.testing.assert_allclose(c.pd, 12.0 / (4 * 4.0), rtol=1e-6)
+    with pytest.raises(SimulationError, match="through_plane_mm"):
+        SpinSystem.from_phantom(ph, isochromats_per_voxel=4, subvoxel_positions=True,
+                                through_plane_mm=(0.0, 4.0))
 
 
 @pytest.mark.gpu

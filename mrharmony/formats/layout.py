@@ -40,6 +40,7 @@ from mrharmony.formats.raw import acquisition_table, adc_rotations
 __all__ = [
     "GAMMA_BAR_HZ_PER_T",
     "AcquisitionLayout",
+    "excitation_thickness_m",
     "header_from_seq",
     "kspace_cycles_per_fov",
     "layout_from_seq",
@@ -239,7 +240,7 @@ def header_from_seq(
         ]
     system, b0 = _system(mrd, vendor=vendor, model=model, field_t=field_t, defs=defs,
                          n_coils=n_coils)
-    return mrd.ismrmrdHeader(
+    header = mrd.ismrmrdHeader(
         version=2,
         acquisitionSystemInformation=system,
         experimentalConditions=mrd.experimentalConditionsType(
@@ -248,6 +249,11 @@ def header_from_seq(
         encoding=[encoding],
         sequenceParameters=params,
     )
+    if "FatSuppression" in defs:  # chemsat / water_excitation (absent: none)
+        header.userParameters = mrd.userParametersType(userParameterString=[
+            mrd.userParameterStringType(name="FatSuppression",
+                                        value=str(_first(defs, "FatSuppression")))])
+    return header
 
 
 def logical_kspace(seq: Any, records: list[Any] | None = None) -> np.ndarray:
@@ -295,7 +301,7 @@ def _median_step(values: np.ndarray) -> float:
     return float(np.median(steps)) if steps.size else 0.0
 
 
-def _excitation_thickness_m(seq: Any) -> float:
+def excitation_thickness_m(seq: Any) -> float:
     """Slice thickness (m) of the first slice-selective excitation: the full width at half
     maximum of its RF spectrum over its slice-select gradient (0 if there is none)."""
     t_rf, blocks, uses = seq.rf_times()
@@ -366,7 +372,7 @@ def minimal_header_from_seq(
     dkz = _median_step(k[centre, 2])
     three_d = dkz > 0 and np.mean(np.abs(k[centre, 2]) >= 0.5 * dkz) > 0.5
     if not fov[2] > 0:
-        fov[2] = (1.0 / dkz if three_d else _excitation_thickness_m(seq)) or fov[0]
+        fov[2] = (1.0 / dkz if three_d else excitation_thickness_m(seq)) or fov[0]
     kmax = np.max(np.abs(k), axis=0)
     matrix = np.maximum(2 * np.round(kmax * fov), 1).astype(int)
     if not three_d:
@@ -402,7 +408,7 @@ def minimal_header_from_seq(
             setattr(params, attr, [float(v) * 1e3 for v in values])  # s -> ms
     system, b0 = _system(mrd, vendor=vendor, model=model, field_t=field_t, defs=defs,
                          n_coils=n_coils)
-    return mrd.ismrmrdHeader(
+    header = mrd.ismrmrdHeader(
         version=2,
         acquisitionSystemInformation=system,
         experimentalConditions=mrd.experimentalConditionsType(
@@ -411,6 +417,11 @@ def minimal_header_from_seq(
         encoding=[encoding],
         sequenceParameters=params,
     )
+    if "FatSuppression" in defs:  # chemsat / water_excitation (absent: none)
+        header.userParameters = mrd.userParametersType(userParameterString=[
+            mrd.userParameterStringType(name="FatSuppression",
+                                        value=str(_first(defs, "FatSuppression")))])
+    return header
 
 
 def _derived_labels(records: list[Any], k_cyc: np.ndarray, enc: Any) -> list[Any]:
