@@ -36,6 +36,11 @@ def _map_path(out: Path, name: str) -> Path:
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", "numpy", "cupy", "bart"]),
               help="Array backend (auto: GPU when CuPy sees one).")
+@click.option("--lamda", type=float, default=None,
+              help="Regularisation weight, relative (sense: x ||A^H A||; cs, tv: x max|A^H y|; "
+                   "grappa: kernel fit); default per method. Refused by methods without one.")
+@click.option("--max-iter", "max_iter", type=int, default=None,
+              help="Iterations of sense, cs, tv (default per method).")
 @click.option("--maps", "maps", default=None, type=click.Choice(["t1", "t2", "adc", "dti"]),
               help="Also fit quantitative maps (written as OUT_<quantity>.nii.gz).")
 @click.option("--seq", "seq", default=None, type=click.Path(dir_okay=False, path_type=Path),
@@ -49,7 +54,8 @@ def _map_path(out: Path, name: str) -> Path:
 @click.option("--dataset", default="dataset", show_default=True, help="HDF5 dataset group.")
 @click.option("--write-mrd", is_flag=True, help="Also append MRD images to the raw HDF5 file.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-def recon(raw: Path, output: Path, method: str, backend: str, maps: str | None,
+def recon(raw: Path, output: Path, method: str, backend: str, lamda: float | None,
+          max_iter: int | None, maps: str | None,
           seq: Path | None, measurement: int | None, reference: Path | None,
           reference_seq: Path | None, dataset: str, write_mrd: bool, force: bool) -> None:
     """Reconstruct RAW (ISMRMRD HDF5, MRD v2, or twix with --seq) into OUTPUT (NIfTI + JSON,
@@ -78,7 +84,8 @@ def recon(raw: Path, output: Path, method: str, backend: str, maps: str | None,
             data = load_raw(raw, seq=seq, measurement=measurement, reference=reference,
                             reference_seq=reference_seq)
         progress.update(task, description=f"reconstructing ({method}, {backend})")
-        images = reconstruct(data, method=method, backend=backend, maps=maps)
+        options = {k: v for k, v in (("lamda", lamda), ("max_iter", max_iter)) if v is not None}
+        images = reconstruct(data, method=method, backend=backend, maps=maps, **options)
         progress.update(task, description="writing")
         plain = [im for im in images if "map" not in im.meta]
         by_map: dict[str, list] = {}

@@ -39,6 +39,8 @@ from mrharmony.errors import ReconError
 from mrharmony.formats.flags import NOT_IMAGING, flag_mask
 from mrharmony.recon.dcf import density_compensation
 from mrharmony.recon.nufft import NUFFT
+from mrharmony.recon.operators import DEFAULT_WAVELET, nufft_sense
+from mrharmony.recon.parallel import LAMDA_DEFAULTS, l1_wavelet_recon, sense_recon, tv_recon
 
 __all__ = [
     "KSpaceGeometry",
@@ -48,6 +50,7 @@ __all__ = [
     "radial_coords",
     "reconstruct_noncartesian",
     "trajectory_cycles_per_fov",
+    "tv_sense",
 ]
 
 #: Golden angle for radial ordering, radians (180 deg / golden ratio).
@@ -298,6 +301,14 @@ def _estimate_sensitivities(coil_images: Any, *, eps: float = 1e-3) -> Any:
     return (low / xp.maximum(rss, eps * rss.max())).astype(np.complex64)
 
 
+def _nufft_problem(op: NUFFT, data: Any, sens: Any, weights: Any) -> tuple[Any, Any]:
+    """``A = W^(1/2) NUFFT S`` (complex64 maps and Toeplitz kernel) and ``W^(1/2) y``."""
+    xp = get_array_module(data)
+    A = nufft_sense(op, sens.astype(np.complex64), weights, kernel_dtype=np.complex64)
+    y = data if weights is None else data * xp.sqrt(xp.asarray(weights))[None]
+    return A, y
+
+
 def cg_sense(
     op: NUFFT,
     data: Any,
@@ -306,11 +317,12 @@ def cg_sense(
     weights: Any = None,
     max_iter: int = 20,
     tol: float = 1e-6,
-    l2_lambda: float = 0.0,
+    lamda: float = LAMDA_DEFAULTS["sense"],
 ) -> Any:
-    """Conjugate-gradient SENSE with a Toeplitz normal operator.
+    """Non-Cartesian CG-SENSE: :func:`~mrharmony.recon.parallel.sense_recon` with
+    ``A = W^(1/2) NUFFT S`` (Toeplitz normal operator).
 
-    Solves ``(sum_c S_c^H A^H W A S_c + lambda I) x = sum_c S_c^H A^H W y_c``.
+    Solves ``(sum_c S_c^H A^H W A S_c + lamda L I) x = sum_c S_c^H A^H W y_c``.
 
     Parameters
     ----------
@@ -326,119 +338,92 @@ def cg_sense(
         Maximum CG iterations.
     tol : float
         Stop when the residual norm falls below ``tol`` times the right-hand side norm.
-    l2_lambda : float
-        Tikhonov weight, relative to the largest diagonal value of the normal operator.
+    lamda : float
+        Relative Tikhonov weight: absolute ``lamda * ||A^H W A||`` (power iteration; see
+        :mod:`mrharmony.recon.parallel`).
 
     Returns
     -------
     ndarray, shape op.shape
         complex64 image on the device of ``data``.
     """
-    xp = get_array_module(data)
-    w = xp.ones(op.n_samples) if weights is None else weights
-    # CG vectors, maps and kernel in complex64: half the memory, FFTs twice as fast.
-    kernel = op.toeplitz_kernel(w).astype(np.complex64)
-    sens = sens.astype(np.complex64)
-    lam = l2_lambda * float(to_numpy(xp.max(xp.sum(xp.abs(sens) ** 2, axis=0))))
-    sens_c = xp.conj(sens)
-
-    def normal(x: Any) -> Any:
-        return xp.sum(sens_c * op.normal_toeplitz(sens * x[None], kernel), axis=0) + lam * x
-
-    b = xp.sum(sens_c * op.adjoint(data * w[None]), axis=0).astype(np.complex64)
-    x = xp.zeros_like(b)
-    r = b.copy()
-    p = r.copy()
-    rr = float(xp.vdot(r, r).real)
-    stop = tol**2 * rr
-    for _ in range(int(max_iter)):
-        if rr <= stop or rr == 0:
-            break
-        q = normal(p)
-        alpha = rr / float(xp.vdot(p, q).real)
-        x += alpha * p
-        r -= alpha * q
-        rr_new = float(xp.vdot(r, r).real)
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x
+    A, y = _nufft_problem(op, data, sens, weights)
+    return sense_recon(A, y, lamda=lamda, max_iter=max_iter, tol=tol)
 
 
 def l1_wavelet_sense(
     op: NUFFT,
-    data: np.ndarray,
-    sens: np.ndarray,
-    lamda: float,
+    data: Any,
+    sens: Any,
+    lamda: float = LAMDA_DEFAULTS["cs"],
     *,
-    weights: np.ndarray | None = None,
+    weights: Any = None,
     max_iter: int = 30,
-    wavelet: str = "db4",
-) -> np.ndarray:
-    """L1-wavelet regularised SENSE by FISTA with the Toeplitz normal operator (CPU).
+    wavelet: str = DEFAULT_WAVELET,
+) -> Any:
+    """Non-Cartesian L1-wavelet SENSE: :func:`~mrharmony.recon.parallel.l1_wavelet_recon`
+    with ``A = W^(1/2) NUFFT S`` (the same FISTA, wavelet and prox as Cartesian ``cs``).
 
-    Minimises ``0.5 ||W^(1/2) (A S x - y)||^2 + lamda ||Psi x||_1`` with ``Psi`` an
-    orthonormal wavelet transform (PyWavelets, periodization mode) and ``W`` the
-    density-compensation weights (Beck & Teboulle 2009).
+    Minimises ``0.5 ||W^(1/2) (A S x - y)||^2 + lam ||Psi x||_1``,
+    ``lam = lamda * max|S^H A^H W y|``; step ``1 / L`` from a power iteration.
 
     Parameters
     ----------
     op : NUFFT
-        CPU operator for the trajectory.
+        Operator for the trajectory.
     data : ndarray, shape (n_coils, M)
         k-space samples.
     sens : ndarray, shape (n_coils, *op.shape)
         Coil sensitivities.
     lamda : float
-        Absolute regularisation weight (image units).
+        Relative regularisation weight (:mod:`mrharmony.recon.parallel`).
     weights : ndarray, shape (M,), optional
         Data-consistency weights; default ones.
     max_iter : int
         FISTA iterations.
     wavelet : str
-        PyWavelets wavelet name.
+        Orthogonal PyWavelets wavelet.
 
     Returns
     -------
     ndarray, shape op.shape
-        complex64 image.
+        complex64 image on the device of ``data``.
     """
-    import pywt
+    A, y = _nufft_problem(op, data, sens, weights)
+    return l1_wavelet_recon(A, y, lamda=lamda, max_iter=max_iter, wavelet=wavelet)
 
-    w = np.ones(op.n_samples) if weights is None else weights
-    kernel = op.toeplitz_kernel(w).astype(np.complex64)
-    sens = sens.astype(np.complex64)
-    sens_c = np.conj(sens)
 
-    def normal(x: np.ndarray) -> np.ndarray:
-        return np.sum(sens_c * op.normal_toeplitz(sens * x[None], kernel), axis=0)
+def tv_sense(
+    op: NUFFT,
+    data: Any,
+    sens: Any,
+    lamda: float = LAMDA_DEFAULTS["tv"],
+    *,
+    weights: Any = None,
+    max_iter: int = 30,
+    n_inner: int = 10,
+) -> Any:
+    """Non-Cartesian TV SENSE: :func:`~mrharmony.recon.parallel.tv_recon` with
+    ``A = W^(1/2) NUFFT S``.
 
-    b = np.sum(sens_c * op.adjoint(data * w[None]), axis=0).astype(np.complex64)
-    # Lipschitz constant: power iteration on the normal operator.
-    v = np.random.default_rng(0).standard_normal(op.shape).astype(np.complex64)
-    lipschitz = 1.0
-    for _ in range(15):
-        v = normal(v)
-        lipschitz = float(np.linalg.norm(v))
-        v /= lipschitz
-    step = 1.0 / (1.01 * lipschitz)
+    Parameters
+    ----------
+    op, data, sens, weights
+        As in :func:`l1_wavelet_sense`.
+    lamda : float
+        Relative regularisation weight (:mod:`mrharmony.recon.parallel`).
+    max_iter : int
+        Outer FISTA iterations.
+    n_inner : int
+        FGP iterations of the TV prox per outer iteration.
 
-    def prox(x: np.ndarray, threshold: float) -> np.ndarray:
-        coeffs = pywt.wavedecn(x, wavelet, mode="periodization")
-        arr, slices = pywt.coeffs_to_array(coeffs)
-        mag = np.abs(arr)
-        arr *= np.maximum(1.0 - threshold / np.maximum(mag, 1e-30), 0.0)
-        rec = pywt.waverecn(pywt.array_to_coeffs(arr, slices, output_format="wavedecn"),
-                            wavelet, mode="periodization")
-        return rec[tuple(slice(0, n) for n in op.shape)].astype(np.complex64)
-
-    x = np.zeros(op.shape, np.complex64)
-    z, t = x.copy(), 1.0
-    for _ in range(int(max_iter)):
-        x_new = prox(z - step * (normal(z) - b), step * lamda)
-        t_new = (1 + np.sqrt(1 + 4 * t * t)) / 2
-        z = x_new + ((t - 1) / t_new) * (x_new - x)
-        x, t = x_new, t_new
-    return x
+    Returns
+    -------
+    ndarray, shape op.shape
+        complex64 image on the device of ``data``.
+    """
+    A, y = _nufft_problem(op, data, sens, weights)
+    return tv_recon(A, y, lamda=lamda, max_iter=max_iter, n_inner=n_inner)
 
 
 def reconstruct_noncartesian(
@@ -450,7 +435,7 @@ def reconstruct_noncartesian(
     sens: np.ndarray | None = None,
     dcf: str = "pipe",
     max_iter: int = 20,
-    l1_lambda: float = 1e-3,
+    lamda: float | None = None,
     eps: float = 1e-6,
 ) -> np.ndarray:
     """Reconstruct radial, spiral or other non-Cartesian acquisitions of one slice.
@@ -462,15 +447,17 @@ def reconstruct_noncartesian(
     acquisitions : sequence of ismrmrd.Acquisition
         Prewhitened acquisitions of one slice/contrast/repetition; noise, navigator and
         phase-correction scans are ignored. Trajectory units: module docstring.
-    method : {"gridding", "sense", "cs"}
+    method : {"gridding", "sense", "cs", "tv"}
         ``gridding``: density-compensated adjoint NUFFT per coil. ``sense``: CG-SENSE
-        (Toeplitz normal operator, density-weighted). ``cs``: L1-wavelet regularised
-        SENSE (FISTA with the Toeplitz operator on the CPU, :func:`l1_wavelet_sense`;
-        SigPy ``L1WaveletRecon`` on the GPU).
+        (:func:`cg_sense`), ``cs``: L1-wavelet SENSE (:func:`l1_wavelet_sense`), ``tv``:
+        TV SENSE (:func:`tv_sense`): the applications of :mod:`mrharmony.recon.parallel`
+        (the same algorithms as for Cartesian data) with the density-weighted NUFFT
+        operator and its Toeplitz normal operator, on either backend.
     backend : {"numpy", "cupy"}
-        Where to compute (``cupy`` needs CuPy and a GPU; NUFFT through SigPy there).
+        Where to compute (``cupy`` needs CuPy and a GPU; NUFFT through SigPy there, the
+        wavelet transform of ``cs`` on the host).
     sens : ndarray, shape (n_coils, nx, ny[, nz]), optional
-        Coil sensitivities for ``sense``/``cs``; estimated from the low-resolution
+        Coil sensitivities for ``sense``/``cs``/``tv``; estimated from the low-resolution
         gridding images (RSS-normalised) when omitted.
     dcf : {"pipe", "radial", "trajectory"}
         Density compensation: Pipe–Menon, analytic radial ramp, or the per-sample weights
@@ -478,10 +465,12 @@ def reconstruct_noncartesian(
         image scale). Pipe–Menon costs ~0.3–0.7 s for 131k samples and is recomputed on
         every call.
     max_iter : int
-        Iterations for ``sense``/``cs``.
-    l1_lambda : float
-        ``cs`` regularisation, relative to the largest magnitude of the SENSE-combined
-        gridding image.
+        Iterations for ``sense``/``cs``/``tv``.
+    lamda : float, optional
+        Relative regularisation weight (:mod:`mrharmony.recon.parallel`: ``cs``/``tv``
+        ``lamda * max|A^H y|``, i.e. relative to the largest magnitude of the
+        SENSE-combined gridding image; ``sense`` Tikhonov ``lamda * ||A^H W A||``);
+        default :data:`~mrharmony.recon.parallel.LAMDA_DEFAULTS` of the method.
     eps : float
         NUFFT tolerance (CPU).
 
@@ -489,7 +478,7 @@ def reconstruct_noncartesian(
     -------
     ndarray
         complex64, ``(n_coils, nx, ny[, nz])`` for ``gridding`` and ``(1, nx, ny[, nz])``
-        for ``sense``/``cs``, scaled like the orthonormal centred FFT of the Cartesian
+        for ``sense``/``cs``/``tv``, scaled like the orthonormal centred FFT of the Cartesian
         k-space (see :mod:`mrharmony.recon.nufft`).
 
     Raises
@@ -498,8 +487,10 @@ def reconstruct_noncartesian(
         For an unknown method or dcf, inconsistent acquisitions, unrecognised trajectory
         units, or sensitivities of the wrong shape.
     """
-    if method not in ("gridding", "sense", "cs"):
-        raise ReconError(f"method: expected 'gridding', 'sense' or 'cs', got {method!r}")
+    if method not in ("gridding", "sense", "cs", "tv"):
+        raise ReconError(f"method: expected 'gridding', 'sense', 'cs' or 'tv', got {method!r}")
+    if lamda is not None and method == "gridding":
+        raise ReconError("lamda: method 'gridding' has no regularisation")
     if dcf not in ("pipe", "radial", "trajectory"):
         raise ReconError(f"dcf: expected 'pipe', 'radial' or 'trajectory', got {dcf!r}")
     if backend not in ("numpy", "cupy"):
@@ -538,19 +529,11 @@ def reconstruct_noncartesian(
                 f"sens: expected shape {(n_coils, *shape)}, got {tuple(sens.shape)}"
             )
         d_sens = xp.asarray(sens)
+    lam = LAMDA_DEFAULTS[method] if lamda is None else float(lamda)
     if method == "sense":
-        x = cg_sense(op, d_data, d_sens, weights=d_w, max_iter=max_iter)
-        return to_numpy(x)[None].astype(np.complex64)
-
-    x0 = xp.sum(xp.conj(d_sens) * coil_images, axis=0)
-    lamda = l1_lambda * float(to_numpy(xp.max(xp.abs(x0))))
-    if xp is np:
-        x = l1_wavelet_sense(op, d_data, d_sens, lamda, weights=d_w, max_iter=max_iter)
-        return x[None].astype(np.complex64)
-    import sigpy.mri.app as mr_app
-
-    app = mr_app.L1WaveletRecon(
-        d_data, d_sens, lamda, weights=d_w, coord=d_coords, max_iter=max_iter,
-        device=0, show_pbar=False,
-    )
-    return to_numpy(app.run())[None].astype(np.complex64)
+        x = cg_sense(op, d_data, d_sens, weights=d_w, max_iter=max_iter, lamda=lam)
+    elif method == "cs":
+        x = l1_wavelet_sense(op, d_data, d_sens, lam, weights=d_w, max_iter=max_iter)
+    else:
+        x = tv_sense(op, d_data, d_sens, lam, weights=d_w, max_iter=max_iter)
+    return to_numpy(x)[None].astype(np.complex64)

@@ -1,12 +1,32 @@
-"""Parallel imaging and compressed sensing: GRAPPA, CG-SENSE, L1-wavelet and TV SENSE.
+"""Parallel imaging and compressed sensing: GRAPPA and the iterative reconstructions.
 
-All operators use the unitary centred FFT of :mod:`mrharmony.recon.cartesian` and run on
-NumPy or CuPy arrays (whatever the input is). Shapes: k-space ``(coils, *spatial)``,
-maps ``(coils, *spatial)``, sampling mask broadcastable to ``spatial``.
+The iterative reconstructions are *applications* built from the operators of
+:mod:`mrharmony.recon.operators` and the two solvers of :mod:`mrharmony.recon.algorithms`;
+each takes ANY forward operator ``A`` (a :class:`~mrharmony.recon.operators.Linop` from
+image to data: Cartesian ``M F S`` or non-Cartesian ``W^(1/2) NUFFT S``):
 
-Regularisation weights ``lamda`` are *relative*: the absolute weight is
-``lamda * max|A^H y|`` (L1/TV) or ``lamda`` times the largest eigenvalue bound of
-``A^H A`` (L2), so the same value works for any data scaling.
+- :func:`sense_recon`: CG-SENSE, conjugate gradients on ``(A^H A + l2 I) x = A^H y``;
+- :func:`l1_wavelet_recon`: ``0.5 ||A x - y||^2 + l1 ||W x||_1`` by FISTA, ``W`` the
+  orthonormal ``db2`` wavelet (:data:`~recon.operators.DEFAULT_WAVELET`; coarsest
+  approximation band not penalised; grid shifted randomly, seeded, every iteration as
+  BART does);
+- :func:`tv_recon`: ``0.5 ||A x - y||^2 + l1 TV(x)`` by FISTA with the FGP TV prox.
+
+:func:`sense_cg`, :func:`sense_l1_wavelet` and :func:`sense_tv` are the Cartesian
+front ends (k-space, maps, mask); :mod:`mrharmony.recon.noncartesian` has the NUFFT ones.
+
+Regularisation weight ``lamda`` (one convention, dimensionless, every API and the CLI):
+the absolute weight is ``lamda * max|A^H y|`` for L1-wavelet and TV (the weight then has
+the units of the image, so the same ``lamda`` works for any data scaling), and
+``lamda * L`` for the Tikhonov term of CG-SENSE, ``L = ||A^H A||`` (the exact bound
+``max sum_c |S_c|^2`` for a Cartesian mask of ones and zeros, a power iteration
+otherwise): maps normalised to ``sum_c |S_c|^2 = 1`` make ``L = 1``.
+
+The solvers' vectors are complex64 (half the memory of complex128, and twice as fast
+FFTs); images are returned as complex64. All run on NumPy or CuPy arrays (whatever the
+input is), the same code on both. Cartesian shapes: k-space
+``(coils, *spatial)``, maps ``(coils, *spatial)``, sampling mask broadcastable to
+``spatial``.
 """
 
 from __future__ import annotations
@@ -18,55 +38,183 @@ import numpy as np
 
 from mrharmony.backend import get_array_module, to_numpy
 from mrharmony.errors import ReconError
-from mrharmony.recon.cartesian import fft_c, ifft_c
+from mrharmony.recon.algorithms import L1WaveletProx, TVProx, conjugate_gradient, fista
+from mrharmony.recon.operators import DEFAULT_WAVELET, Linop, Wavelet, cartesian_sense, power_norm
 
 __all__ = [
+    "LAMDA_DEFAULTS",
     "Wavelet",
     "acceleration_from_mask",
     "grappa",
+    "l1_wavelet_recon",
     "sense_cg",
     "sense_l1_wavelet",
+    "sense_recon",
     "sense_tv",
+    "tv_recon",
 ]
 
+#: Default relative ``lamda`` per method (module docstring), shared by every front end.
+LAMDA_DEFAULTS = {"sense": 0.0, "cs": 3e-4, "tv": 3e-4}
 
-def _axes(spatial_ndim: int) -> tuple[int, ...]:
-    return tuple(range(-spatial_ndim, 0))
+
+def _lipschitz(A: Linop, lipschitz: float | None, xp: Any) -> float:
+    """``L >= ||A^H A||``: the caller's bound, else 1.01 x a 15-step power iteration."""
+    if lipschitz is not None:
+        return float(lipschitz)
+    return 1.01 * power_norm(A, xp=xp)
 
 
-def _check(kspace, maps, mask) -> None:
+def sense_recon(
+    A: Linop,
+    y: Any,
+    *,
+    lamda: float = LAMDA_DEFAULTS["sense"],
+    max_iter: int = 30,
+    tol: float = 1e-6,
+    x0: Any = None,
+    lipschitz: float | None = None,
+) -> Any:
+    """CG-SENSE (Pruessmann et al. 2001) for any forward operator.
+
+    Solves ``(A^H A + lamda L I) x = A^H y`` by :func:`~recon.algorithms.conjugate_gradient`
+    with ``A.N`` (Toeplitz for a NUFFT).
+
+    Parameters
+    ----------
+    A : Linop
+        Forward operator, image -> data.
+    y : array
+        Data, shape ``A.oshape`` (already weighted as ``A`` is).
+    lamda : float
+        Relative Tikhonov weight (module docstring): absolute ``lamda * L``,
+        ``L = ||A^H A||``.
+    max_iter : int
+        Maximum CG iterations.
+    tol : float
+        Stop when ``||r|| <= tol ||A^H y||``.
+    x0 : array, optional
+        Starting image.
+    lipschitz : float, optional
+        Known ``||A^H A||`` (only needed when ``lamda > 0``; else a power iteration).
+
+    Returns
+    -------
+    array
+        complex64 image ``A.ishape``.
+    """
+    xp = get_array_module(y)
+    b = A.H(y).astype(np.complex64, copy=False)
+    lam = float(lamda) * _lipschitz(A, lipschitz, xp) if lamda else 0.0
+    return conjugate_gradient(A.N, b, lamda=lam, x0=x0, max_iter=max_iter, tol=tol)
+
+
+def l1_wavelet_recon(
+    A: Linop,
+    y: Any,
+    *,
+    lamda: float = LAMDA_DEFAULTS["cs"],
+    max_iter: int = 50,
+    levels: int = 4,
+    wavelet: str = DEFAULT_WAVELET,
+    random_shift: bool = True,
+    seed: int = 0,
+    lipschitz: float | None = None,
+) -> Any:
+    """L1-wavelet regularised reconstruction by FISTA (Beck & Teboulle 2009).
+
+    Minimises ``0.5 ||A x - y||^2 + lam ||W x||_1``, ``lam = lamda * max|A^H y|``, ``W``
+    orthonormal (:class:`~recon.operators.Wavelet`; coarsest approximation not
+    penalised); step ``1 / L``; starts from ``A^H y / L``.
+
+    Parameters
+    ----------
+    A : Linop
+        Forward operator, image -> data.
+    y : array
+        Data, shape ``A.oshape``.
+    lamda : float
+        Relative weight (module docstring).
+    max_iter : int
+        FISTA iterations.
+    levels : int
+        Maximum wavelet levels (fewer for small sizes: :class:`~recon.operators.Wavelet`).
+    wavelet : str
+        Orthogonal PyWavelets wavelet.
+    random_shift : bool
+        Random (seeded) cyclic shift of the wavelet grid in every iteration.
+    seed : int
+        Seed of the shifts.
+    lipschitz : float, optional
+        Known bound of ``||A^H A||`` (else 1.01 x a power iteration).
+
+    Returns
+    -------
+    array
+        complex64 image ``A.ishape``.
+    """
+    xp = get_array_module(y)
+    b = A.H(y).astype(np.complex64, copy=False)
+    step = 1.0 / max(_lipschitz(A, lipschitz, xp), 1e-12)
+    thresh = float(lamda) * float(xp.max(xp.abs(b))) * step
+    prox = L1WaveletProx(Wavelet(A.ishape, levels=levels, wavelet=wavelet), thresh,
+                         random_shift=random_shift, seed=seed)
+    return fista(A.N, b, prox, step=step, x0=b * step, max_iter=max_iter)
+
+
+def tv_recon(
+    A: Linop,
+    y: Any,
+    *,
+    lamda: float = LAMDA_DEFAULTS["tv"],
+    max_iter: int = 50,
+    n_inner: int = 10,
+    lipschitz: float | None = None,
+) -> Any:
+    """Total-variation regularised reconstruction by FISTA with an FGP inner TV prox.
+
+    Minimises ``0.5 ||A x - y||^2 + lam TV(x)`` (isotropic TV of the complex image,
+    periodic forward differences), ``lam = lamda * max|A^H y|``; step ``1 / L``. The
+    dual variable of the prox is warm-started across outer iterations.
+
+    Parameters
+    ----------
+    A : Linop
+    y : array
+    lamda : float
+        Relative weight (module docstring).
+    max_iter : int
+        Outer FISTA iterations.
+    n_inner : int
+        FGP iterations of the TV prox per outer iteration.
+    lipschitz : float, optional
+        Known bound of ``||A^H A||``.
+
+    Returns
+    -------
+    array
+        complex64 image ``A.ishape``.
+    """
+    xp = get_array_module(y)
+    b = A.H(y).astype(np.complex64, copy=False)
+    step = 1.0 / max(_lipschitz(A, lipschitz, xp), 1e-12)
+    thresh = float(lamda) * float(xp.max(xp.abs(b))) * step
+    prox = TVProx(A.ishape, thresh, n_inner=n_inner)
+    return fista(A.N, b, prox, step=step, x0=b * step, max_iter=max_iter)
+
+
+# ------------------------------------------------------------ Cartesian front ends
+
+
+def _cartesian(kspace, maps, mask) -> tuple[Linop, Any, float]:
+    """``A = M F S`` (complex64), the data, and the exact bound ``L = max sum|S|^2 max M^2``."""
     if kspace.shape != maps.shape:
         raise ReconError(f"SENSE: k-space {kspace.shape} and maps {maps.shape} differ in shape")
-    try:
-        np.broadcast_shapes(tuple(mask.shape), tuple(kspace.shape[1:]))
-    except ValueError as exc:
-        raise ReconError(
-            f"SENSE: mask {tuple(mask.shape)} does not broadcast to {kspace.shape[1:]}"
-        ) from exc
-
-
-class _Sense:
-    """``A = M F S`` with its adjoint and normal operator (unitary FFT)."""
-
-    def __init__(self, maps, mask):
-        xp = get_array_module(maps)
-        self.xp = xp
-        self.maps = maps.astype(np.complex64)
-        self.maps_conj = xp.conj(self.maps)
-        self.mask = xp.asarray(mask).astype(np.float32)
-        self.axes = _axes(maps.ndim - 1)
-        self.lipschitz = float(xp.max(xp.sum(xp.abs(self.maps) ** 2, axis=0)))
-
-    def adjoint(self, y):
-        return self.xp.sum(self.maps_conj * ifft_c(y * self.mask, axes=self.axes), axis=0)
-
-    def normal(self, x):
-        k = fft_c(self.maps * x[None], axes=self.axes) * self.mask
-        return self.xp.sum(self.maps_conj * ifft_c(k, axes=self.axes), axis=0)
-
-
-def _vdot(xp, a, b) -> float:
-    return float(xp.real(xp.vdot(a, b)))
+    xp = get_array_module(maps)
+    A = cartesian_sense(maps.astype(np.complex64), mask)
+    m = xp.asarray(mask)
+    lip = A.ops[-1].norm_bound() * float(to_numpy(xp.max(xp.abs(m)))) ** 2
+    return A, kspace.astype(np.complex64), lip
 
 
 def sense_cg(
@@ -74,14 +222,12 @@ def sense_cg(
     maps,
     mask,
     *,
-    lamda: float = 0.0,
+    lamda: float = LAMDA_DEFAULTS["sense"],
     max_iter: int = 30,
     tol: float = 1e-6,
     x0=None,
 ):
-    """CG-SENSE (Pruessmann et al. 2001): conjugate gradients on the normal equations.
-
-    Solves ``(A^H A + lamda I) x = A^H y`` with ``A = M F S``.
+    """Cartesian CG-SENSE: :func:`sense_recon` with ``A = M F S``.
 
     Parameters
     ----------
@@ -92,8 +238,8 @@ def sense_cg(
     mask : array
         Sampling mask (bool or weights) broadcastable to ``spatial``.
     lamda : float
-        Tikhonov weight (absolute, in the units of ``A^H A``; maps normalised to
-        ``sum|S|^2 = 1`` make ``A^H A`` of order 1).
+        Relative Tikhonov weight: absolute ``lamda * max sum_c |S_c|^2`` (module
+        docstring).
     max_iter : int
         Maximum CG iterations.
     tol : float
@@ -106,144 +252,10 @@ def sense_cg(
     array
         complex64 image ``spatial``.
     """
-    _check(kspace, maps, mask)
-    op = _Sense(maps, mask)
-    xp = op.xp
-    b = op.adjoint(kspace.astype(np.complex64))
-    x = xp.zeros_like(b) if x0 is None else x0.astype(np.complex64)
-    r = b - (op.normal(x) + lamda * x) if x0 is not None else b.copy()
-    p = r.copy()
-    rr = _vdot(xp, r, r)
-    bnorm = np.sqrt(_vdot(xp, b, b)) or 1.0
-    for _ in range(max_iter):
-        if np.sqrt(rr) / bnorm < tol:
-            break
-        ap = op.normal(p)
-        if lamda:
-            ap = ap + lamda * p
-        alpha = rr / max(_vdot(xp, p, ap), 1e-30)
-        x += alpha * p
-        r -= alpha * ap
-        rr_new = _vdot(xp, r, r)
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x.astype(np.complex64)
-
-
-class Wavelet:
-    """Orthonormal periodic Daubechies wavelet transform (default ``db4``), NumPy or CuPy.
-
-    The transform is an orthogonal matrix, so its inverse is its adjoint and the
-    proximal operator of ``||W x||_1`` is exact. The number of levels is limited so that
-    every axis length is divisible by ``2**levels`` (axes of length 1 are left alone).
-
-    Parameters
-    ----------
-    shape : tuple of int
-        Spatial shape.
-    levels : int
-        Maximum decomposition levels.
-    name : str
-        PyWavelets name of an orthogonal wavelet (filters only are taken from PyWavelets).
-    """
-
-    def __init__(self, shape: Sequence[int], *, levels: int = 4, name: str = "db4"):
-        import pywt
-
-        w = pywt.Wavelet(name)
-        if not w.orthogonal:
-            raise ReconError(f"Wavelet: {name!r} is not orthogonal")
-        self.lo = np.asarray(w.dec_lo, dtype=np.float32)
-        self.hi = np.asarray(w.dec_hi, dtype=np.float32)
-        self.shape = tuple(int(n) for n in shape)
-        axes_len = [n for n in self.shape if n > 1]
-        lev = levels
-        for n in axes_len:
-            tz = (n & -n).bit_length() - 1  # 2-adic valuation
-            lev = min(lev, tz, max(int(np.log2(n / len(self.lo))) + 1, 0))
-        self.levels = max(lev, 0)
-        self.axes = [i for i, n in enumerate(self.shape) if n > 1]
-
-    def _analysis(self, x, axis, n):
-        xp = get_array_module(x)
-        sl = [slice(None)] * x.ndim
-        sl[axis] = slice(0, n)
-        part = x[tuple(sl)]
-        lo = 0
-        hi = 0
-        for k in range(len(self.lo)):
-            shifted = xp.roll(part, -k, axis=axis)
-            sub = [slice(None)] * x.ndim
-            sub[axis] = slice(0, n, 2)
-            s = shifted[tuple(sub)]
-            lo = lo + self.lo[k] * s
-            hi = hi + self.hi[k] * s
-        out = x.copy()
-        sl_lo = list(sl)
-        sl_lo[axis] = slice(0, n // 2)
-        sl_hi = list(sl)
-        sl_hi[axis] = slice(n // 2, n)
-        out[tuple(sl_lo)] = lo
-        out[tuple(sl_hi)] = hi
-        return out
-
-    def _synthesis(self, c, axis, n):
-        xp = get_array_module(c)
-        sl_lo = [slice(None)] * c.ndim
-        sl_lo[axis] = slice(0, n // 2)
-        sl_hi = list(sl_lo)
-        sl_hi[axis] = slice(n // 2, n)
-        lo, hi = c[tuple(sl_lo)], c[tuple(sl_hi)]
-        shape = list(lo.shape)
-        shape[axis] = n
-        up_lo = xp.zeros(shape, dtype=c.dtype)
-        up_hi = xp.zeros(shape, dtype=c.dtype)
-        even = [slice(None)] * c.ndim
-        even[axis] = slice(0, n, 2)
-        up_lo[tuple(even)] = lo
-        up_hi[tuple(even)] = hi
-        rec = 0
-        for k in range(len(self.lo)):
-            rec = rec + xp.roll(self.lo[k] * up_lo + self.hi[k] * up_hi, k, axis=axis)
-        out = c.copy()
-        sl = [slice(None)] * c.ndim
-        sl[axis] = slice(0, n)
-        out[tuple(sl)] = rec
-        return out
-
-    def forward(self, x):
-        """Wavelet coefficients (same shape as ``x``; approximation in the low corner)."""
-        c = x
-        sizes = list(self.shape)
-        for _ in range(self.levels):
-            for ax in self.axes:
-                c = self._analysis(c, ax, sizes[ax])
-            sizes = [s // 2 if i in self.axes else s for i, s in enumerate(sizes)]
-        return c
-
-    def adjoint(self, c):
-        """Inverse (= adjoint) transform."""
-        x = c
-        for lev in reversed(range(self.levels)):
-            sizes = [s // 2**lev if i in self.axes else s for i, s in enumerate(self.shape)]
-            for ax in reversed(self.axes):
-                x = self._synthesis(x, ax, sizes[ax])
-        return x
-
-    def detail_mask(self):
-        """bool array, False on the coarsest approximation (which is not penalised)."""
-        m = np.ones(self.shape, dtype=bool)
-        sl = tuple(
-            slice(0, n // 2**self.levels) if i in self.axes else slice(None)
-            for i, n in enumerate(self.shape)
-        )
-        m[sl] = False
-        return m
-
-
-def _soft(xp, c, thresh):
-    mag = xp.abs(c)
-    return c * (xp.maximum(mag - thresh, 0) / xp.where(mag > 0, mag, 1))
+    A, y, lip = _cartesian(kspace, maps, mask)
+    x0 = None if x0 is None else x0.astype(np.complex64)
+    return sense_recon(A, y, lamda=lamda, max_iter=max_iter, tol=tol, x0=x0,
+                       lipschitz=lip).astype(np.complex64)
 
 
 def sense_l1_wavelet(
@@ -251,96 +263,36 @@ def sense_l1_wavelet(
     maps,
     mask,
     *,
-    lamda: float = 3e-4,
+    lamda: float = LAMDA_DEFAULTS["cs"],
     max_iter: int = 50,
     levels: int = 4,
     random_shift: bool = True,
     seed: int = 0,
-    wavelet: str = "db2",
+    wavelet: str = DEFAULT_WAVELET,
 ):
-    """L1-wavelet regularised SENSE by FISTA (Beck & Teboulle 2009).
+    """Cartesian L1-wavelet SENSE: :func:`l1_wavelet_recon` with ``A = M F S``.
 
-    Minimises ``0.5 ||M F S x - y||^2 + lam ||W x||_1`` with ``W`` an orthonormal (db2)
-    wavelet (approximation band not penalised) and ``lam = lamda * max|A^H y|``. The step
-    is ``1 / L`` with ``L = max sum_c |S_c|^2``, an exact bound of ``||A^H A||`` for the
-    unitary FFT.
+    The step is ``1 / L`` with ``L = max sum_c |S_c|^2`` (times ``max M^2``), an exact
+    bound of ``||A^H A||`` for the unitary FFT.
 
     Parameters
     ----------
     kspace, maps, mask
         As in :func:`sense_cg`.
     lamda : float
-        Relative regularisation weight.
-    max_iter : int
-        FISTA iterations.
-    levels : int
-        Wavelet levels (reduced automatically for small or odd sizes).
-    random_shift : bool
-        Shift the wavelet grid randomly (cyclically) in every iteration, as BART does.
-    seed : int
-        Seed of those shifts (the result is deterministic for a given seed).
-    wavelet : str
-        Orthogonal wavelet (PyWavelets name, e.g. ``"db4"``, ``"db2"``, ``"haar"``).
+        Relative regularisation weight (module docstring).
+    max_iter, levels, random_shift, seed, wavelet
+        As in :func:`l1_wavelet_recon`.
 
     Returns
     -------
     array
         complex64 image.
     """
-    _check(kspace, maps, mask)
-    op = _Sense(maps, mask)
-    xp = op.xp
-    spatial = maps.shape[1:]
-    wav = Wavelet(spatial, levels=levels, name=wavelet)
-    detail = xp.asarray(wav.detail_mask())
-    b = op.adjoint(kspace.astype(np.complex64))
-    step = 1.0 / max(op.lipschitz, 1e-12)
-    thresh = float(lamda) * float(xp.max(xp.abs(b))) * step
-    x = b * step
-    z = x.copy()
-    t = 1.0
-    rng = np.random.default_rng(seed)
-    axes = tuple(range(x.ndim))
-    block = 2**wav.levels
-    for _ in range(max_iter):
-        grad = op.normal(z) - b
-        # random cyclic shift of the wavelet grid each iteration (as BART), which removes
-        # the blockiness of a fixed decimated transform
-        shift = tuple(int(v) for v in rng.integers(0, block, size=len(axes))) if (
-            random_shift) else (0,) * len(axes)
-        c = wav.forward(xp.roll(z - step * grad, shift, axis=axes))
-        c = xp.where(detail, _soft(xp, c, thresh), c)
-        x_new = xp.roll(wav.adjoint(c), tuple(-v for v in shift), axis=axes)
-        t_new = (1 + np.sqrt(1 + 4 * t * t)) / 2
-        z = x_new + ((t - 1) / t_new) * (x_new - x)
-        x, t = x_new, t_new
-    return x.astype(np.complex64)
-
-
-def _grad(xp, x, axes):
-    return xp.stack([xp.roll(x, -1, axis=a) - x for a in axes])
-
-
-def _div(xp, p, axes):
-    return sum(p[i] - xp.roll(p[i], 1, axis=a) for i, a in enumerate(axes))
-
-
-def _tv_prox(xp, b, lam: float, p, axes, n_inner: int):
-    """Isotropic TV denoising ``argmin 0.5||x - b||^2 + lam TV(x)`` by FGP (Beck &
-    Teboulle 2009) on the dual ``p`` (warm-started); periodic forward differences."""
-    if lam <= 0:
-        return b, p
-    lip = 4.0 * len(axes)  # ||grad||^2 bound
-    r = p
-    t = 1.0
-    for _ in range(n_inner):
-        q = r + _grad(xp, b + lam * _div(xp, r, axes), axes) / np.float32(lip * lam)
-        norm = xp.sqrt(xp.sum(xp.abs(q) ** 2, axis=0, keepdims=True))
-        p_new = q / xp.maximum(norm, 1.0)
-        t_new = (1 + np.sqrt(1 + 4 * t * t)) / 2
-        r = p_new + np.float32((t - 1) / t_new) * (p_new - p)
-        p, t = p_new, t_new
-    return b + lam * _div(xp, p, axes), p
+    A, y, lip = _cartesian(kspace, maps, mask)
+    return l1_wavelet_recon(A, y, lamda=lamda, max_iter=max_iter, levels=levels,
+                            wavelet=wavelet, random_shift=random_shift, seed=seed,
+                            lipschitz=lip).astype(np.complex64)
 
 
 def sense_tv(
@@ -348,23 +300,18 @@ def sense_tv(
     maps,
     mask,
     *,
-    lamda: float = 3e-4,
+    lamda: float = LAMDA_DEFAULTS["tv"],
     max_iter: int = 50,
     n_inner: int = 10,
 ):
-    """Total-variation regularised SENSE by FISTA with an FGP inner TV prox.
-
-    Minimises ``0.5 ||M F S x - y||^2 + lam TV(x)`` (isotropic TV of the complex image,
-    periodic forward differences), ``lam = lamda * max|A^H y|``; step ``1 / L`` as in
-    :func:`sense_l1_wavelet`. The dual variable of the prox is warm-started across outer
-    iterations, so ``n_inner`` can stay small.
+    """Cartesian TV SENSE: :func:`tv_recon` with ``A = M F S``.
 
     Parameters
     ----------
     kspace, maps, mask
         As in :func:`sense_cg`.
     lamda : float
-        Relative regularisation weight.
+        Relative regularisation weight (module docstring).
     max_iter : int
         Outer FISTA iterations.
     n_inner : int
@@ -375,24 +322,9 @@ def sense_tv(
     array
         complex64 image.
     """
-    _check(kspace, maps, mask)
-    op = _Sense(maps, mask)
-    xp = op.xp
-    axes = tuple(i for i, n in enumerate(maps.shape[1:]) if n > 1)
-    b = op.adjoint(kspace.astype(np.complex64))
-    step = 1.0 / max(op.lipschitz, 1e-12)
-    lam = float(lamda) * float(xp.max(xp.abs(b))) * step
-    x = b * step
-    z = x.copy()
-    p = xp.zeros((len(axes), *b.shape), dtype=np.complex64)
-    t = 1.0
-    for _ in range(max_iter):
-        grad = op.normal(z) - b
-        x_new, p = _tv_prox(xp, z - step * grad, lam, p, axes, n_inner)
-        t_new = (1 + np.sqrt(1 + 4 * t * t)) / 2
-        z = x_new + np.float32((t - 1) / t_new) * (x_new - x)
-        x, t = x_new, t_new
-    return x.astype(np.complex64)
+    A, y, lip = _cartesian(kspace, maps, mask)
+    return tv_recon(A, y, lamda=lamda, max_iter=max_iter, n_inner=n_inner,
+                    lipschitz=lip).astype(np.complex64)
 
 
 def acceleration_from_mask(mask: np.ndarray) -> tuple[int, ...]:

@@ -23,8 +23,11 @@ pooled repetitions first. Each repetition is reconstructed from its own lines. A
 sampled readout loses its oversampling before GRAPPA/SENSE (encoded -> recon matrix x).
 The method, acceleration, calibration, kernel, regularisation and coil combination go to
 ``meta["recon"]`` (the sidecar's ``ReconstructionSettings``).
-Backends: ``numpy``, ``cupy`` (GPU), ``bart`` (ESPIRiT + ``pics`` through
-:mod:`mrharmony.recon.bart`), ``auto`` (``cupy`` when a GPU is usable, else ``numpy``).
+Backends: ``numpy``, ``cupy`` (GPU; the same code through :mod:`mrharmony.backend`),
+``bart`` (ESPIRiT + ``pics`` through :mod:`mrharmony.recon.bart`: Cartesian ``sense`` and
+``cs``; ``fft`` runs on NumPy and the sidecar says so; anything else is refused), ``auto``
+(``cupy`` when a GPU is usable, else ``numpy``). Options (``lamda``, ``max_iter``) a
+method does not take are refused (:data:`METHOD_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from mrharmony.recon.io import (
 __all__ = [
     "BACKENDS",
     "METHODS",
+    "METHOD_OPTIONS",
     "fit_maps",
     "reconstruct",
     "reconstruct_acquisitions",
@@ -161,6 +165,28 @@ def _drop_readout_oversampling(k, size: int):
 # -------------------------------------------------------------- parallel imaging
 
 _PARALLEL = ("grappa", "sense", "cs", "tv")
+
+#: Options each method takes (``**options`` of :func:`reconstruct_acquisitions`); any
+#: other is refused with a :class:`ReconError` naming it.
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "fft": (), "nufft": (), "epi": (),
+    "grappa": ("lamda",),
+    "sense": ("lamda", "max_iter"), "cs": ("lamda", "max_iter"), "tv": ("lamda", "max_iter"),
+}
+
+#: Methods each backend runs itself (``bart``: ESPIRiT maps and ``pics`` on Cartesian data).
+_BART_METHODS = ("sense", "cs")
+
+
+def _check_options(method: str, options: dict[str, Any], *, asked: str | None = None) -> None:
+    """Refuse options that ``method`` does not take (``asked``: the method requested,
+    when it resolved to another)."""
+    extra = sorted(set(options) - set(METHOD_OPTIONS[method]))
+    if extra:
+        via = f" (from {asked!r})" if asked and asked != method else ""
+        takes = ", ".join(METHOD_OPTIONS[method]) or "none"
+        raise ReconError(f"method {method!r}{via} does not take option(s) "
+                         f"{', '.join(extra)} (it takes: {takes})")
 _GRAPPA_KERNEL = {"kernel_x": 5, "kernel_blocks": 4}
 _ESPIRIT = {"kernel_width": 6, "thresh": 0.02, "crop": 0.95, "max_calib_width": 24}
 
@@ -381,11 +407,17 @@ def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method
         method = "sense" if undersampled else "fft"
         settings["auto"] = (f"undersampled (R={accel[0]}x{accel[1]}), {nc} coils: sense"
                             if undersampled else "fully sampled: fft")
+        _check_options(method, options, asked="auto")
     if method in _PARALLEL and nc == 1:
         raise ReconError(f"method {method!r} needs several receive coils; the data have 1")
     if method == "nufft":
         raise ReconError("method 'nufft' needs non-Cartesian data; these data are Cartesian")
+    if backend == "bart" and method in ("grappa", "tv"):
+        raise ReconError(f"backend 'bart': method {method!r} is not available there (bart "
+                         f"runs {', '.join(_BART_METHODS)}); use backend numpy or cupy")
     settings.update({"method": method, "backend": backend})
+    if backend == "bart" and method == "fft":  # no bart step in an FFT recon: say so
+        settings.update({"backend": "numpy", "backend_requested": "bart"})
     if undersampled or method in _PARALLEL:
         settings["acceleration"] = [int(accel[0]), int(accel[1])]
         settings["acceleration_source"] = accel_source
@@ -424,7 +456,7 @@ def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method
                 calib_k = _drop_readout_oversampling(calib_k, rx)
             settings["readout_oversampling"] = f"removed before reconstruction ({nx} -> {rx})"
         if method == "grappa":
-            lamda = float(options.get("grappa_lamda", 1e-3))
+            lamda = float(options.get("lamda", 1e-3))
             if undersampled:
                 k, geometry = _grappa_fill(k, calib_k, box, mask, accel, lamda)
                 settings["grappa"] = {
@@ -456,8 +488,10 @@ def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method
 
 def _iterative_defaults(method: str, backend: str, options: dict) -> dict[str, Any]:
     """``lamda`` and ``max_iter`` of an iterative method, the caller's or the default."""
-    defaults = {"sense": (0.0, 30), "cs": (3e-4, 50), "tv": (3e-4, 50)}
-    if backend == "bart":  # BART pics weights are absolute
+    from mrharmony.recon.parallel import LAMDA_DEFAULTS
+
+    defaults = {m: (LAMDA_DEFAULTS[m], it) for m, it in (("sense", 30), ("cs", 50), ("tv", 50))}
+    if backend == "bart":  # passed to BART pics as they are (its own data scaling)
         defaults = {"sense": (1e-4, 30), "cs": (1e-3, 50), "tv": (1e-3, 50)}
     lamda, iters = defaults[method]
     return {"lamda": float(options.get("lamda", lamda)),
@@ -481,7 +515,7 @@ def _iterative(k, maps, mask, *, method: str, backend: str, options: dict):
         elif method == "cs":
             img = pics(to_numpy(kk), to_numpy(mm), l1_wavelet=options.get("lamda", 1e-3),
                        iterations=options.get("max_iter", 50))
-        else:
+        else:  # pragma: no cover - refused in _recon_cartesian
             raise ReconError(f"backend 'bart': method {method!r} is not available (sense, cs)")
     elif method == "sense":
         img = parallel.sense_cg(kk, mm, msk, lamda=options.get("lamda", 0.0),
@@ -537,7 +571,11 @@ def reconstruct_acquisitions(
         Noise scans received earlier (a streaming server keeps them from the start of
         the measurement and passes them with every slice); added to those in the list.
     **options
-        ``lamda`` (regularisation), ``max_iter``, ``grappa_lamda``.
+        Per method (:data:`METHOD_OPTIONS`): ``lamda`` (relative regularisation weight,
+        :mod:`mrharmony.recon.parallel`; GRAPPA: Tikhonov weight of the kernel fit
+        relative to ``trace(A^H A) / n``; BART: passed to ``pics`` as it is), ``max_iter``.
+        An option the method does not take is refused, never dropped; with ``auto`` it
+        is checked against the method chosen.
 
     Returns
     -------
@@ -547,12 +585,20 @@ def reconstruct_acquisitions(
     Raises
     ------
     ReconError
-        Unknown method/backend, or a method the data do not support.
+        Unknown method/backend, a method the data or the backend do not support (``bart``
+        runs Cartesian ``fft`` (on NumPy, as the sidecar says), ``sense`` and ``cs``), or
+        an option the method does not take.
     RawDataError
         Inconsistent acquisitions.
     """
     if method not in METHODS:
         raise ReconError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    unknown = sorted(set(options) - {o for opts in METHOD_OPTIONS.values() for o in opts})
+    if unknown:
+        raise ReconError(f"option(s) {', '.join(unknown)}: no method takes them (options: "
+                         "lamda, max_iter)")
+    if method != "auto" and method in METHOD_OPTIONS:
+        _check_options(method, options)
     backend = resolve_backend(backend)
     check_not_empty(acquisitions)
     parts = split_special(acquisitions)
@@ -578,6 +624,9 @@ def reconstruct_acquisitions(
             meta["recon"] = {**settings, "prewhitened": prewhitened, "trajectory": traj}
             images.append(_image(header, buf.reference, data, meta))
         return images
+    if backend == "bart":
+        raise ReconError(f"backend 'bart': {traj} data are not supported (bart runs Cartesian "
+                         f"{', '.join(_BART_METHODS)} here); use backend numpy or cupy")
     usable = apply_prewhitening(parts["imaging"] + parts["navigation"], whitener)
     imaging_ids = {id(a) for a in usable[:len(parts["imaging"])]}
     xp_backend = "cupy" if backend == "cupy" else "numpy"
@@ -586,17 +635,22 @@ def reconstruct_acquisitions(
         if traj == "epi":
             from mrharmony.recon.epi import reconstruct_epi
 
+            _check_options("epi", options, asked=method)
             coil_img = reconstruct_epi(header, acqs, backend=xp_backend)
             used = "epi"
+            extra: dict[str, Any] = {}
         else:
             from mrharmony.recon.noncartesian import reconstruct_noncartesian
 
             nc_method = {"auto": "gridding", "nufft": "gridding", "fft": "gridding",
-                         "sense": "sense", "cs": "cs"}.get(method)
+                         "sense": "sense", "cs": "cs", "tv": "tv"}.get(method)
             if nc_method is None:
                 raise ReconError(f"method {method!r} is not available for {traj} data")
+            _check_options("nufft" if nc_method == "gridding" else nc_method, options,
+                           asked=method)
+            extra = dict(options)
             coil_img = reconstruct_noncartesian(header, acqs, method=nc_method,
-                                                backend=xp_backend)
+                                                backend=xp_backend, **extra)
             used = nc_method
         coil_img = np.asarray(to_numpy(coil_img))
         if coil_img.ndim == 3:
@@ -605,7 +659,8 @@ def reconstruct_acquisitions(
         img = _crop_to_recon(img, header, acqs[0], 0)
         meta = _meta(header, contrast=key[1], set_=key[3])
         meta["recon"] = {"method": used, "backend": xp_backend, "prewhitened": prewhitened,
-                         "trajectory": traj, "seconds": round(time.perf_counter() - t0, 4)}
+                         "trajectory": traj, "seconds": round(time.perf_counter() - t0, 4),
+                         **extra}
         ref = next((a for a in acqs if id(a) in imaging_ids), acqs[0])
         images.append(_image(header, ref, img, meta))
     return images

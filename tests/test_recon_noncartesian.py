@@ -183,7 +183,7 @@ def test_undersampled_multicoil_radial_sense_and_cs():
     # Gridding streaks at R~2 (measured 0.056); CG-SENSE with the true maps 6e-4.
     assert e_sense < 5e-3 and e_grid > 0.03
     cs = reconstruct_noncartesian(header, acqs, method="cs", sens=sens, max_iter=20,
-                                  l1_lambda=1e-3)
+                                  lamda=1e-3)
     assert nrmse(cs[0], truth) < 0.03  # measured 0.011 (FISTA, Toeplitz operator)
     # Reference: SigPy's L1WaveletRecon on the same objective (its wavelet boundary mode
     # and 1e-3-accurate NUFFT differ): measured 0.019 apart, both ~0.012 from the truth.

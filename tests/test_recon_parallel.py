@@ -42,10 +42,10 @@ def _mask(r: int) -> np.ndarray:
 
 def test_wavelet_is_orthonormal():
     rng = np.random.default_rng(0)
-    w = Wavelet((64, 48))
+    w = Wavelet((64, 48))  # the one wavelet (recon.operators, db2): 4 levels here
     x = (rng.standard_normal((64, 48)) + 1j * rng.standard_normal((64, 48))).astype(np.complex64)
     y = (rng.standard_normal((64, 48)) + 1j * rng.standard_normal((64, 48))).astype(np.complex64)
-    assert w.levels == 3
+    assert w.levels == 4
     # <W x, y> == <x, W^H y> and W^H W = I to float32 rounding
     assert abs(np.vdot(w.forward(x), y) - np.vdot(x, w.adjoint(y))) < 1e-3 * abs(np.vdot(x, x))
     np.testing.assert_allclose(w.adjoint(w.forward(x)), x, atol=1e-5)

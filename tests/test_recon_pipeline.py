@@ -132,3 +132,66 @@ def test_epi_dispatches_to_epi_recon_and_combines_coils():
     s = np.vdot(rec, ref) / np.vdot(rec, rec)
     # ramp regridding + ghost correction inside recon.epi; sum of squares here
     assert np.linalg.norm(s * rec - ref) / np.linalg.norm(ref) < 0.02
+
+
+def _radial_case(n_spokes: int = 48):
+    nc_tests = pytest.importorskip("test_recon_noncartesian")
+    from mrharmony.recon.noncartesian import radial_coords
+
+    n = nc_tests.N
+    traj = radial_coords(n_spokes, 2 * n, n).reshape(n_spokes, 2 * n, 2)
+    data = nc_tests.shepp_logan_kspace(traj.reshape(-1, 2)).reshape(1, n_spokes, 2 * n)
+    return nc_tests.make_header("radial", n_spokes), nc_tests.make_acquisitions(data, traj)
+
+
+def test_options_a_method_does_not_take_are_refused():
+    from mrharmony.recon import reconstruct_acquisitions
+
+    header = make_header(N, N, coils=1)
+    acqs = make_acquisitions(np.ones((1, N, N), np.complex64))
+    with pytest.raises(ReconError, match=r"method 'fft' does not take option\(s\) lamda"):
+        reconstruct_acquisitions(header, acqs, method="fft", backend="numpy", lamda=1e-3)
+    # auto resolves to fft on fully sampled data: checked against what it chose
+    with pytest.raises(ReconError, match=r"'fft' \(from 'auto'\).*max_iter"):
+        reconstruct_acquisitions(header, acqs, method="auto", backend="numpy", max_iter=3)
+    with pytest.raises(ReconError, match="l1_lambda: no method takes"):
+        reconstruct_acquisitions(header, acqs, method="cs", backend="numpy", l1_lambda=1e-3)
+    r_header, r_acqs = _radial_case()
+    with pytest.raises(ReconError, match=r"'nufft' \(from 'auto'\).*lamda"):
+        reconstruct_acquisitions(r_header, r_acqs, backend="numpy", lamda=1e-3)
+
+
+def test_noncartesian_takes_the_same_methods_and_options():
+    from mrharmony.recon import reconstruct_acquisitions
+
+    header, acqs = _radial_case()
+    grid = reconstruct_acquisitions(header, acqs, backend="numpy")[0]
+    out = {}
+    for method in ("sense", "cs", "tv"):
+        im = reconstruct_acquisitions(header, acqs, method=method, backend="numpy",
+                                      lamda=1e-3, max_iter=5)[0]
+        # the options reach the recon (and the sidecar), never dropped
+        assert im.meta["recon"] | {"lamda": 1e-3, "max_iter": 5} == im.meta["recon"]
+        assert im.meta["recon"]["method"] == method
+        out[method] = np.abs(im.data[:, :, 0])
+    ref = np.abs(grid.data[:, :, 0])
+    for method, img in out.items():  # all close to the gridding image (1 coil, 48 spokes)
+        s = np.vdot(img, ref) / np.vdot(img, img)
+        assert np.linalg.norm(s * img - ref) / np.linalg.norm(ref) < 0.1, method
+
+
+def test_bart_refuses_what_it_cannot_run():
+    from mrharmony.recon import reconstruct_acquisitions
+    from mrharmony.recon.bart import bart_available
+
+    if not bart_available():
+        pytest.skip("the 'bart' executable is missing")
+    header, acqs = _radial_case(8)
+    with pytest.raises(ReconError, match="backend 'bart': radial data are not supported"):
+        reconstruct_acquisitions(header, acqs, method="sense", backend="bart")
+    c_header = make_header(N, N, coils=1)
+    c_acqs = make_acquisitions(np.ones((1, N, N), np.complex64))
+    images = reconstruct_acquisitions(c_header, c_acqs, method="fft", backend="bart")
+    # an FFT recon has no bart step: the sidecar says where it ran
+    assert images[0].meta["recon"]["backend"] == "numpy"
+    assert images[0].meta["recon"]["backend_requested"] == "bart"
