@@ -40,6 +40,19 @@ holds in every mixed voxel (likewise ``T2* <= T2``). Tissue values per field com
 :mod:`mrharmony.phantoms.relaxation`. ``b0_hz`` is zero (no susceptibility model).
 
 Labels: 1 CSF, 2 GM, 3 WM (largest fraction).
+
+Scalp fat (optional, ``fat_layer=True``; off by default so existing phantoms are unchanged)
+-----------------------------------------------------------------------------------------
+The template is skull-stripped and nilearn ships no head mask, so the subcutaneous fat
+of the scalp is modelled as a shell around the brain mask (brain fraction > 0.5 at 1 mm):
+voxels whose distance from the mask is in ``(SCALP_FAT_GAP_MM, SCALP_FAT_GAP_MM +
+SCALP_FAT_THICKNESS_MM]`` (7 mm of skull without signal, then 5 mm of fat; the shell is
+cut where the template's box ends, below the cerebellum). Its 1 mm fraction is resampled
+like the tissue fractions. Fat does not exchange with water and the simulator holds one
+species per voxel, so a voxel is fat when its fat signal weight (0.9 x fraction) exceeds
+its water weight (the mixed PD), and then carries only fat: ``chemical_shift_ppm`` =
+-3.4, relaxation from :func:`~mrharmony.phantoms.relaxation.fat_values`, label 4; all
+other voxels keep their values and a chemical shift of 0.
 """
 
 from __future__ import annotations
@@ -54,11 +67,19 @@ from scipy import ndimage as ndi
 
 from mrharmony.errors import PhantomError
 from mrharmony.phantoms.phantom import BACKGROUND_T_MS, Phantom
-from mrharmony.phantoms.relaxation import TISSUES, TissueValues, tissue_values
+from mrharmony.phantoms.relaxation import (
+    FAT_CHEMICAL_SHIFT_PPM,
+    TISSUES,
+    TissueValues,
+    fat_values,
+    tissue_values,
+)
 
 __all__ = [
     "BRAIN_LABELS",
+    "FAT_LABEL",
     "TissueFractions",
+    "add_scalp_fat",
     "brain_fractions",
     "fractions_grid",
     "load_mni_fractions",
@@ -66,9 +87,16 @@ __all__ = [
     "mix_tissues",
     "resample_fractions",
     "resample_maps",
+    "scalp_fat_fraction",
 ]
 
 BRAIN_LABELS = {1: "csf", 2: "gm", 3: "wm"}
+#: Label of the scalp fat layer (``make_brain_phantom(fat_layer=True)``).
+FAT_LABEL = 4
+#: Distance (mm) from the brain mask to the inner edge of the scalp fat (skull, no signal).
+SCALP_FAT_GAP_MM = 7.0
+#: Thickness (mm) of the scalp's subcutaneous fat layer.
+SCALP_FAT_THICKNESS_MM = 5.0
 _CSF_I_LO = 0.35
 _CSF_I_HI = 0.50
 # Template intensity of pure CSF, GM and WM (modes of the template histogram).
@@ -403,10 +431,65 @@ def brain_fractions(*, matrix: int | None = None, voxel_size_mm: float | None = 
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def scalp_fat_fraction() -> np.ndarray:
+    """Scalp fat shell (0/1, float32) on the 1 mm MNI grid (see the module docstring).
+
+    Cached; read-only.
+    """
+    source = load_mni_fractions()
+    mask = source.brain_fraction() > 0.5
+    vox = np.linalg.norm(source.affine[:3, :3], axis=0)
+    dist = ndi.distance_transform_edt(~mask, sampling=vox)
+    shell = ((dist > SCALP_FAT_GAP_MM)
+             & (dist <= SCALP_FAT_GAP_MM + SCALP_FAT_THICKNESS_MM)).astype(np.float32)
+    shell.setflags(write=False)
+    return shell
+
+
+def add_scalp_fat(phantom: Phantom, fat_fraction: np.ndarray) -> Phantom:
+    """Put fat (one species per voxel, see the module docstring) into a brain phantom.
+
+    Parameters
+    ----------
+    phantom : Phantom
+        A water phantom on the fraction's grid.
+    fat_fraction : numpy.ndarray
+        ``phantom.shape`` fat volume fraction in [0, 1].
+
+    Returns
+    -------
+    Phantom
+        A copy with fat voxels (label :data:`FAT_LABEL`) and a ``chemical_shift_ppm`` map.
+    """
+    fat = fat_values(phantom.field_t)
+    weight = np.asarray(fat_fraction, np.float32) * np.float32(fat.pd)
+    is_fat = weight > phantom.pd
+    pd = np.where(is_fat, weight, phantom.pd)
+    t1 = np.where(is_fat, fat.t1_ms, phantom.t1_ms)
+    t2 = np.where(is_fat, fat.t2_ms, phantom.t2_ms)
+    t2s = np.where(is_fat, fat.t2star_ms, phantom.t2star_ms)
+    adc = np.where(is_fat, fat.adc_mm2_s, phantom.adc_mm2_s)
+    labels = np.where(is_fat, FAT_LABEL, phantom.labels).astype(np.int16)
+    cs = np.where(is_fat, FAT_CHEMICAL_SHIFT_PPM, 0.0).astype(np.float32)
+    names = dict(phantom.label_names)
+    if is_fat.any():
+        names[FAT_LABEL] = "fat"
+    meta = dict(phantom.metadata)
+    meta["scalp_fat"] = {"gap_mm": SCALP_FAT_GAP_MM, "thickness_mm": SCALP_FAT_THICKNESS_MM,
+                         "chemical_shift_ppm": FAT_CHEMICAL_SHIFT_PPM,
+                         "tissue_values": vars(fat)}
+    return Phantom(pd=pd, t1_ms=t1, t2_ms=t2, t2star_ms=t2s, adc_mm2_s=adc,
+                   b0_hz=phantom.b0_hz, labels=labels, label_names=names,
+                   affine=phantom.affine, field_t=phantom.field_t, name=phantom.name,
+                   dti_mm2_s=phantom.dti_mm2_s, chemical_shift_ppm=cs, metadata=meta)
+
+
 def make_brain_phantom(field_t: float = 3.0, *, matrix: int | None = None,
                        voxel_size_mm: float | None = None, fov_mm: float = BRAIN_FOV_MM,
                        three_d: bool = True, slice_index: int | None = None,
-                       slice_z_mm: float = BRAIN_DEFAULT_Z_MM) -> Phantom:
+                       slice_z_mm: float = BRAIN_DEFAULT_Z_MM,
+                       fat_layer: bool = False) -> Phantom:
     """MNI152 brain phantom with field-dependent tissue relaxation.
 
     Parameters
@@ -425,11 +508,14 @@ def make_brain_phantom(field_t: float = 3.0, *, matrix: int | None = None,
         2-D: slice index of the 3-D grid (default: the slice nearest ``slice_z_mm``).
     slice_z_mm : float, optional
         2-D: MNI z (mm) of the default slice.
+    fat_layer : bool, optional
+        Add the scalp fat shell (label 4, ``chemical_shift_ppm`` -3.4; see the module
+        docstring). Off by default: the brain-only phantom is unchanged.
 
     Returns
     -------
     Phantom
-        Labels 1 CSF, 2 GM, 3 WM; deterministic (no randomness).
+        Labels 1 CSF, 2 GM, 3 WM (4 fat); deterministic (no randomness).
 
     Examples
     --------
@@ -447,4 +533,13 @@ def make_brain_phantom(field_t: float = 3.0, *, matrix: int | None = None,
         "volumes_ml": fr.volumes_ml(),
         "mixing": "signal-weighted fast exchange of R1, R2, R2*; ADC water weighted",
     }
-    return mix_tissues(fr, values, field_t=field_t, name="mni152-brain", metadata=meta)
+    phantom = mix_tissues(fr, values, field_t=field_t, name="mni152-brain", metadata=meta)
+    if not fat_layer:
+        return phantom
+    source = load_mni_fractions()
+    shell = scalp_fat_fraction()
+    if fr.shape == source.shape and np.allclose(fr.affine, source.affine):
+        fat = shell
+    else:
+        fat = resample_maps({"fat": shell}, source.affine, fr.shape, fr.affine)["fat"]
+    return add_scalp_fat(phantom, fat)

@@ -57,9 +57,11 @@ from mrharmony.errors import PhantomError
 
 __all__ = [
     "CITED_RANGES_3T",
+    "FAT_CHEMICAL_SHIFT_PPM",
     "TABULATED_FIELDS_T",
     "TISSUES",
     "TissueValues",
+    "fat_values",
     "tissue_values",
 ]
 
@@ -188,3 +190,54 @@ def tissue_values(tissue: str, field_t: float) -> TissueValues:
         t2s = min(_interp_log(_T2STAR_MS[tissue], field_t), t2)
     return TissueValues(t1_ms=t1, t2_ms=t2, t2star_ms=t2s, pd=_PD[tissue],
                         adc_mm2_s=_ADC_MM2_S[tissue])
+
+
+#: Chemical shift of the main (methylene) fat peak relative to water, ppm (single-peak
+#: fat model: the other peaks, ~30 % of the fat signal, are not modelled).
+FAT_CHEMICAL_SHIFT_PPM = -3.4
+
+# Subcutaneous fat, T1 / T2 in ms at 0.55, 1.5, 3 and 7 T.
+# 1.5 and 3 T: Gold GE et al. Musculoskeletal MRI at 3.0 T: relaxation times and image
+# contrast. AJR Am J Roentgenol 2004;183:343-351 (subcutaneous fat T1 343/382 ms,
+# T2 58/68 ms). 7 T: Jordan CD et al. Musculoskeletal MRI at 3.0 T and 7.0 T: a comparison
+# of relaxation times and image contrast. Eur J Radiol 2013;82:734-739 (subcutaneous fat
+# T1 ~580 ms, T2 ~46 ms; rounded). 0.55 T: an assumption, the 1.5 -> 3 T T1 power law
+# (T1 ~ B0^0.155) extrapolated and the 1.5 T T2 kept. T2* (all fields): a model
+# assumption (no single source), shorter than T2, so T2* <= T2 holds. PD 0.9 relative
+# to water (fat's proton density is ~0.9 of water's); ADC: lipids diffuse ~100x slower
+# than water (1e-5 mm2/s order), an assumption.
+_FAT_T1_MS = (294.0, 343.0, 382.0, 580.0)
+_FAT_T2_MS = (58.0, 58.0, 68.0, 46.0)
+_FAT_T2STAR_MS = (45.0, 40.0, 35.0, 20.0)
+_FAT_PD = 0.9
+_FAT_ADC_MM2_S = 0.02e-3
+
+
+def fat_values(field_t: float) -> TissueValues:
+    """Relaxation times, PD and ADC of subcutaneous fat at a field strength.
+
+    Parameters
+    ----------
+    field_t : float
+        Main field (T), within [0.55, 7.0]; interpolated log-log between the tabulated
+        fields (0.55, 1.5, 3, 7 T; sources in the module source).
+
+    Returns
+    -------
+    TissueValues
+        Fat's chemical shift is :data:`FAT_CHEMICAL_SHIFT_PPM`.
+
+    Raises
+    ------
+    PhantomError
+        A field outside the tabulated range.
+    """
+    lo, hi = TABULATED_FIELDS_T[0], TABULATED_FIELDS_T[-1]
+    if not (math.isfinite(field_t) and lo - 1e-9 <= field_t <= hi + 1e-9):
+        raise PhantomError(f"field_t: {field_t} T outside the tabulated fat range "
+                           f"[{lo}, {hi}] T")
+    t1 = _interp_log(_FAT_T1_MS, field_t)
+    t2 = min(_interp_log(_FAT_T2_MS, field_t), t1)
+    t2s = min(_interp_log(_FAT_T2STAR_MS, field_t), t2)
+    return TissueValues(t1_ms=t1, t2_ms=t2, t2star_ms=t2s, pd=_FAT_PD,
+                        adc_mm2_s=_FAT_ADC_MM2_S)

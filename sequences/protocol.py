@@ -30,6 +30,7 @@ from mrharmony.config import from_mapping, load_toml, param
 from mrharmony.errors import ConfigError, ProtocolError
 
 __all__ = [
+    "FAT_SUPPRESSION_MODES",
     "PROTOCOL_CLASSES",
     "BSSFPProtocol",
     "DWIEPIProtocol",
@@ -133,6 +134,28 @@ class _SpoilerMoments:
     )
     crusher_cycles_per_slice: float = param(
         4.0, doc="slice-axis spoiler / crusher area, in cycles across the slice", ge=0, le=40
+    )
+
+
+#: Fat suppression methods a protocol may ask for (see ``builders/_fat.py``).
+FAT_SUPPRESSION_MODES: tuple[str, ...] = ("none", "chemsat", "water_excitation")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _FatSuppression:
+    """Fat suppression: spectrally selective fat saturation or binomial water excitation."""
+
+    fat_suppression: Literal["none", "chemsat", "water_excitation"] = param(
+        "none", doc="fat suppression: none, chemsat (spectrally selective fat saturation + "
+        "spoiler before each excitation) or water_excitation (binomial slice-selective "
+        "sub-pulses 1/(2 x fat-water shift) apart; rf_duration_ms is each sub-pulse's)",
+    )
+    fat_sat_flip_deg: float = param(
+        90.0, doc="flip angle of the chemsat fat-saturation pulse", unit="deg", ge=45, le=180
+    )
+    water_excitation_binomial: Literal["1-1", "1-2-1"] = param(
+        "1-1", doc="binomial water-excitation pulse: 1-1 (two halves) or 1-2-1 (quarters, a "
+        "broader fat null)",
     )
 
 
@@ -329,7 +352,7 @@ def check_receive_channels(protocol: Protocol, channels: int) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Gre2DProtocol(_Accelerated2D, _Slices2D, _SpoilerMoments):
+class Gre2DProtocol(_Accelerated2D, _Slices2D, _SpoilerMoments, _FatSuppression):
     """2D multi-slice RF-spoiled gradient echo."""
 
     builder: Literal["gre2d"] = param(doc="sequence builder name")
@@ -340,7 +363,7 @@ class Gre2DProtocol(_Accelerated2D, _Slices2D, _SpoilerMoments):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Gre3DProtocol(_Accelerated3D, _Volume3D, _SpoilerMoments):
+class Gre3DProtocol(_Accelerated3D, _Volume3D, _SpoilerMoments, _FatSuppression):
     """3D RF-spoiled gradient echo with slab-selective excitation."""
 
     builder: Literal["gre3d"] = param(doc="sequence builder name")
@@ -372,7 +395,7 @@ class IRSEProtocol(_Slices2D, _SpoilerMoments):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MPRAGEProtocol(_Accelerated3D, _Volume3D):
+class MPRAGEProtocol(_Accelerated3D, _Volume3D, _FatSuppression):
     """3D MPRAGE (T1-weighted): one inversion per partition, a spoiled GRE train after it."""
 
     builder: Literal["mprage"] = param(doc="sequence builder name")
@@ -390,7 +413,7 @@ class MPRAGEProtocol(_Accelerated3D, _Volume3D):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TSEProtocol(_Accelerated2D, _Slices2D, _SpoilerMoments):
+class TSEProtocol(_Accelerated2D, _Slices2D, _SpoilerMoments, _FatSuppression):
     """2D turbo spin echo; ``te_ms`` is the effective TE (ky = 0)."""
 
     builder: Literal["tse"] = param(doc="sequence builder name")
@@ -401,7 +424,7 @@ class TSEProtocol(_Accelerated2D, _Slices2D, _SpoilerMoments):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EPIProtocol(_Accelerated2D, _Slices2D):
+class EPIProtocol(_Accelerated2D, _Slices2D, _FatSuppression):
     """Single-shot 2D gradient-echo EPI with navigator lines for ghost correction."""
 
     builder: Literal["epi"] = param(doc="sequence builder name")
@@ -423,7 +446,7 @@ class EPIProtocol(_Accelerated2D, _Slices2D):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DWIEPIProtocol(_Accelerated2D, _Slices2D):
+class DWIEPIProtocol(_Accelerated2D, _Slices2D, _FatSuppression):
     """Diffusion-weighted single-shot spin-echo EPI (Stejskal-Tanner PGSE)."""
 
     builder: Literal["dwi_epi"] = param(doc="sequence builder name")

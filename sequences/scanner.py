@@ -48,6 +48,10 @@ class ScannerProfile:
         0, doc="maximum samples in one ADC event (0: no limit)", ge=0
     )
     adc_samples_divisor: int = param(4, doc="ADC sample counts must be a multiple of this", ge=1)
+    max_b1_ut: float = param(
+        20.0, doc="largest RF amplitude B1 the transmit coil delivers (default: a typical "
+        "body-coil value, not from a data sheet)", unit="uT", gt=0, le=200,
+    )
     source: str = param(doc="public spec sheet or 'typical value' note for the numbers")
 
     def __post_init__(self) -> None:

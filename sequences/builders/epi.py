@@ -58,6 +58,7 @@ from mrharmony.sequences.builders._common import (
     slice_positions_m,
     trapezoid,
 )
+from mrharmony.sequences.builders._fat import fat_definitions, fat_modules
 from mrharmony.sequences.protocol import DWIEPIProtocol, EPIProtocol
 from mrharmony.sequences.scanner import ScannerProfile
 
@@ -570,6 +571,13 @@ def build_epi(protocol: EPIProtocol, scanner: ScannerProfile) -> pp.Sequence:
         time_bw_product=protocol.rf_time_bw_product,
         thickness_m=thickness,
     )
+    chemsat, water = fat_modules(
+        system, scanner, protocol, flip_deg=protocol.flip_deg, thickness_m=thickness,
+        voxel_m=(protocol.fov_mm[0] * 1e-3 / protocol.matrix[0],
+                 protocol.fov_mm[1] * 1e-3 / protocol.matrix[1], thickness),
+    )
+    if water is not None:
+        gz = water.gz  # every sub-pulse's select gradient: rephaser -gz.area / 2
     train = _design_epi(system, scanner, protocol)
     prep_grads, t_pre = train.prep(system, z_area=-gz.area / 2)
     spoil = _spoiler(system, thickness)
@@ -577,13 +585,16 @@ def build_epi(protocol: EPIProtocol, scanner: ScannerProfile) -> pp.Sequence:
 
     exc_block = round_up(pp.calc_duration(rf, gz), system.block_duration_raster)
     t_rf_center = rf_center_time(rf)
+    if water is not None:
+        exc_block, t_rf_center = water.duration, water.centre_s
+    t_fat = chemsat.duration if chemsat is not None else 0.0
     min_te = exc_block - t_rf_center + train.time_to_center(t_pre)
     delay_te = fill_delay(
         min_te, what="TE", key="te_ms", requested_ms=protocol.te_ms, scanner=scanner,
         raster_s=system.block_duration_raster,
     )
     te = min_te + delay_te
-    min_slot = exc_block + delay_te + train.duration(t_pre) + t_spoil
+    min_slot = t_fat + exc_block + delay_te + train.duration(t_pre) + t_spoil
     slot, tr = _slot_and_tr(protocol, scanner, system, min_slot)
     fill = slot - min_slot
 
@@ -598,7 +609,14 @@ def build_epi(protocol: EPIProtocol, scanner: ScannerProfile) -> pp.Sequence:
     for kind, shot in volumes:
         for i_slice, pos in enumerate(positions):
             set_slice_offset(rf, gz.amplitude, float(pos))
-            seq.add_block(rf, gz, label("TRID", _TRID[kind]))
+            trid = [label("TRID", _TRID[kind])]
+            if chemsat is not None:
+                chemsat.add_to(seq, trid)
+                trid = []
+            if water is not None:
+                water.add_to(seq, position_m=float(pos), labels=trid)
+            else:
+                seq.add_block(rf, gz, *trid)
             if delay_te > 0:
                 seq.add_block(pp.make_delay(delay_te))
             if kind == "reference":
@@ -618,6 +636,7 @@ def build_epi(protocol: EPIProtocol, scanner: ScannerProfile) -> pp.Sequence:
     extra = train.definitions()
     extra["DummyScans"] = protocol.dummy_scans
     extra.update(sampling_definitions(samp, calibration_mode="separate"))
+    extra.update(fat_definitions(chemsat, water, scanner))
     return finalize(
         seq,
         protocol,
@@ -773,6 +792,13 @@ def build_dwi_epi(protocol: DWIEPIProtocol, scanner: ScannerProfile) -> pp.Seque
         flip_deg=180.0, duration_s=rf_dur,
         time_bw_product=protocol.rf_time_bw_product, thickness_m=thickness, use="refocusing",
     )
+    chemsat, water = fat_modules(
+        system, scanner, protocol, flip_deg=90.0, thickness_m=thickness,
+        voxel_m=(protocol.fov_mm[0] * 1e-3 / protocol.matrix[0],
+                 protocol.fov_mm[1] * 1e-3 / protocol.matrix[1], thickness),
+    )
+    if water is not None:
+        gz = water.gz  # every sub-pulse's select gradient: the same rephaser gzr
     train = _design_epi(system, scanner, protocol)
     prep_grads, t_pre = train.prep(system)
     crusher = _spoiler(system, thickness)
@@ -785,6 +811,9 @@ def build_dwi_epi(protocol: DWIEPIProtocol, scanner: ScannerProfile) -> pp.Seque
     ref_block = round_up(pp.calc_duration(rf180, gz180), raster)
     t_exc_c = rf_center_time(rf)
     t_ref_c = rf_center_time(rf180)
+    if water is not None:
+        exc_block, t_exc_c = water.duration, water.centre_s
+    t_fat = chemsat.duration if chemsat is not None else 0.0
     pre_fixed = exc_block - t_exc_c + t_gzr + t_crush + t_ref_c
     post_fixed = ref_block - t_ref_c + t_crush + train.time_to_center(t_pre)
 
@@ -849,7 +878,7 @@ def build_dwi_epi(protocol: DWIEPIProtocol, scanner: ScannerProfile) -> pp.Seque
 
     lobe = timing.lobe_s
     min_slot = (
-        exc_block + t_gzr + 2 * lobe + timing.fill_pre_s + 2 * t_crush + ref_block
+        t_fat + exc_block + t_gzr + 2 * lobe + timing.fill_pre_s + 2 * t_crush + ref_block
         + timing.fill_post_s + train.duration(t_pre) + t_spoil
     )
     slot, tr = _slot_and_tr(protocol, scanner, system, min_slot)
@@ -886,7 +915,14 @@ def build_dwi_epi(protocol: DWIEPIProtocol, scanner: ScannerProfile) -> pp.Seque
             set_slice_offset(rf, gz.amplitude, float(pos))
             set_slice_offset(rf180, gz180.amplitude, float(pos))
             rf180.phase_offset += math.pi / 2
-            seq.add_block(rf, gz, label("TRID", _TRID[kind]))
+            trid = [label("TRID", _TRID[kind])]
+            if chemsat is not None:
+                chemsat.add_to(seq, trid)
+                trid = []
+            if water is not None:
+                water.add_to(seq, position_m=float(pos), labels=trid)
+            else:
+                seq.add_block(rf, gz, *trid)
             seq.add_block(gzr, pp.make_delay(t_gzr))
             if lobe > 0:
                 seq.add_block(*diff, pp.make_delay(lobe))
@@ -925,6 +961,7 @@ def build_dwi_epi(protocol: DWIEPIProtocol, scanner: ScannerProfile) -> pp.Seque
             ),
             "DummyScans": protocol.dummy_scans,
             **sampling_definitions(samp, calibration_mode="separate"),
+            **fat_definitions(chemsat, water, scanner),
         }
     )
     return finalize(

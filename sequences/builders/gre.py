@@ -24,6 +24,7 @@ from mrharmony.sequences.builders._common import (
     te_tr_fill,
     trapezoid,
 )
+from mrharmony.sequences.builders._fat import fat_definitions, fat_modules
 from mrharmony.sequences.protocol import Gre2DProtocol, Gre3DProtocol
 from mrharmony.sequences.scanner import ScannerProfile
 
@@ -50,6 +51,12 @@ def _spoiled_gre(
         thickness_m=thickness,
         parameter=key,
     )
+    chemsat, water = fat_modules(
+        system, scanner, protocol, flip_deg=protocol.flip_deg, thickness_m=thickness,
+        voxel_m=(fov_m[0] / nx, fov_m[1] / ny, thickness / nz), parameter=key,
+    )
+    if water is not None:
+        gz = water.gz  # every sub-pulse's select gradient: the rephaser is -gz.area / 2
     ro = make_readout(
         system,
         scanner,
@@ -90,10 +97,15 @@ def _spoiled_gre(
 
     exc_block = pp.calc_duration(rf, gz)
     t_rf_center = rf_center_time(rf)
+    t_fat = 0.0
+    if water is not None:
+        exc_block, t_rf_center = water.duration, water.centre_s
+    if chemsat is not None:
+        t_fat = chemsat.duration
     t_ro = pp.calc_duration(ro.gx, ro.adc)
     delay_te, delay_tr, te, tr = te_tr_fill(
         min_te_s=exc_block - t_rf_center + t_pre + ro.time_to_center_s,
-        fixed_tr_s=exc_block + t_pre + t_ro + t_spoil,
+        fixed_tr_s=t_fat + exc_block + t_pre + t_ro + t_spoil,
         protocol=protocol,
         scanner=scanner,
         raster_s=system.block_duration_raster,
@@ -117,10 +129,18 @@ def _spoiled_gre(
             ky = 0.0 if dummy else float(ky_areas[iy])
             kz = 0.0 if dummy else float(kz_areas[iz])
             rf.phase_offset = base_phase + rf_phase
+            rf_phase_now = rf_phase
             ro.adc.phase_offset = rf_phase
             rf_inc = (rf_inc + inc) % (2 * math.pi)
             rf_phase = (rf_phase + rf_inc) % (2 * math.pi)
-            seq.add_block(rf, gz, label("TRID", 1 if dummy else 2))
+            trid = [label("TRID", 1 if dummy else 2)]
+            if chemsat is not None:
+                chemsat.add_to(seq, trid)
+                trid = []
+            if water is not None:
+                water.add_to(seq, position_m=float(pos), phase_rad=rf_phase_now, labels=trid)
+            else:
+                seq.add_block(rf, gz, *trid)
             gy_pre = trapezoid(channel="y", area=ky, duration=t_pre, system=system)
             gz_pre = trapezoid(
                 channel="z", area=gz_reph_area + kz, duration=t_pre, system=system
@@ -158,6 +178,7 @@ def _spoiled_gre(
             "RFSpoilingIncrement": protocol.rf_spoiling_inc_deg,
             "DummyScans": protocol.dummy_scans,
             **sampling_definitions(samp),
+            **fat_definitions(chemsat, water, scanner),
         },
     )
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pypulseq as pp
 
+from mrharmony.errors import ProtocolError
 from mrharmony.sequences.builders._common import (
     acs_labels,
     check_positive_delay,
@@ -24,6 +25,7 @@ from mrharmony.sequences.builders._common import (
     sampling_definitions,
     trapezoid,
 )
+from mrharmony.sequences.builders._fat import fat_definitions, fat_modules
 from mrharmony.sequences.protocol import MPRAGEProtocol
 from mrharmony.sequences.scanner import ScannerProfile
 
@@ -107,6 +109,19 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
     )
     t_exc = round_up(pp.calc_duration(rf, gz), raster)
     exc_c = rf_center_time(rf)
+    if protocol.fat_suppression == "chemsat":
+        raise ProtocolError(
+            "fat_suppression: chemsat is not offered for mprage (one saturation per "
+            "inversion recovers with fat's short T1 before the k-space centre line, and one "
+            "per line would lengthen the echo spacing by the pulse); use water_excitation"
+        )
+    _, water = fat_modules(
+        system, scanner, protocol, flip_deg=protocol.flip_deg, thickness_m=fov_m[2],
+        voxel_m=(fov_m[0] / nx, fov_m[1] / ny, fov_m[2] / nz), parameter="fov_mm",
+    )
+    if water is not None:
+        gz = water.gz  # every sub-pulse's select gradient: rephaser -gz.area / 2
+        t_exc, exc_c = water.duration, water.centre_s
     ro = make_readout(
         system,
         scanner,
@@ -210,10 +225,14 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
             seq.add_block(pp.make_delay(ti_fill))
         for iy in lines:
             rf.phase_offset = rf_phase
+            rf_phase_now = rf_phase
             ro.adc.phase_offset = rf_phase
             rf_inc = (rf_inc + inc) % (2 * math.pi)
             rf_phase = (rf_phase + rf_inc) % (2 * math.pi)
-            seq.add_block(rf, gz, pp.make_delay(t_exc))
+            if water is not None:
+                water.add_to(seq, phase_rad=rf_phase_now)
+            else:
+                seq.add_block(rf, gz, pp.make_delay(t_exc))
             seq.add_block(gx_pre, gy_pre[iy], gz_pre)
             if delay_te > 0:
                 seq.add_block(pp.make_delay(delay_te))
@@ -246,5 +265,6 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
             "LinesPerInversion": max(lines.size for lines in train_lines.values()),
             "DummyScans": protocol.dummy_scans,
             **sampling_definitions(samp),
+            **fat_definitions(None, water, scanner),
         },
     )

@@ -45,6 +45,12 @@ from mrharmony.sequences.builders._common import (
     slice_positions_m,
     trapezoid,
 )
+from mrharmony.sequences.builders._fat import (
+    ChemSat,
+    WaterExcitation,
+    fat_definitions,
+    fat_modules,
+)
 from mrharmony.sequences.protocol import IRSEProtocol, MultiEchoSEProtocol, TSEProtocol
 from mrharmony.sequences.scanner import ScannerProfile
 
@@ -160,6 +166,15 @@ class _TrainParts:
     t_spoil: float
     gx_spoil: SimpleNamespace
     gz_spoil: SimpleNamespace
+    #: Fat suppression (TSE): a chemsat module before each excitation, or a binomial
+    #: water excitation in place of ``rf_exc`` (``t_exc`` / ``exc_c`` are then its own).
+    chemsat: ChemSat | None = None
+    water: WaterExcitation | None = None
+
+    @property
+    def t_fat(self) -> float:
+        """Duration of the chemsat module before each excitation (0 without)."""
+        return self.chemsat.duration if self.chemsat is not None else 0.0
 
     @property
     def half_min(self) -> float:
@@ -236,6 +251,12 @@ def _train_parts(
         bandwidth_hz_per_px=protocol.readout_bandwidth_hz_per_px,
         oversampling=protocol.readout_oversampling,
     )
+    chemsat, water = fat_modules(
+        system, scanner, protocol, flip_deg=90.0, thickness_m=thickness,
+        voxel_m=(fov_m[0] / nx, fov_m[1] / ny, thickness),
+    )
+    if water is not None:
+        gz_exc = water.gz  # every sub-pulse's select gradient: rephaser -gz.area / 2
     crusher_area = protocol.crusher_cycles_per_slice / thickness
     pe_max = float(np.max(np.abs(phase_encode_areas(fov_m[1], ny))))
     a = ro.area_to_center
@@ -288,8 +309,9 @@ def _train_parts(
         rf_ref=rf_ref,
         gz_ref=gz_ref,
         ro=ro,
-        t_exc=_blk(pp.calc_duration(rf_exc, gz_exc), system),
-        exc_c=rf_center_time(rf_exc),
+        t_exc=(water.duration if water is not None
+               else _blk(pp.calc_duration(rf_exc, gz_exc), system)),
+        exc_c=water.centre_s if water is not None else rf_center_time(rf_exc),
         t_p=t_p,
         gx_p=gx_p,
         gz_p=gz_p,
@@ -304,6 +326,8 @@ def _train_parts(
         t_spoil=t_spoil,
         gx_spoil=gx_spoil,
         gz_spoil=gz_spoil,
+        chemsat=chemsat,
+        water=water,
     )
 
 
@@ -321,7 +345,8 @@ def _train_timing(parts: _TrainParts, esp_s: float, n_echoes: int) -> _TrainTimi
     t_to_ref = parts.t_exc - parts.exc_c + parts.t_p + fill0 + parts.ref_c
     te_first = t_to_ref + parts.half_after + fill1
     duration = (
-        parts.t_exc
+        parts.t_fat
+        + parts.t_exc
         + parts.t_p
         + fill0
         + n_echoes * (parts.t_ref + parts.t_c2 + fill1 + parts.t_ro)
@@ -380,7 +405,13 @@ def _play_train(
     set_slice_offset(rf_exc, parts.gz_exc.amplitude, position_m)
     set_slice_offset(rf_ref, parts.gz_ref.amplitude, position_m)
     rf_ref.phase_offset += math.pi / 2  # CPMG: refocusing along y
-    seq.add_block(rf_exc, parts.gz_exc, pp.make_delay(parts.t_exc), *first_labels)
+    if parts.chemsat is not None:
+        parts.chemsat.add_to(seq, first_labels)
+        first_labels = []
+    if parts.water is not None:
+        parts.water.add_to(seq, position_m=position_m, labels=first_labels)
+    else:
+        seq.add_block(rf_exc, parts.gz_exc, pp.make_delay(parts.t_exc), *first_labels)
     seq.add_block(parts.gx_p, parts.gz_p)
     if timing.fill0 > 0:
         seq.add_block(pp.make_delay(timing.fill0))
@@ -754,5 +785,6 @@ def build_tse(protocol: TSEProtocol, scanner: ScannerProfile) -> pp.Sequence:
             "SliceOrder": order,
             "DummyScans": protocol.dummy_scans,
             **sampling_definitions(samp),
+            **fat_definitions(parts.chemsat, parts.water, scanner),
         },
     )
