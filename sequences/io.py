@@ -134,18 +134,19 @@ def read_seq(path: str | Path, scanner: ScannerProfile | str | None = None) -> p
         raise SequenceFileError(f"{path}: no such file")
     system = load_scanner(scanner).to_opts() if scanner is not None else pp.Opts()
     seq = pp.Sequence(system=system)
-    failure: Exception | None = None
+    failure: str | None = None
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             seq.read(str(path), detect_rf_use=True)
         except Exception as exc:  # pypulseq raises bare KeyError/ValueError/RuntimeError
-            failure = exc
+            # keep only the text: the exception's traceback holds pypulseq's frame and,
+            # with it, the file handle pypulseq leaves open when parsing fails
+            failure = f"{type(exc).__name__}: {exc}"
         finally:
-            # pypulseq leaves its file handle open when parsing fails; close it here.
+            # collect that handle here, where its ResourceWarning is silenced (later it
+            # would surface in whatever code runs when the collector next comes round)
             gc.collect()
     if failure is not None:
-        raise SequenceFileError(
-            f"{path}: pypulseq cannot read this file ({type(failure).__name__}: {failure})"
-        ) from failure
+        raise SequenceFileError(f"{path}: pypulseq cannot read this file ({failure})")
     return seq

@@ -98,3 +98,21 @@ def test_check_runs_on_pypulseq_example_output(script: str, tmp_path: Path):
     assert report.n_blocks > 0
     # The Siemens-style examples (max 28-32 mT/m) fit a Prisma but not the 4 us GE raster.
     assert check_file(out, "siemens-prisma").ok
+
+
+def test_unreadable_file_leaves_no_open_handle(tmp_path):
+    """pypulseq leaves its file open when parsing fails; read_seq must not let that
+    handle outlive the call (its ResourceWarning used to surface in a later test)."""
+    import gc
+    import warnings
+
+    from mrharmony.sequences.io import read_seq
+
+    bad = tmp_path / "bad.seq"
+    bad.write_text("[VERSION]\nmajor 1\nminor 4\nrevision 1\n[BLOCKS]\n1 1 1 1 1 1 1 1\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SequenceFileError):
+            read_seq(bad)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
