@@ -65,6 +65,17 @@ def _lipschitz(A: Linop, lipschitz: float | None, xp: Any) -> float:
     return 1.01 * power_norm(A, xp=xp)
 
 
+def _fista_problem(
+    A: Linop, y: Any, lamda: float, lipschitz: float | None
+) -> tuple[Any, float, float]:
+    """``(A^H y, step 1/L, absolute prox threshold lamda * max|A^H y| * step)`` of the
+    regularised recons (the relative lamda convention of the module docstring)."""
+    xp = get_array_module(y)
+    b = A.H(y).astype(np.complex64, copy=False)
+    step = 1.0 / max(_lipschitz(A, lipschitz, xp), 1e-12)
+    return b, step, float(lamda) * float(xp.max(xp.abs(b))) * step
+
+
 def sense_recon(
     A: Linop,
     y: Any,
@@ -153,10 +164,7 @@ def l1_wavelet_recon(
     array
         complex64 image ``A.ishape``.
     """
-    xp = get_array_module(y)
-    b = A.H(y).astype(np.complex64, copy=False)
-    step = 1.0 / max(_lipschitz(A, lipschitz, xp), 1e-12)
-    thresh = float(lamda) * float(xp.max(xp.abs(b))) * step
+    b, step, thresh = _fista_problem(A, y, lamda, lipschitz)
     prox = L1WaveletProx(Wavelet(A.ishape, levels=levels, wavelet=wavelet), thresh,
                          random_shift=random_shift, seed=seed)
     return fista(A.N, b, prox, step=step, x0=b * step, max_iter=max_iter)
@@ -195,10 +203,7 @@ def tv_recon(
     array
         complex64 image ``A.ishape``.
     """
-    xp = get_array_module(y)
-    b = A.H(y).astype(np.complex64, copy=False)
-    step = 1.0 / max(_lipschitz(A, lipschitz, xp), 1e-12)
-    thresh = float(lamda) * float(xp.max(xp.abs(b))) * step
+    b, step, thresh = _fista_problem(A, y, lamda, lipschitz)
     prox = TVProx(A.ishape, thresh, n_inner=n_inner)
     return fista(A.N, b, prox, step=step, x0=b * step, max_iter=max_iter)
 
