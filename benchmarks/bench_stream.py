@@ -39,8 +39,9 @@ def _offline_job(seed: int, n: int, coils: int, slices: int) -> tuple[int, float
     from threadpoolctl import threadpool_limits
 
     from mrharmony.recon.pipeline import reconstruct_acquisitions
+    from mrharmony.recon.stream.assembly import SliceAssembler
+    from mrharmony.recon.stream.jobs import _limit_fft_threads
     from mrharmony.recon.stream.scanner import synthetic_cartesian_scan
-    from mrharmony.recon.stream.server import SliceAssembler, _limit_fft_threads
 
     header, acqs = synthetic_cartesian_scan(nx=n, ny=n, n_coils=coils, n_slices=slices, seed=seed)
     asm = SliceAssembler()

@@ -14,7 +14,7 @@ import pytest
 from ismrmrd.serialization import ProtocolDeserializer
 
 from mrharmony.errors import StreamError
-from mrharmony.formats.raw import read_raw
+from mrharmony.formats.raw import RawStreamWriter, read_raw
 from mrharmony.recon.stream.protocol import (
     CLOSE_BYTES,
     ConfigFile,
@@ -29,7 +29,7 @@ from mrharmony.recon.stream.protocol import (
     read_message,
 )
 from mrharmony.recon.stream.scanner import synthetic_cartesian_scan
-from mrharmony.recon.stream.server import RawStreamWriter, ServerSettings
+from mrharmony.recon.stream.server import ServerSettings
 
 HEAD_BYTES = ctypes.sizeof(ismrmrd.AcquisitionHeader)
 TIMEOUT_S = 30.0  # guard against hangs only

@@ -22,6 +22,8 @@ from mrharmony.errors import RawDataError, ReconError, StreamError
 from mrharmony.formats.header import parse_ismrmrd_header
 from mrharmony.formats.raw import RawStreamWriter, read_raw
 from mrharmony.recon.io import check_not_empty
+from mrharmony.recon.stream import jobs as jobs_mod
+from mrharmony.recon.stream import rawsave as rawsave_mod
 from mrharmony.recon.stream import server as server_mod
 from mrharmony.recon.stream.client import stream_acquisitions
 from mrharmony.recon.stream.protocol import (
@@ -120,7 +122,7 @@ def recording_writer(monkeypatch):
         flushes = 0
         fail_at = None
 
-    monkeypatch.setattr(server_mod, "RawStreamWriter", W)
+    monkeypatch.setattr(rawsave_mod, "RawStreamWriter", W)
     return W
 
 
@@ -179,7 +181,7 @@ def test_read_only_raw_folder_disables_saving_only(tmp_path, monkeypatch, caplog
         def __init__(self, path, *args, **kwargs):  # what h5py raises on a read-only mount
             raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(server_mod, "RawStreamWriter", ReadOnly)
+    monkeypatch.setattr(rawsave_mod, "RawStreamWriter", ReadOnly)
     header, acqs = synthetic_cartesian_scan(nx=32, ny=32, n_coils=2, n_slices=2, seed=23)
 
     async def go():
@@ -551,14 +553,14 @@ def test_empty_slices_reach_the_client_as_errors_and_the_stream_goes_on():
 
 def test_an_unexpected_failure_is_reported_with_a_traceback_in_the_log(monkeypatch, caplog):
     header, acqs = synthetic_cartesian_scan(nx=32, ny=32, n_coils=2, n_slices=2, seed=36)
-    real = server_mod.reconstruct_to_mrd
+    real = jobs_mod.reconstruct_to_mrd
 
     def flaky(hdr, group, **kw):
         if any(int(a.idx.slice) == 1 for a in group):
             return 1 // 0  # a bug, not a ReconError
         return real(hdr, group, **kw)
 
-    monkeypatch.setattr(server_mod, "reconstruct_to_mrd", flaky)
+    monkeypatch.setattr(jobs_mod, "reconstruct_to_mrd", flaky)
 
     async def go():
         server = await started()

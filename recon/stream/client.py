@@ -255,7 +255,7 @@ def _mrd2_header(header: Any, config: str) -> Any:
     import mrd
 
     from mrharmony.formats.mrd2 import header_to_mrd2
-    from mrharmony.recon.stream.server import MRD2_CONFIG_PARAMETER
+    from mrharmony.recon.stream.pipelines import MRD2_CONFIG_PARAMETER
 
     out = header_to_mrd2(header)
     if out.user_parameters is None:

@@ -32,7 +32,8 @@ import ismrmrd
 
 from mrharmony.errors import MrHarmonyError, StreamError
 from mrharmony.formats.header import check_xml, parse_ismrmrd_header
-from mrharmony.recon.stream.server import PIPELINES, SliceAssembler, pipeline_from_config
+from mrharmony.recon.stream.assembly import SliceAssembler
+from mrharmony.recon.stream.pipelines import PIPELINES, pipeline_from_config
 
 __all__ = ["GADGET_MESSAGE_ERROR", "chain_xml_path", "config_pipeline", "listen", "recon",
            "send_error"]
@@ -92,7 +93,7 @@ def recon(connection: Any) -> None:
     connection : gadgetron.external.Connection
         Iterable of items from Gadgetron with ``header``, ``config`` and ``send``.
     """
-    from mrharmony.recon.stream.server import reconstruct_to_mrd
+    from mrharmony.recon.stream.jobs import reconstruct_to_mrd
 
     raw = getattr(connection, "raw_bytes", None)
     try:

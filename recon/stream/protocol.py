@@ -45,7 +45,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import ismrmrd
 import numpy as np
@@ -64,6 +64,7 @@ from mrharmony.formats.header import parse_ismrmrd_header
 __all__ = [
     "CLOSE_BYTES",
     "KNOWN_IDS",
+    "AcquisitionBytes",
     "ConfigFile",
     "ConfigText",
     "EndOfStream",
@@ -72,6 +73,7 @@ __all__ = [
     "MessageReader",
     "Mrd2Source",
     "StreamLimits",
+    "acquisition_key",
     "acquisition_sizes",
     "decode_acquisition",
     "decode_acquisitions",
@@ -96,6 +98,12 @@ _ACQ_SIZES = struct.Struct("<HxxH")
 _ACQ_SIZES_OFFSET = ismrmrd.AcquisitionHeader.number_of_samples.offset
 _ACQ_TRAJ_DIMS = struct.Struct("<H")
 _ACQ_TRAJ_DIMS_OFFSET = ismrmrd.AcquisitionHeader.trajectory_dimensions.offset
+# flags (uint64) and the slice and repetition counters (uint16) the slice assembly needs
+_ACQ_FLAGS = struct.Struct("<Q")
+_ACQ_FLAGS_OFFSET = ismrmrd.AcquisitionHeader.flags.offset
+_ACQ_SLICE_OFFSET = ismrmrd.AcquisitionHeader.idx.offset + ismrmrd.EncodingCounters.slice.offset
+_ACQ_REP_OFFSET = (ismrmrd.AcquisitionHeader.idx.offset
+                   + ismrmrd.EncodingCounters.repetition.offset)
 _ACQ_ID = int(ISMRMRDMessageID.ACQUISITION)
 _ACQ_ID_LO, _ACQ_ID_HI = _ACQ_ID & 0xFF, _ACQ_ID >> 8
 _NAMES = {int(m): m.name for m in ISMRMRDMessageID}
@@ -142,6 +150,38 @@ class StreamLimits:
         for name, value in self.__dict__.items():
             if int(value) < 0:
                 raise StreamError(f"StreamLimits.{name}: {value} is negative")
+
+
+class AcquisitionBytes(NamedTuple):
+    """An ACQUISITION as the server's receive loop keeps it: the fields that group it
+    into slices and its wire bytes (decoded later, in a worker).
+
+    Attributes
+    ----------
+    flags : int
+        ``AcquisitionHeader.flags``.
+    slice, repetition : int
+        ``idx.slice`` and ``idx.repetition``.
+    payload : bytes or memoryview
+        The message bytes after the id (header, trajectory, data).
+    """
+
+    flags: int
+    slice: int
+    repetition: int
+    payload: bytes | memoryview
+
+
+def acquisition_key(payload: bytes | memoryview) -> AcquisitionBytes:
+    """:class:`AcquisitionBytes` of one ACQUISITION payload (bytes after the id), its
+    sizes unchecked (:func:`acquisition_sizes` checks them)."""
+    if len(payload) < _ACQ_HEADER_BYTES:
+        raise StreamError(f"ACQUISITION: {len(payload)} bytes is shorter than the "
+                          f"{_ACQ_HEADER_BYTES}-byte acquisition header")
+    (flags,) = _ACQ_FLAGS.unpack_from(payload, _ACQ_FLAGS_OFFSET)
+    (slice_,) = _ACQ_TRAJ_DIMS.unpack_from(payload, _ACQ_SLICE_OFFSET)
+    (rep,) = _ACQ_TRAJ_DIMS.unpack_from(payload, _ACQ_REP_OFFSET)
+    return AcquisitionBytes(flags, slice_, rep, payload)
 
 
 class EndOfStream(Exception):
@@ -464,10 +504,11 @@ class MessageReader:
     It wraps an :class:`asyncio.StreamReader`, reads from it in chunks of up to
     ``chunk_bytes`` and serves :meth:`readexactly` from its own buffer, so
     :func:`read_message` accepts it in place of the StreamReader (same results, same
-    errors). :meth:`pop_acquisition` additionally decodes, without awaiting, an
-    ACQUISITION that is already complete in the buffer, which takes the per-message
-    cost of the event loop (three ``readexactly`` awaits, a timeout, a header object
-    and a copy of the payload per acquisition) down to a few ``struct`` reads.
+    errors). :meth:`pop_acquisitions` takes, without awaiting, every ACQUISITION that
+    is already complete in the buffer (:meth:`pop_acquisition` one of them), which takes
+    the per-message cost of the event loop (three ``readexactly`` awaits, a timeout, a
+    header object and a copy of the payload per acquisition) down to a few ``struct``
+    reads and one copy per run of acquisitions.
 
     Parameters
     ----------
@@ -556,6 +597,85 @@ class MessageReader:
         out = bytes(buf[:n])
         del buf[:len(out)]
         return out
+
+    async def fill(self, n: int) -> bool:
+        """Read until at least ``n`` bytes are buffered (nothing is consumed); False if
+        the connection ended first."""
+        buf = self._buf
+        while len(buf) < n:
+            chunk = await self._recv(max(self._chunk, n - len(buf)))
+            if not chunk:
+                return False
+            buf += chunk
+        return True
+
+    def acquisition_bytes_needed(self, limits: StreamLimits) -> int:
+        """Bytes to buffer before the next message, an ACQUISITION, is complete: its
+        whole size once its fixed header is buffered, else that header's size; 1 for an
+        empty buffer (a message must follow); 0 when the next message is another kind,
+        is over a limit, or is complete (:func:`read_message` takes it then)."""
+        buf = self._buf
+        if not buf:
+            return 1
+        if len(buf) < 2 or buf[0] != _ACQ_ID_LO or buf[1] != _ACQ_ID_HI:
+            return 0
+        head = 2 + _ACQ_HEADER_BYTES
+        if len(buf) < head:
+            return head
+        ns, nc = _ACQ_SIZES.unpack_from(buf, 2 + _ACQ_SIZES_OFFSET)
+        (nt,) = _ACQ_TRAJ_DIMS.unpack_from(buf, 2 + _ACQ_TRAJ_DIMS_OFFSET)
+        if ns * nc > limits.max_samples_x_channels or nt > limits.max_trajectory_dimensions:
+            return 0
+        n = head + 4 * ns * nt + 8 * ns * nc
+        return n if len(buf) < n else 0
+
+    def pop_acquisitions(self, limits: StreamLimits, max_count: int = 256
+                         ) -> list[AcquisitionBytes]:
+        """All ACQUISITION messages already complete at the front of the buffer (up to
+        ``max_count``), taken in bulk without awaiting.
+
+        The sizes, flags and counters are read with ``struct`` from the buffer; the
+        messages are cut out with one copy for the whole run, and every payload is a
+        ``memoryview`` of that copy (no per-acquisition copy or header object).
+        Stops at the first message that is not an acquisition, is incomplete, or is over
+        a limit (:func:`read_message` then reads it and raises the error).
+
+        Returns
+        -------
+        list of AcquisitionBytes
+            Possibly empty; each payload is the wire bytes after the id.
+        """
+        buf = self._buf
+        end = len(buf)
+        head = 2 + _ACQ_HEADER_BYTES
+        max_snc, max_nt = limits.max_samples_x_channels, limits.max_trajectory_dimensions
+        sizes_at, traj_at = 2 + _ACQ_SIZES_OFFSET, 2 + _ACQ_TRAJ_DIMS_OFFSET
+        flags_at, slice_at, rep_at = (2 + _ACQ_FLAGS_OFFSET, 2 + _ACQ_SLICE_OFFSET,
+                                      2 + _ACQ_REP_OFFSET)
+        unpack_sizes, unpack_u16 = _ACQ_SIZES.unpack_from, _ACQ_TRAJ_DIMS.unpack_from
+        unpack_flags = _ACQ_FLAGS.unpack_from
+        found: list[tuple[int, int, int, int, int]] = []
+        pos = 0
+        while len(found) < max_count:
+            if end - pos < head or buf[pos] != _ACQ_ID_LO or buf[pos + 1] != _ACQ_ID_HI:
+                break
+            ns, nc = unpack_sizes(buf, pos + sizes_at)
+            (nt,) = unpack_u16(buf, pos + traj_at)
+            if ns * nc > max_snc or nt > max_nt:
+                break
+            n = head + 4 * ns * nt + 8 * ns * nc
+            if end - pos < n:
+                break
+            found.append((pos, n, unpack_flags(buf, pos + flags_at)[0],
+                          unpack_u16(buf, pos + slice_at)[0], unpack_u16(buf, pos + rep_at)[0]))
+            pos += n
+        if not found:
+            return []
+        with memoryview(buf) as view:
+            block = memoryview(bytes(view[:pos]))
+        del buf[:pos]
+        return [AcquisitionBytes(flags, slice_, rep, block[p + 2:p + n])
+                for p, n, flags, slice_, rep in found]
 
     def pop_acquisition(self, limits: StreamLimits) -> Message | None:
         """The next message if it is an ACQUISITION already complete in the buffer.
