@@ -15,12 +15,12 @@ import pypulseq as pp
 import pytest
 
 from mrharmony.errors import ProtocolError
-from mrharmony.sequences.builders.epi import (
+from mrharmony.sequences.builders.diffusion import (
     build_dwi_epi,
-    build_epi,
     diffusion_directions,
     stejskal_tanner_b,
 )
+from mrharmony.sequences.builders.epi import build_epi
 from mrharmony.sequences.protocol import load_protocol, protocol_from_mapping
 from mrharmony.sequences.scanner import list_scanners, load_scanner
 
@@ -377,3 +377,15 @@ def test_examples_build_on_every_scanner(name: str, examples_dir) -> None:
         gmax, smax = _max_grad_and_slew(seq)
         assert gmax <= scanner.max_grad_hz_per_m * (1 + 1e-6), scanner_name
         assert smax <= scanner.max_slew_hz_per_m_per_s * (1 + 1e-6), scanner_name
+
+
+def test_dwi_epi_lives_in_diffusion_and_old_imports_resolve() -> None:
+    """Builder ``dwi_epi`` is ``diffusion.build_dwi_epi``; ``epi`` still resolves the old names."""
+    from mrharmony.sequences.builders import diffusion, epi, get_builder
+
+    assert get_builder("dwi_epi") is diffusion.build_dwi_epi
+    assert get_builder("epi") is epi.build_epi
+    for name in ("build_dwi_epi", "diffusion_directions", "stejskal_tanner_b"):
+        assert getattr(epi, name) is getattr(diffusion, name)
+    with pytest.raises(AttributeError):
+        epi.no_such_name  # noqa: B018

@@ -24,7 +24,7 @@ BUILDERS: dict[str, str] = {
     "tse": "spin_echo:build_tse",
     "mprage": "mprage:build_mprage",
     "epi": "epi:build_epi",
-    "dwi_epi": "epi:build_dwi_epi",
+    "dwi_epi": "diffusion:build_dwi_epi",
     "bssfp": "bssfp:build_bssfp",
     "radial": "noncartesian:build_radial",
     "spiral": "noncartesian:build_spiral",

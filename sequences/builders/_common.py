@@ -50,6 +50,7 @@ __all__ = [
     "new_sequence",
     "phase_encode_areas",
     "rf_center_time",
+    "round_down",
     "round_to",
     "round_up",
     "sampling",
@@ -65,6 +66,11 @@ GOLDEN_ANGLE_DEG = 180.0 * (math.sqrt(5) - 1) / 2
 def round_up(t: float, raster: float) -> float:
     """Smallest multiple of ``raster`` that is >= ``t`` (tolerant to float noise)."""
     return math.ceil(t / raster - 1e-9) * raster
+
+
+def round_down(t: float, raster: float) -> float:
+    """Largest multiple of ``raster`` that is <= ``t`` (tolerant to float noise)."""
+    return math.floor(t / raster + 1e-9) * raster
 
 
 def round_to(t: float, raster: float) -> float:

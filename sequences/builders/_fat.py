@@ -69,6 +69,7 @@ __all__ = [
     "WATER_EXCITATION_SPACINGS",
     "ChemSat",
     "WaterExcitation",
+    "add_excitation",
     "fat_definitions",
     "fat_modules",
     "fat_offset_hz",
@@ -384,3 +385,51 @@ def fat_modules(
         return None, make_water_excitation(system, scanner, protocol, flip_deg=flip_deg,
                                            thickness_m=thickness_m, parameter=parameter)
     return None, None
+
+
+def add_excitation(
+    seq: pp.Sequence,
+    rf: SimpleNamespace,
+    gz: SimpleNamespace,
+    *,
+    chemsat: ChemSat | None,
+    water: WaterExcitation | None,
+    position_m: float = 0.0,
+    phase_rad: float = 0.0,
+    labels: list[SimpleNamespace] | None = None,
+    events: tuple[SimpleNamespace, ...] = (),
+) -> None:
+    """Append one excitation with the fat suppression of :func:`fat_modules` to ``seq``.
+
+    The chemsat module (when on) comes first and carries ``labels``; then either the
+    water-excitation train for the slice at ``position_m`` (m) with the extra RF phase
+    ``phase_rad`` (rad), or the plain excitation block ``rf``, ``gz`` and ``events``
+    (e.g. a block delay), with ``labels`` when no chemsat took them. ``rf`` must already
+    carry the slice's frequency offset and the RF phase (:func:`set_slice_offset`); the
+    water train sets its own.
+
+    Parameters
+    ----------
+    seq : pypulseq.Sequence
+        The sequence to append to.
+    rf, gz : SimpleNamespace
+        The plain excitation pulse and its select gradient (not played with ``water``).
+    chemsat, water : ChemSat or WaterExcitation or None
+        The modules :func:`fat_modules` returned for the protocol.
+    position_m : float
+        Slice position along z (m), for the water train's sub-pulses.
+    phase_rad : float
+        RF phase added to the water train's sub-pulses (rad; RF spoiling).
+    labels : list of SimpleNamespace, optional
+        Labels (e.g. ``TRID``) of the first block played.
+    events : tuple of SimpleNamespace
+        Extra events of the plain excitation block.
+    """
+    first = list(labels or [])
+    if chemsat is not None:
+        chemsat.add_to(seq, first)
+        first = []
+    if water is not None:
+        water.add_to(seq, position_m=position_m, phase_rad=phase_rad, labels=first)
+    else:
+        seq.add_block(rf, gz, *events, *first)

@@ -24,7 +24,7 @@ from mrharmony.sequences.builders._common import (
     te_tr_fill,
     trapezoid,
 )
-from mrharmony.sequences.builders._fat import fat_definitions, fat_modules
+from mrharmony.sequences.builders._fat import add_excitation, fat_definitions, fat_modules
 from mrharmony.sequences.protocol import Gre2DProtocol, Gre3DProtocol
 from mrharmony.sequences.scanner import ScannerProfile
 
@@ -133,14 +133,8 @@ def _spoiled_gre(
             ro.adc.phase_offset = rf_phase
             rf_inc = (rf_inc + inc) % (2 * math.pi)
             rf_phase = (rf_phase + rf_inc) % (2 * math.pi)
-            trid = [label("TRID", 1 if dummy else 2)]
-            if chemsat is not None:
-                chemsat.add_to(seq, trid)
-                trid = []
-            if water is not None:
-                water.add_to(seq, position_m=float(pos), phase_rad=rf_phase_now, labels=trid)
-            else:
-                seq.add_block(rf, gz, *trid)
+            add_excitation(seq, rf, gz, chemsat=chemsat, water=water, position_m=float(pos),
+                           phase_rad=rf_phase_now, labels=[label("TRID", 1 if dummy else 2)])
             gy_pre = trapezoid(channel="y", area=ky, duration=t_pre, system=system)
             gz_pre = trapezoid(
                 channel="z", area=gz_reph_area + kz, duration=t_pre, system=system

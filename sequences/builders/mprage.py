@@ -25,7 +25,7 @@ from mrharmony.sequences.builders._common import (
     sampling_definitions,
     trapezoid,
 )
-from mrharmony.sequences.builders._fat import fat_definitions, fat_modules
+from mrharmony.sequences.builders._fat import add_excitation, fat_definitions, fat_modules
 from mrharmony.sequences.protocol import MPRAGEProtocol
 from mrharmony.sequences.scanner import ScannerProfile
 
@@ -229,10 +229,8 @@ def build_mprage(protocol: MPRAGEProtocol, scanner: ScannerProfile) -> pp.Sequen
             ro.adc.phase_offset = rf_phase
             rf_inc = (rf_inc + inc) % (2 * math.pi)
             rf_phase = (rf_phase + rf_inc) % (2 * math.pi)
-            if water is not None:
-                water.add_to(seq, phase_rad=rf_phase_now)
-            else:
-                seq.add_block(rf, gz, pp.make_delay(t_exc))
+            add_excitation(seq, rf, gz, chemsat=None, water=water, phase_rad=rf_phase_now,
+                           events=(pp.make_delay(t_exc),))
             seq.add_block(gx_pre, gy_pre[iy], gz_pre)
             if delay_te > 0:
                 seq.add_block(pp.make_delay(delay_te))

@@ -48,6 +48,7 @@ from mrharmony.sequences.builders._common import (
 from mrharmony.sequences.builders._fat import (
     ChemSat,
     WaterExcitation,
+    add_excitation,
     fat_definitions,
     fat_modules,
 )
@@ -405,13 +406,9 @@ def _play_train(
     set_slice_offset(rf_exc, parts.gz_exc.amplitude, position_m)
     set_slice_offset(rf_ref, parts.gz_ref.amplitude, position_m)
     rf_ref.phase_offset += math.pi / 2  # CPMG: refocusing along y
-    if parts.chemsat is not None:
-        parts.chemsat.add_to(seq, first_labels)
-        first_labels = []
-    if parts.water is not None:
-        parts.water.add_to(seq, position_m=position_m, labels=first_labels)
-    else:
-        seq.add_block(rf_exc, parts.gz_exc, pp.make_delay(parts.t_exc), *first_labels)
+    add_excitation(seq, rf_exc, parts.gz_exc, chemsat=parts.chemsat, water=parts.water,
+                   position_m=position_m, labels=first_labels,
+                   events=(pp.make_delay(parts.t_exc),))
     seq.add_block(parts.gx_p, parts.gz_p)
     if timing.fill0 > 0:
         seq.add_block(pp.make_delay(timing.fill0))
