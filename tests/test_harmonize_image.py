@@ -18,11 +18,11 @@ import pytest
 from scipy import ndimage, stats
 
 from mrharmony.errors import HarmonizeError, ModelFileError
+from mrharmony.harmonize.evaluate import image_similarity
 from mrharmony.harmonize.image import (
     MicaNormalizer,
     NyulNormalizer,
     Ravel,
-    image_similarity,
     match_histogram,
     whitestripe,
     zscore,
