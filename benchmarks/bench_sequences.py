@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             out = tmp_path / f"{protocol.builder}.seq"
 
             def ours(protocol=protocol, out=out):
-                return build_file(protocol, args.scanner, out, overwrite=True)
+                return build_file(protocol, args.scanner, out, force=True)
 
             t_ours, _ = _best(ours, args.repeat)
             n_ours = _blocks_in(out)

@@ -39,7 +39,7 @@ def _load_nifti(path: Path) -> Any:
 def _save_nifti(img: Any, path: Path) -> None:
     from mrharmony.formats.nifti import save_nifti
 
-    save_nifti(img, path, overwrite=True)
+    save_nifti(img, path, force=True)
 
 
 @click.command("image")

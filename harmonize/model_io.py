@@ -87,7 +87,7 @@ def save_model(model: Any, path: str | Path, *, force: bool = False,
 
     path = Path(path)
     if path.exists() and not force:
-        raise FileExistsError(f"{path}: exists (use force=True / --force to replace it)")
+        raise FileExistsError(f"{path}: exists (use --force / force=True to replace it)")
     state, arrays = model._get_state()
     clean: dict[str, np.ndarray] = {}
     for name, arr in arrays.items():

@@ -32,7 +32,7 @@ def _figure(width_in: float, height_in: float) -> Any:
 def _save(fig: Any, path: str | Path, force: bool) -> Path:
     path = Path(path)
     if path.exists() and not force:
-        raise FileExistsError(f"{path}: exists (use force=True to replace it)")
+        raise FileExistsError(f"{path}: exists (use --force / force=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")

@@ -125,7 +125,7 @@ def write_html_report(path: str | Path, title: str,
     """
     path = Path(path)
     if path.exists() and not force:
-        raise FileExistsError(f"{path}: exists (use --force to replace it)")
+        raise FileExistsError(f"{path}: exists (use --force / force=True to replace it)")
     secs = [_section(s) for s in sections]
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",

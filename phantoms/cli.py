@@ -60,7 +60,7 @@ def make(kind: str, field_t: float, matrix: int | None, voxel_size_mm: float | N
     if voxel_size_mm is not None and kind != "brain":
         raise PhantomError("--voxel-size-mm applies to the brain phantom only")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise PhantomError(f"{out_dir}: exists and is not empty (use --force)")
+        raise PhantomError(f"{out_dir}: exists and is not empty (use --force to replace it)")
     n = 128 if matrix is None else matrix
     if kind == "system":
         ph = make_system_phantom(field_t, matrix=n, array=array, slice_index=slice_index,

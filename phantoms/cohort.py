@@ -528,7 +528,8 @@ class Cohort:
         """
         out = Path(directory)
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-            raise PhantomError(f"{out}: exists and is not empty (use force)")
+            raise PhantomError(f"{out}: exists and is not empty (use --force / "
+                               "force=True to replace it)")
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_directory(out) as tmp:
             table = self.ground_truth(field_t=field_t, progress=progress,

@@ -381,7 +381,8 @@ class Phantom:
         if out.exists() and not out.is_dir():
             raise PhantomError(f"{out}: exists and is not a directory")
         if out.exists() and any(out.iterdir()) and not force:
-            raise PhantomError(f"{out}: directory exists and is not empty (use force)")
+            raise PhantomError(f"{out}: exists and is not empty (use --force / "
+                               "force=True to replace it)")
         try:
             meta_text = json.dumps(self.metadata)
         except (TypeError, ValueError) as exc:

@@ -50,7 +50,7 @@ def plot_phantom(phantom: Phantom, out_png: str | os.PathLike[str], *,
 
     out = Path(out_png)
     if out.exists() and not force:
-        raise PhantomError(f"{out}: exists (use force to overwrite)")
+        raise PhantomError(f"{out}: exists (use --force / force=True to replace it)")
     available = phantom.maps()
     unknown = [m for m in maps if m not in available]
     if unknown:

@@ -32,7 +32,7 @@ def _map_path(out: Path, name: str) -> Path:
                    "or MRD v2 images (.mrd).")
 @click.option("--method", default="auto", show_default=True,
               type=click.Choice(["auto", "fft", "grappa", "sense", "cs", "tv", "nufft"]),
-              help="Reconstruction method.")
+              help="Reconstruction method (EPI data: auto or fft).")
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", "numpy", "cupy", "bart"]),
               help="Array backend (auto: GPU when CuPy sees one).")
@@ -104,7 +104,7 @@ def recon(raw: Path, output: Path, method: str, backend: str, lamda: float | Non
                 from mrharmony.formats.mrd2 import write_mrd2_images
 
                 written.append(write_mrd2_images(path, group, header=data.header,
-                                                 overwrite=force))
+                                                 force=force))
             else:
                 written += write_nifti(group, path, header=data.header, force=force)
         if write_mrd:

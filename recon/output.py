@@ -156,7 +156,7 @@ def write_nifti(
     json_path = out.with_name(stem + ".json")
     for p in (out, json_path):
         if p.exists() and not force:
-            raise FileExistsError(f"{p}: exists (use --force to replace it)")
+            raise FileExistsError(f"{p}: exists (use --force / force=True to replace it)")
     vols = [stack_volume(group) for _, group in _volumes(images)]
     shapes = {v[0].shape for v in vols}
     if len(shapes) > 1:
@@ -171,9 +171,9 @@ def write_nifti(
     if gradients is not None:
         for p in grad_paths:
             if p.exists() and not force:
-                raise FileExistsError(f"{p}: exists (use --force to replace it)")
+                raise FileExistsError(f"{p}: exists (use --force / force=True to replace it)")
     # the JSON is written after the NIfTI; all through temp files in the same folder
-    save_nifti(img, out, overwrite=True)
+    save_nifti(img, out, force=True)
     with atomic_path(json_path) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     if gradients is None:

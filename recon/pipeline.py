@@ -27,7 +27,8 @@ Backends: ``numpy``, ``cupy`` (GPU; the same code through :mod:`mrharmony.backen
 ``bart`` (ESPIRiT + ``pics`` through :mod:`mrharmony.recon.bart`: Cartesian ``sense`` and
 ``cs``; ``fft`` runs on NumPy and the sidecar says so; anything else is refused), ``auto``
 (``cupy`` when a GPU is usable, else ``numpy``). Options (``lamda``, ``max_iter``) a
-method does not take are refused (:data:`METHOD_OPTIONS`).
+method does not take are refused (:data:`METHOD_OPTIONS`). EPI data run the EPI recon
+with ``auto`` or ``fft`` (:data:`EPI_METHODS`); every other method is refused for them.
 """
 
 from __future__ import annotations
@@ -173,6 +174,10 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "grappa": ("lamda",),
     "sense": ("lamda", "max_iter"), "cs": ("lamda", "max_iter"), "tv": ("lamda", "max_iter"),
 }
+
+#: Methods that run the EPI recon (:func:`mrharmony.recon.epi.reconstruct_epi`: ramp
+#: regridding, Nyquist-ghost correction, FFT); any other method is refused for EPI data.
+EPI_METHODS = ("auto", "fft")
 
 #: Methods each backend runs itself (``bart``: ESPIRiT maps and ``pics`` on Cartesian data).
 _BART_METHODS = ("sense", "cs")
@@ -607,6 +612,11 @@ def reconstruct_acquisitions(
     dwell = float(parts["imaging"][0].sample_time_us) or None
     whitener = noise_prewhitener(parts["noise"] + list(noise or []), dwell_us=dwell)
     traj = _trajectory(header)
+    if traj == "epi" and method not in EPI_METHODS:
+        raise ReconError(
+            f"method {method!r} is not available for epi data: the EPI recon (ramp "
+            "regridding, Nyquist-ghost correction, FFT; missing lines stay zero) runs "
+            f"with method {' or '.join(repr(m) for m in EPI_METHODS)}")
     images: list[ReconImage] = []
     prewhitened = whitener is not None
     if traj == "cartesian":

@@ -99,7 +99,7 @@ def seq_build(protocol: Path, scanner: str, output: Path, force: bool) -> None:
     from mrharmony.sequences import build_file, load_scanner
 
     profile = load_scanner(scanner)
-    seq_obj, path = build_file(protocol, profile, output, overwrite=force)
+    seq_obj, path = build_file(protocol, profile, output, force=force)
     s = _summary(seq_obj, profile)
     console().print(
         f"wrote {path}: {s['duration_s']:.3f} s, {s['blocks']} blocks, TE {_fmt_ms(s['te_ms'])} "
@@ -121,7 +121,7 @@ def _build_one(protocol_path: str, scanner: str, out_dir: str, force: bool) -> d
         profile = load_scanner(scanner)
         row["protocol"] = protocol.name
         target = Path(out_dir) / scanner / f"{protocol.name}.seq"
-        seq_obj, path = build_file(protocol, profile, target, overwrite=force)
+        seq_obj, path = build_file(protocol, profile, target, force=force)
         row.update(_summary(seq_obj, profile), status="ok", file=str(path))
     except (_UserError, FileExistsError) as exc:
         row.update(status="refused", reason=str(exc).split(": ", 1)[-1])

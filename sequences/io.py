@@ -53,7 +53,7 @@ def build(protocol: Protocol | str | Path, scanner: ScannerProfile | str) -> pp.
 
 
 def write_seq(
-    seq: pp.Sequence, path: str | Path, *, overwrite: bool = False, check_timing: bool = True
+    seq: pp.Sequence, path: str | Path, *, force: bool = False, check_timing: bool = True
 ) -> Path:
     """Write a sequence to ``path`` atomically (temporary file, then rename).
 
@@ -63,7 +63,7 @@ def write_seq(
         The sequence to write (signed with an MD5 signature, duplicates removed).
     path : str or Path
         Target file; ``.seq`` is appended if missing.
-    overwrite : bool
+    force : bool
         Replace an existing file. Without it an existing file is an error.
     check_timing : bool
         Let pypulseq re-check the timing while writing (it only warns). Builders have
@@ -77,13 +77,13 @@ def write_seq(
     Raises
     ------
     FileExistsError
-        If ``path`` exists and ``overwrite`` is false.
+        If ``path`` exists and ``force`` is false.
     """
     path = Path(path)
     if path.suffix != ".seq":
         path = path.with_name(path.name + ".seq")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: exists (use --force / overwrite=True to replace it)")
+    if path.exists() and not force:
+        raise FileExistsError(f"{path}: exists (use --force / force=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".seq") as tmp:
         seq.write(str(tmp), create_signature=True, check_timing=check_timing)
@@ -95,7 +95,7 @@ def build_file(
     scanner: ScannerProfile | str,
     path: str | Path,
     *,
-    overwrite: bool = False,
+    force: bool = False,
 ) -> tuple[pp.Sequence, Path]:
     """Build a protocol and write it to ``path``; nothing is written if the build fails.
 
@@ -106,10 +106,10 @@ def build_file(
     target = Path(path)
     if target.suffix != ".seq":
         target = target.with_name(target.name + ".seq")
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: exists (use --force / overwrite=True to replace it)")
+    if target.exists() and not force:
+        raise FileExistsError(f"{target}: exists (use --force / force=True to replace it)")
     seq = build(protocol, scanner)  # raises if the timing check fails
-    return seq, write_seq(seq, target, overwrite=overwrite, check_timing=False)
+    return seq, write_seq(seq, target, force=force, check_timing=False)
 
 
 def read_seq(path: str | Path, scanner: ScannerProfile | str | None = None) -> pp.Sequence:

@@ -1,15 +1,80 @@
-"""Command-line interface of the simulator: ``mrharmony simulate`` and ``mrharmony site``."""
+"""Command-line interface of the simulator: ``mrharmony simulate`` and ``mrharmony site``.
+
+The simulator runs ``.seq`` files (:func:`~mrharmony.simulation.raw.simulate_raw`); a
+protocol TOML given to ``mrharmony simulate`` is built here first, by the sequence
+library, on the site's scanner (:func:`sequence_file`): the one place of the simulation
+stage that imports the sequence library's builders.
+"""
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import click
 
 from mrharmony.cliutil import console
 
-__all__ = ["simulate", "site"]
+__all__ = ["sequence_file", "simulate", "site"]
+
+
+def sequence_file(source: Any, site: Any, *, native: bool, workdir: str | Path,
+                  ) -> tuple[Path, dict[str, Any]]:
+    """The ``.seq`` file to simulate and the header record of the native flavour.
+
+    Parameters
+    ----------
+    source : str, Path or Protocol
+        A Pulseq ``.seq`` file (returned as it is), or a protocol (``.toml`` file or
+        :class:`~mrharmony.sequences.protocol.Protocol`), built on ``site``'s scanner by
+        :func:`mrharmony.sequences.build_file` into ``workdir``.
+    site : Site
+        The virtual site (its scanner profile and, for ``native``, the vendor's choices).
+    native : bool
+        Build the vendor's native flavour of the protocol
+        (:func:`~mrharmony.simulation.native.native_protocol`).
+    workdir : str or Path
+        Folder for the built file (``<protocol name>.seq``).
+
+    Returns
+    -------
+    (Path, dict)
+        The ``.seq`` file, and the ``header_info`` of
+        :func:`~mrharmony.simulation.raw.simulate_raw` (empty unless ``native``).
+
+    Raises
+    ------
+    SimulationError
+        ``native`` with a ``.seq`` file: a ``.seq`` is the vendor-agnostic implementation
+        and runs unchanged.
+    ProtocolError, ConfigError
+        From loading or building the protocol.
+    """
+    from mrharmony.errors import SimulationError
+    from mrharmony.sequences import Protocol, build_file, load_protocol
+
+    protocol = None
+    if isinstance(source, Protocol):
+        protocol = source
+    elif Path(source).suffix.lower() == ".toml":
+        protocol = load_protocol(source)
+    if protocol is None:
+        if native:
+            raise SimulationError(
+                f"{source}: the native flavour needs the protocol (TOML), not a .seq file: a "
+                ".seq is the vendor-agnostic implementation and runs unchanged"
+            )
+        return Path(source), {}
+    info: dict[str, Any] = {}
+    if native:
+        from mrharmony.simulation.native import native_header_info, native_protocol
+
+        info = native_header_info(protocol, site)
+        protocol = native_protocol(protocol, site)
+    _, path = build_file(protocol, site.profile, Path(workdir) / f"{protocol.name}.seq")
+    return path, info
 
 
 @click.command("simulate")
@@ -51,11 +116,13 @@ def simulate(seq: Path, phantom_dir: Path, site_name: str, output: Path, backend
     out.print(f"simulating [bold]{seq.name}[/] on {phantom.name or phantom_dir.name} "
                   f"{phantom.shape} at {site_obj.name} ({site_obj.coil.channels} channels, "
                   f"{site_obj.field_strength_t:g} T){' [native]' if native else ''}")
-    with warnings.catch_warnings(record=True) as caught:
+    with (tempfile.TemporaryDirectory(prefix="mrharmony-sim-") as work,
+          warnings.catch_warnings(record=True) as caught):
         warnings.simplefilter("always", SimulationWarning)
-        path = simulate_raw(seq, phantom, site_obj, output, seed=seed, backend=backend,
-                            native=native, progress=True, overwrite=force,
-                            isochromats_per_voxel=isochromats, noise=noise)
+        seq_file, info = sequence_file(seq, site_obj, native=native, workdir=work)
+        path = simulate_raw(seq_file, phantom, site_obj, output, seed=seed, backend=backend,
+                            native=native, progress=True, force=force,
+                            isochromats_per_voxel=isochromats, noise=noise, header_info=info)
     for w in caught:
         if issubclass(w.category, SimulationWarning):
             click.echo(f"mrharmony: warning: {w.message}", err=True)

@@ -11,8 +11,10 @@ vendors' own sequences differs in implementation details that change the images:
   intensity normalisation (Siemens Prescan Normalize, GE PURE, Philips CLEAR).
 
 :func:`native_protocol` applies the first group wherever the sequence library's
-protocol classes have a field for it; :func:`native_changes` reports what was applied and
-what the protocol has no field for. :func:`kspace_filter_weights` and
+protocol classes have a field for it (the caller builds the ``.seq`` of the native
+protocol: the simulator runs ``.seq`` files only); :func:`native_changes` reports what was
+applied and what the protocol has no field for, :func:`native_header_info` what the raw
+data's header records. :func:`kspace_filter_weights` and
 :func:`prescan_normalize` implement the second group on the raw data: the k-space filter
 multiplies the samples (and is recorded in the ISMRMRD header), prescan normalisation
 divides the receive sensitivities by their root-sum-of-squares, i.e. it flattens the
@@ -38,6 +40,7 @@ __all__ = [
     "RF_SHAPE_APODIZATION",
     "kspace_filter_weights",
     "native_changes",
+    "native_header_info",
     "native_protocol",
     "prescan_normalize",
 ]
@@ -118,6 +121,32 @@ def native_protocol(protocol: Protocol, site: Site) -> Protocol:
     if not changes:
         return protocol
     return dataclasses.replace(protocol, **{k: v[1] for k, v in changes.items()})
+
+
+def native_header_info(protocol: Protocol, site: Site) -> dict[str, Any]:
+    """The vendor's sequence choices of the native flavour, as the raw header records them.
+
+    Parameters
+    ----------
+    protocol : Protocol
+        The protocol (as written, or already native: the result is the same).
+    site : Site
+
+    Returns
+    -------
+    dict
+        ``native_<choice>`` of the choices without a protocol field
+        (:func:`native_changes`' ``recorded``: pulse shape, slice profile), then
+        ``native_rf_time_bw_product`` and ``native_rf_spoiling_inc_deg`` (float) of the
+        native protocol where it has these fields; for ``simulate_raw(header_info=...)``.
+    """
+    native = native_protocol(protocol, site)
+    info: dict[str, Any] = {f"native_{key}": value
+                            for key, value in native_changes(native, site)["recorded"].items()}
+    for key in ("rf_time_bw_product", "rf_spoiling_inc_deg"):
+        if hasattr(native, key):
+            info[f"native_{key}"] = float(getattr(native, key))
+    return info
 
 
 def kspace_filter_weights(

@@ -2,9 +2,10 @@
 
 :func:`simulate_raw` is the whole receive chain of one scan:
 
-1. the sequence: a ``.seq`` file (the vendor-agnostic path, run unchanged) or a protocol
-   (TOML or :class:`~mrharmony.sequences.protocol.Protocol`), built on the site's scanner,
-   in the vendor's native flavour with ``native=True`` (:mod:`.native`);
+1. the sequence: a Pulseq ``.seq`` file, run unchanged (building a protocol is the
+   sequence library's job: ``mrharmony simulate PROTOCOL.toml`` builds it on the site's
+   scanner first, in the vendor's native flavour with ``--native``, see
+   :func:`mrharmony.simulation.cli.sequence_file` and :mod:`.native`);
 2. the site's fields on the phantom grid: shim residual B0 and B1+ scale
    (:mod:`.site`), receive sensitivities of the coil array and its noise covariance
    (:mod:`.coils`);
@@ -37,8 +38,8 @@ parameter ``trajectory_units`` says so.
 
 from __future__ import annotations
 
-import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,33 +74,20 @@ def _load_phantom(phantom: Any) -> Any:
     return phantom
 
 
-def _prepare_sequence(source: Any, site: Site, native: bool, workdir: Path) -> tuple[Any, Any]:
-    """(PulseqSequence, protocol or None)."""
+def _read_sequence(source: Any) -> Any:
+    """The PulseqSequence of a ``.seq`` file; anything else is refused."""
     from mrharmony.formats.pulseq import read_pulseq
-    from mrharmony.sequences import build, write_seq
-    from mrharmony.sequences.protocol import Protocol, load_protocol
-    from mrharmony.simulation.native import native_protocol
 
-    protocol = None
-    if isinstance(source, Protocol):
-        protocol = source
-    elif isinstance(source, str | Path) and Path(source).suffix.lower() == ".toml":
-        protocol = load_protocol(source)
-    if protocol is not None:
-        if native:
-            protocol = native_protocol(protocol, site)
-        pp_seq = build(protocol, site.profile)
-        path = write_seq(pp_seq, workdir / f"{protocol.name}.seq", check_timing=False)
-        return read_pulseq(path), protocol
-    if native:
+    if not isinstance(source, str | Path) or Path(source).suffix.lower() == ".toml":
         raise SimulationError(
-            f"{source}: the native flavour needs the protocol (TOML), not a .seq file: a .seq "
-            "is the vendor-agnostic implementation and runs unchanged"
+            f"{source}: simulate_raw runs a Pulseq .seq file; build the protocol first "
+            "(mrharmony seq build, mrharmony.sequences.build_file, or "
+            "mrharmony.simulation.cli.sequence_file for the native flavour)"
         )
     path = Path(source)
     if not path.is_file():
         raise SequenceFileError(f"{path}: no such sequence file")
-    return read_pulseq(path), None
+    return read_pulseq(path)
 
 
 def _complete_header(header: Any, site: Site, labels: tuple[str, ...], info: dict[str, Any]) -> Any:
@@ -200,7 +188,7 @@ def _warn_if_outside_slices(seq: Any, phantom: Any) -> None:
 
 
 def simulate_raw(
-    seq_path: str | Path | Any,
+    seq_path: str | Path,
     phantom: Any,
     site: Site | str | Path,
     out_path: str | Path,
@@ -209,17 +197,18 @@ def simulate_raw(
     backend: str = "numpy",
     native: bool = False,
     progress: bool = False,
-    overwrite: bool = False,
+    force: bool = False,
     isochromats_per_voxel: int = 1,
     noise: bool = True,
+    header_info: Mapping[str, Any] | None = None,
 ) -> Path:
     """Simulate a scan of a phantom at a virtual site and write ISMRMRD raw data.
 
     Parameters
     ----------
-    seq_path : str, Path or Protocol
-        A Pulseq ``.seq`` file (run unchanged), or a protocol ``.toml`` / Protocol, built
-        on the site's scanner (required for ``native=True``).
+    seq_path : str or Path
+        A Pulseq ``.seq`` file, run unchanged (for the native flavour: the vendor's build
+        of the protocol, :func:`mrharmony.simulation.cli.sequence_file`).
     phantom : Phantom or path
         The object (or its saved folder).
     site : Site, str or Path
@@ -232,10 +221,11 @@ def simulate_raw(
     backend : {"numpy", "cupy"}
         Array backend of the Bloch engine.
     native : bool
-        Run the site vendor's native flavour of the protocol (:mod:`.native`).
+        Apply the site vendor's receive chain and reconstruction choices (k-space filter,
+        prescan normalisation; :mod:`.native`) to the raw data.
     progress : bool
         Show the engine's progress bar.
-    overwrite : bool
+    force : bool
         Replace an existing ``out_path``.
     isochromats_per_voxel : int
         Isochromats per voxel (> 1 models T2' dephasing and intravoxel spoiling: stratified
@@ -243,6 +233,10 @@ def simulate_raw(
         :mod:`.spins`).
     noise : bool
         Add thermal noise (False: noiseless data; noise scans are then all zero).
+    header_info : mapping, optional
+        More user parameters for the header, after the simulation's own (numbers as
+        doubles, strings and booleans as strings), e.g. the vendor's sequence choices of
+        :func:`~.native.native_header_info`.
 
     Returns
     -------
@@ -252,26 +246,24 @@ def simulate_raw(
     Raises
     ------
     FileExistsError
-        ``out_path`` exists and ``overwrite`` is false (checked before simulating).
+        ``out_path`` exists and ``force`` is false (checked before simulating).
     SiteError, SequenceFileError, SimulationError, PhantomError
-        Bad site, unreadable sequence, native flavour of a ``.seq``, bad phantom.
+        Bad site, unreadable sequence, a protocol instead of a ``.seq``, bad phantom.
     """
 
     from mrharmony.simulation.engine import simulate
-    from mrharmony.simulation.native import native_changes
     from mrharmony.simulation.spins import SpinSystem, through_plane_extent
 
     out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
-        raise FileExistsError(f"{out_path}: exists (use --force / overwrite=True to replace it)")
+    if out_path.exists() and not force:
+        raise FileExistsError(f"{out_path}: exists (use --force / force=True to replace it)")
     site = load_site(site)
     ph = _load_phantom(phantom)
     shape = tuple(int(s) for s in ph.shape)
     affine = np.asarray(ph.affine, dtype=np.float64)
     mask = np.asarray(ph.mask).reshape(-1)
 
-    with tempfile.TemporaryDirectory(prefix="mrharmony-sim-") as work:
-        seq, protocol = _prepare_sequence(seq_path, site, native, Path(work))
+    seq = _read_sequence(seq_path)
     records = seq.adc_records()
     if not records:
         raise SimulationError(f"{seq_path}: the sequence has no ADC events, nothing to write")
@@ -322,7 +314,7 @@ def simulate_raw(
         "readout_filter": site.receiver.readout_filter,
         "trajectory_units": "cycles_per_fov" if traj_dims else "none",
         "phantom": str(getattr(ph, "name", "") or "phantom"),
-        "protocol": str(seq.definitions.get("Name", getattr(protocol, "name", ""))),
+        "protocol": str(seq.definitions.get("Name", "")),
         "seed": int(seed),
         "noise_sigma_per_sample": chain.sigma0 if noise else 0.0,
         "snr_per_mm3_per_sqrt_s": chain.snr,
@@ -332,14 +324,9 @@ def simulate_raw(
         "receiver_gain_db": site.receiver.gain_db,
         "relative_noise_bandwidth": chain.relative_noise_bandwidth,
     }
-    if native and protocol is not None:
-        for key, value in native_changes(protocol, site)["recorded"].items():
-            info[f"native_{key}"] = value
-        for key in ("rf_time_bw_product", "rf_spoiling_inc_deg"):
-            if hasattr(protocol, key):
-                info[f"native_{key}"] = float(getattr(protocol, key))
+    info.update(header_info or {})
     header = _complete_header(header, site, rx.labels, info)
-    return write_raw(out_path, header_to_xml(header), heads, data, trajs, overwrite=overwrite)
+    return write_raw(out_path, header_to_xml(header), heads, data, trajs, force=force)
 
 
 @dataclass(frozen=True)

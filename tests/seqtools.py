@@ -133,3 +133,18 @@ def run_pypulseq_example(script, seq_filename):
         finally:
             pp.Opts.reset_default()
     return seq_filename
+
+
+def simulate_protocol(protocol, phantom, site, out_path, *, native: bool = False, **kwargs):
+    """What ``mrharmony simulate PROTOCOL.toml`` does: build the protocol on the site's
+    scanner (the vendor's flavour with ``native``), then ``simulate_raw`` the ``.seq``."""
+    import tempfile
+
+    from mrharmony.simulation import load_site, simulate_raw
+    from mrharmony.simulation.cli import sequence_file
+
+    site = load_site(site)
+    with tempfile.TemporaryDirectory(prefix="mrharmony-test-") as work:
+        seq, info = sequence_file(protocol, site, native=native, workdir=work)
+        return simulate_raw(seq, phantom, site, out_path, native=native, header_info=info,
+                            **kwargs)

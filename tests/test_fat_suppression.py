@@ -42,8 +42,10 @@ from mrharmony.sequences.builders._fat import (
 from mrharmony.sequences.io import build, write_seq
 from mrharmony.sequences.protocol import protocol_from_mapping
 from mrharmony.sequences.scanner import GAMMA_HZ_PER_T, load_scanner
-from mrharmony.simulation import load_site, simulate_raw
+from mrharmony.simulation import load_site
 from mrharmony.simulation.site import site_from_mapping
+
+from seqtools import simulate_protocol
 
 SCANNERS = {1.5: "philips-ingenia-1.5t", 3.0: "siemens-prisma"}
 SITES = {1.5: "philips-ingenia-1.5t", 3.0: "siemens-prisma-3t"}
@@ -235,7 +237,7 @@ def energies(tmp_path_factory):
         if key not in out:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                path = simulate_raw(protocol(builder, mode), _phantom(field_t, species),
+                path = simulate_protocol(protocol(builder, mode), _phantom(field_t, species),
                                     _site(field_t), folder / ("_".join(map(str, key)) + ".h5"),
                                     noise=False, isochromats_per_voxel=32)
             out[key] = _energy(path)

@@ -179,7 +179,7 @@ def test_writers_refuse_to_overwrite_and_leave_no_partial_file(shepp_logan, tmp_
     broken = read_raw(h5)
     broken.acquisitions[3] = object()  # fails half-way through the items
     with pytest.raises(AttributeError):
-        mrd2.write_mrd2_raw(target, broken, overwrite=True)
+        mrd2.write_mrd2_raw(target, broken, force=True)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.mrd"]
 

@@ -327,7 +327,7 @@ def test_existing_output_is_kept(tmp_path: Path) -> None:
         convert_twix(_p(SE[0]), _p(SE[1]), out)
     assert out.read_bytes() == b"keep"
     shutil.copy(REAL / SE[1], tmp_path / "copy.seq")
-    assert convert_twix(_p(SE[0]), tmp_path / "copy.seq", out, overwrite=True) == out
+    assert convert_twix(_p(SE[0]), tmp_path / "copy.seq", out, force=True) == out
 
 
 # --------------------------------------------------------------------------- other EPIs

@@ -126,5 +126,5 @@ def test_existing_file_is_not_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="exists"):
         build_file(_proto(), "siemens-prisma", target)
     assert target.read_text() == "keep me"
-    build_file(_proto(), "siemens-prisma", target, overwrite=True)
+    build_file(_proto(), "siemens-prisma", target, force=True)
     assert target.read_text().startswith("# Pulseq")

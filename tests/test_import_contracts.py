@@ -70,6 +70,17 @@ def test_stages_do_not_import_their_peers(folder, forbidden):
     assert not bad, sorted(bad)
 
 
+def test_simulation_runs_seq_files_and_never_builds_a_protocol():
+    """``simulate_raw`` takes a ``.seq``: the simulator uses the sequence library's protocol
+    and scanner definitions (native flavour, site hardware), never its builders. Only the
+    stage's CLI module builds a protocol TOML (``mrharmony simulate PROTOCOL.toml``)."""
+    allowed = ("mrharmony.sequences.protocol", "mrharmony.sequences.scanner")
+    bad = {f"{p.relative_to(ROOT)}: {m}" for p in _files("simulation") if p.name != "cli.py"
+           for m in _imports(p) if m.startswith("mrharmony.sequences")
+           and not any(m == a or m.startswith(a + ".") for a in allowed)}
+    assert not bad, sorted(bad)
+
+
 def test_only_the_entry_point_imports_the_top_level_cli():
     """Each stage owns its CLI module; ``mrharmony.cli`` only registers them (by name)."""
     folders = ("mrharmony", "sequences", "phantoms", "simulation", "recon", "harmonize", "study")

@@ -235,3 +235,53 @@ def test_conventions_of_our_epi_builder(ramp):
             for k in names]
         # Measured 4.8e-4, as with the trajectories (4.8e-2 without the definitions).
         assert nrmse(reconstruct_epi(header, without)[0], img) < 2e-3
+
+
+@pytest.mark.parametrize("method", ["grappa", "sense", "cs", "tv", "nufft"])
+def test_pipeline_refuses_a_method_the_epi_recon_does_not_run(method):
+    """``--method X`` on EPI data is applied or refused, never silently ignored."""
+    from mrharmony.recon.pipeline import reconstruct_acquisitions
+
+    acqs, _, _ = make_epi()
+    with pytest.raises(ReconError, match=rf"method '{method}' is not available for epi "
+                                         r"data.*'auto' or 'fft'"):
+        reconstruct_acquisitions(make_header(), acqs, method=method, backend="numpy")
+
+
+def test_pipeline_runs_the_epi_recon_for_auto_and_fft():
+    from mrharmony.recon.pipeline import reconstruct_acquisitions
+
+    acqs, img, sens = make_epi()
+    out = {m: reconstruct_acquisitions(make_header(), acqs, method=m, backend="numpy")[0]
+           for m in ("auto", "fft")}
+    assert np.array_equal(out["auto"].data, out["fft"].data)
+    assert out["fft"].meta["recon"]["method"] == "epi"
+    # the coil combination of the ghost-corrected coil images of reconstruct_epi
+    coils = np.asarray(reconstruct_epi(make_header(), acqs))
+    rss = np.sqrt((np.abs(coils) ** 2).sum(axis=0))
+    assert nrmse(np.abs(np.squeeze(out["fft"].data)), np.squeeze(rss)) < 1e-6  # measured 2e-15
+    # and the object: |img| x RSS of the sensitivities (measured 5.3e-5, ramp sampled)
+    truth = np.abs(img) * np.sqrt((np.abs(sens) ** 2).sum(axis=0))
+    assert nrmse(np.abs(np.squeeze(out["fft"].data)), truth) < 1e-3
+
+
+def test_cli_refuses_a_method_on_epi_data_in_one_line(tmp_path, capsys):
+    from mrharmony.cli import main
+    from mrharmony.formats.header import header_to_xml
+
+    acqs, _, _ = make_epi()
+    raw = tmp_path / "epi.h5"
+    ds = ismrmrd.Dataset(str(raw), "dataset", create_if_needed=True)
+    ds.write_xml_header(header_to_xml(make_header()))
+    for a in acqs:
+        ds.append_acquisition(a)
+    ds.close()
+    out = tmp_path / "img.nii.gz"
+    assert main(["recon", str(raw), "-o", str(out), "--method", "sense",
+                 "--backend", "numpy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "method 'sense' is not available for epi data" in err
+    assert not out.exists()
+    assert main(["recon", str(raw), "-o", str(out), "--method", "fft",
+                 "--backend", "numpy"]) == 0 and out.exists()

@@ -29,8 +29,9 @@ from mrharmony.phantoms import Phantom, make_shepp_logan
 from mrharmony.sequences.io import build
 from mrharmony.sequences.protocol import protocol_from_mapping
 from mrharmony.simulation.engine import simulate
-from mrharmony.simulation.raw import simulate_raw
 from mrharmony.simulation.spins import SpinSystem, through_plane_extent
+
+from seqtools import simulate_protocol
 
 PROTOCOLS = Path(__file__).resolve().parents[1] / "examples" / "protocols"
 SYSTEM = pp.Opts(max_grad=40, grad_unit="mT/m", max_slew=150, slew_unit="T/m/s",
@@ -137,7 +138,7 @@ def test_a_line_does_not_depend_on_the_excitation_that_acquires_it(tmp_path, tr_
     for n in (1, n_iso):
         for d in (dummy, dummy + 1):
             out = tmp_path / f"d{d}-n{n}.h5"
-            simulate_raw(_gre2d(tmp_path, d, tr_ms=tr_ms, name=f"d{d}"), ph, "ge-mr750-3t",
+            simulate_protocol(_gre2d(tmp_path, d, tr_ms=tr_ms, name=f"d{d}"), ph, "ge-mr750-3t",
                          out, noise=False, isochromats_per_voxel=n)
             runs[n, d] = _lines(out)
     a, b = runs[n_iso, dummy], runs[n_iso, dummy + 1]

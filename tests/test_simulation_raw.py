@@ -18,10 +18,12 @@ from mrharmony.phantoms import Phantom
 from mrharmony.sequences import build, write_seq
 from mrharmony.sequences.protocol import protocol_from_mapping
 from mrharmony.simulation import load_site, simulate_raw
+from mrharmony.simulation.cli import sequence_file
 from mrharmony.simulation.raw import receive_model
 from mrharmony.simulation.site import site_from_mapping
 
 from conftest import CORPUS
+from seqtools import simulate_protocol
 
 FOV_MM, N = 256.0, 32
 
@@ -185,7 +187,7 @@ def single_channel_scan(tmp_path_factory):
     and noise on), so that the plain FFT magnitude is the object (no coil shading)."""
     ph = make_phantom()
     site = prisma_variant(coil={"channels": 1})
-    path = simulate_raw(gre(), ph, site, tmp_path_factory.mktemp("raw") / "gre.h5", seed=3)
+    path = simulate_protocol(gre(), ph, site, tmp_path_factory.mktemp("raw") / "gre.h5", seed=3)
     return ph, path
 
 
@@ -220,7 +222,7 @@ def test_brain_phantom_gre_geometry_matches_the_phantom(tmp_path):
 
     ph = make_brain_phantom(3.0, voxel_size_mm=4.0, three_d=False, slice_z_mm=0.0)
     site = prisma_variant(coil={"channels": 1})
-    _, acqs = read(simulate_raw(gre(), ph, site, tmp_path / "brain.h5", seed=3))
+    _, acqs = read(simulate_protocol(gre(), ph, site, tmp_path / "brain.h5", seed=3))
     img = [a for a in acqs if not is_noise(a)]
     dx = FOV_MM / N
     recon = fft_recon(acqs, N)
@@ -270,9 +272,9 @@ def test_same_seed_same_raw_data_and_noise_statistics(tmp_path):
     ph = make_phantom(32)
     site = prisma_variant(coil={"channels": 8})
     proto = gre(matrix=[16, 16], fov_mm=[FOV_MM, FOV_MM])
-    a = simulate_raw(proto, ph, site, tmp_path / "a.h5", seed=5)
-    b = simulate_raw(proto, ph, site, tmp_path / "b.h5", seed=5)
-    c = simulate_raw(proto, ph, site, tmp_path / "c.h5", seed=6)
+    a = simulate_protocol(proto, ph, site, tmp_path / "a.h5", seed=5)
+    b = simulate_protocol(proto, ph, site, tmp_path / "b.h5", seed=5)
+    c = simulate_protocol(proto, ph, site, tmp_path / "c.h5", seed=6)
     (_, acq_a), (_, acq_b), (hc, acq_c) = read(a), read(b), read(c)
     da = np.concatenate([x.data for x in acq_a], axis=1)
     db = np.concatenate([x.data for x in acq_b], axis=1)
@@ -298,7 +300,7 @@ def test_native_flavour_uses_vendor_choices(tmp_path):
     ph = make_phantom(32)
     site = load_site("philips-ingenia-1.5t")
     proto = gre(matrix=[16, 16])
-    native = simulate_raw(proto, ph, site, tmp_path / "native.h5", native=True, noise=False)
+    native = simulate_protocol(proto, ph, site, tmp_path / "native.h5", native=True, noise=False)
     hn, _ = read(native)
     strings = {p.name: p.value for p in hn.userParameters.userParameterString}
     doubles = {p.name: p.value for p in hn.userParameters.userParameterDouble}
@@ -309,7 +311,24 @@ def test_native_flavour_uses_vendor_choices(tmp_path):
     assert doubles["native_rf_time_bw_product"] == 3.0
     seq = write_seq(build(proto, site.profile), tmp_path / "shared.seq")
     with pytest.raises(SimulationError, match="native flavour needs the protocol"):
-        simulate_raw(seq, ph, site, tmp_path / "x.h5", native=True)
+        sequence_file(seq, site, native=True, workdir=tmp_path)
+    # the native build is the vendor's: its .seq differs from the shared one
+    native_seq, info = sequence_file(proto, site, native=True, workdir=tmp_path / "nat")
+    assert native_seq.read_bytes() != seq.read_bytes()
+    assert info == {"native_rf_shape": "sinc-hamming", "native_slice_profile":
+                    site.native.slice_profile, "native_rf_time_bw_product": 3.0,
+                    "native_rf_spoiling_inc_deg": 150.0}
+
+
+def test_simulate_raw_runs_seq_files_only(tmp_path):
+    """A protocol (object or TOML) is built by the sequence library, never by simulate_raw."""
+    ph = make_phantom(16)
+    toml = tmp_path / "gre.toml"
+    toml.write_text('builder = "gre2d"\nname = "g"\n')
+    for source in (gre(matrix=[16, 16]), toml):
+        with pytest.raises(SimulationError, match=r"runs a Pulseq \.seq file"):
+            simulate_raw(source, ph, "siemens-prisma-3t", tmp_path / "x.h5")
+    assert not (tmp_path / "x.h5").exists()
 
 
 def test_native_kspace_filter_is_the_hamming_window(tmp_path):
@@ -322,8 +341,8 @@ def test_native_kspace_filter_is_the_hamming_window(tmp_path):
                           crusher_cycles_per_slice=4.0, prescan_normalize=False)
     site = site_from_mapping(data)
     proto = gre(matrix=[16, 16])
-    plain = simulate_raw(proto, ph, site, tmp_path / "plain.h5", noise=False)
-    native = simulate_raw(proto, ph, site, tmp_path / "native.h5", native=True, noise=False)
+    plain = simulate_protocol(proto, ph, site, tmp_path / "plain.h5", noise=False)
+    native = simulate_protocol(proto, ph, site, tmp_path / "native.h5", native=True, noise=False)
     kp = np.stack([a.data for a in read(plain)[1] if not is_noise(a)], axis=1)
     kn = np.stack([a.data for a in read(native)[1] if not is_noise(a)], axis=1)
     lines, samples = np.meshgrid(np.arange(16) - 8, np.arange(16) - 8, indexing="ij")
@@ -344,7 +363,7 @@ def test_radial_trajectory_in_cycles_per_fov(tmp_path):
         "n_spokes": 8, "readout_bandwidth_hz_per_px": 260,
     })
     site = prisma_variant(coil={"channels": 1}, gradients={"delay_us": [0.0, 0.0, 0.0]})
-    path = simulate_raw(proto, ph, site, tmp_path / "radial.h5", noise=False)
+    path = simulate_protocol(proto, ph, site, tmp_path / "radial.h5", noise=False)
     header, acqs = read(path)
     user = {p.name: p.value for p in header.userParameters.userParameterString}
     assert user["trajectory_units"] == "cycles_per_fov"
@@ -380,7 +399,7 @@ def test_gre3d_partitions_map_to_the_phantom(tmp_path):
         "readout_bandwidth_hz_per_px": 260, "dummy_scans": 20, "rf_spoiling_inc_deg": 0.0,
     })
     site = prisma_variant(coil={"channels": 1})
-    _, acqs = read(simulate_raw(proto, ph, site, tmp_path / "gre3d.h5", noise=False))
+    _, acqs = read(simulate_protocol(proto, ph, site, tmp_path / "gre3d.h5", noise=False))
     img = [a for a in acqs if not is_noise(a)]
     k3 = np.zeros((img[0].number_of_samples, 32, 8), complex)
     for a in img:

@@ -33,7 +33,7 @@ def convert_twix_cmd(meas: Path, seq: Path, output: Path, measurement: int | Non
     """Convert a Siemens twix MEAS.dat measured with a Pulseq SEQ into ISMRMRD (or MRD v2)."""
     from mrharmony.formats.twix import convert_twix
 
-    click.echo(str(convert_twix(meas, seq, output, measurement=measurement, overwrite=force,
+    click.echo(str(convert_twix(meas, seq, output, measurement=measurement, force=force,
                                 reference=reference, reference_seq=reference_seq)))
 
 
@@ -46,4 +46,4 @@ def convert_mrd_cmd(source: Path, output: Path, force: bool) -> None:
     """Convert raw data between ISMRMRD HDF5 (MRD v1) and MRD v2, either way."""
     from mrharmony.formats.mrd2 import convert_mrd
 
-    click.echo(str(convert_mrd(source, output, overwrite=force)))
+    click.echo(str(convert_mrd(source, output, force=force)))

@@ -1080,9 +1080,9 @@ class Mrd2Encoder:
         return self._sink.take()
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: exists (use --force / overwrite=True to replace it)")
+def _check_target(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise FileExistsError(f"{path}: exists (use --force / force=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -1096,7 +1096,7 @@ def _write_stream(path: Path, header: Any, items: Iterable[Any]) -> None:
         writer.close()
 
 
-def write_mrd2_raw(path: str | Path, raw: Any, *, overwrite: bool = False) -> Path:
+def write_mrd2_raw(path: str | Path, raw: Any, *, force: bool = False) -> Path:
     """Write raw data as an MRD v2 file, atomically.
 
     Parameters
@@ -1105,7 +1105,7 @@ def write_mrd2_raw(path: str | Path, raw: Any, *, overwrite: bool = False) -> Pa
         Output file (``.mrd``).
     raw : RawData
         Header and acquisitions (noise scans are written first, as a scanner sends them).
-    overwrite : bool
+    force : bool
         Replace an existing file.
 
     Returns
@@ -1115,16 +1115,16 @@ def write_mrd2_raw(path: str | Path, raw: Any, *, overwrite: bool = False) -> Pa
     Raises
     ------
     FileExistsError
-        If ``path`` exists and ``overwrite`` is false.
+        If ``path`` exists and ``force`` is false.
     RawDataError
         If a header enumeration has no MRD v2 counterpart.
     """
     return write_mrd2_acquisitions(path, raw.header, list(raw.noise) + list(raw.acquisitions),
-                                   overwrite=overwrite)
+                                   force=force)
 
 
 def write_mrd2_acquisitions(path: str | Path, header: Any, acquisitions: list[Any], *,
-                            overwrite: bool = False) -> Path:
+                            force: bool = False) -> Path:
     """Write a header and acquisitions, in the given order, as an MRD v2 file, atomically.
 
     Parameters
@@ -1135,7 +1135,7 @@ def write_mrd2_acquisitions(path: str | Path, header: Any, acquisitions: list[An
         ISMRMRD header (object or XML).
     acquisitions : list of ismrmrd.Acquisition
         Noise scans included.
-    overwrite : bool
+    force : bool
         Replace an existing file.
 
     Returns
@@ -1145,14 +1145,14 @@ def write_mrd2_acquisitions(path: str | Path, header: Any, acquisitions: list[An
     Raises
     ------
     FileExistsError
-        If ``path`` exists and ``overwrite`` is false.
+        If ``path`` exists and ``force`` is false.
     RawDataError
         If the header does not parse or an enumeration has no MRD v2 counterpart.
     """
     import mrd
 
     path = Path(path)
-    _check_target(path, overwrite)
+    _check_target(path, force)
     mrd_header = header_to_mrd2(header)
     _write_stream(path, mrd_header, (mrd.StreamItem.Acquisition(acquisition_to_mrd2(a))
                                      for a in acquisitions))
@@ -1160,7 +1160,7 @@ def write_mrd2_acquisitions(path: str | Path, header: Any, acquisitions: list[An
 
 
 def write_mrd2_images(path: str | Path, images: list[Any], header: Any = None,
-                      overwrite: bool = False) -> Path:
+                      force: bool = False) -> Path:
     """Write reconstructed images as an MRD v2 image file, atomically.
 
     Parameters
@@ -1172,7 +1172,7 @@ def write_mrd2_images(path: str | Path, images: list[Any], header: Any = None,
         ``(channels, z, y, x)``, geometry in LPS mm, meta attributes), numbered from 1.
     header : ismrmrd.xsd.ismrmrdHeader or mrd.Header, optional
         Header written before the images (the raw data's, typically).
-    overwrite : bool
+    force : bool
         Replace an existing file.
 
     Returns
@@ -1182,7 +1182,7 @@ def write_mrd2_images(path: str | Path, images: list[Any], header: Any = None,
     Raises
     ------
     FileExistsError
-        If ``path`` exists and ``overwrite`` is false.
+        If ``path`` exists and ``force`` is false.
     RawDataError
         If there are no images or a pixel type has no MRD v2 image type.
     """
@@ -1191,7 +1191,7 @@ def write_mrd2_images(path: str | Path, images: list[Any], header: Any = None,
     path = Path(path)
     if not images:
         raise RawDataError(f"{path}: no images to write")
-    _check_target(path, overwrite)
+    _check_target(path, force)
     if header is not None and not isinstance(header, mrd.Header):
         header = header_to_mrd2(header)
     items = []
@@ -1222,7 +1222,7 @@ def _heads_and_arrays(acqs: list[Any]) -> tuple[np.ndarray, list[np.ndarray], li
     return heads, data, trajs
 
 
-def convert_mrd(source: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
+def convert_mrd(source: str | Path, output: str | Path, *, force: bool = False) -> Path:
     """Convert raw data between ISMRMRD HDF5 (MRD v1, ``.h5``) and MRD v2 (``.mrd``).
 
     The direction follows the input's content: an ISMRMRD file becomes MRD v2, an MRD v2
@@ -1236,7 +1236,7 @@ def convert_mrd(source: str | Path, output: str | Path, *, overwrite: bool = Fal
     output : str or Path
         Output file: ``.mrd`` for an ISMRMRD source, ``.h5`` (or ``.hdf5``) for an MRD
         v2 source.
-    overwrite : bool
+    force : bool
         Replace an existing output.
 
     Returns
@@ -1249,7 +1249,7 @@ def convert_mrd(source: str | Path, output: str | Path, *, overwrite: bool = Fal
         If the source is neither format, the output suffix does not match the
         direction, or the source is unreadable.
     FileExistsError
-        If the output exists and ``overwrite`` is false.
+        If the output exists and ``force`` is false.
     """
     from mrharmony.formats.raw import read_raw, sniff_format, write_raw
 
@@ -1259,7 +1259,7 @@ def convert_mrd(source: str | Path, output: str | Path, *, overwrite: bool = Fal
         if output.suffix != ".mrd":
             raise RawDataError(f"{output}: an ISMRMRD source converts to MRD v2; name the "
                                "output .mrd")
-        return write_mrd2_raw(output, read_raw(source), overwrite=overwrite)
+        return write_mrd2_raw(output, read_raw(source), force=force)
     if kind == "mrd2":
         if output.suffix not in (".h5", ".hdf5"):
             raise RawDataError(f"{output}: an MRD v2 source converts to ISMRMRD HDF5; name "
@@ -1267,6 +1267,6 @@ def convert_mrd(source: str | Path, output: str | Path, *, overwrite: bool = Fal
         raw = read_mrd2_raw(source)
         heads, data, trajs = _heads_and_arrays(list(raw.noise) + list(raw.acquisitions))
         return write_raw(output, header_to_xml(raw.header), heads, data, trajs,
-                         overwrite=overwrite)
+                         force=force)
     raise RawDataError(f"{source}: {kind} raw data; `convert mrd` converts ISMRMRD HDF5 "
                        "and MRD v2 (use `convert twix` for Siemens files)")

@@ -64,7 +64,7 @@ def nifti_image(data: np.ndarray, affine: np.ndarray, *, header: Any = None) -> 
     return img
 
 
-def save_nifti(img: Any, path: str | Path, *, overwrite: bool = False) -> Path:
+def save_nifti(img: Any, path: str | Path, *, force: bool = False) -> Path:
     """Write a nibabel image atomically.
 
     Parameters
@@ -73,7 +73,7 @@ def save_nifti(img: Any, path: str | Path, *, overwrite: bool = False) -> Path:
         From :func:`nifti_image` (or any nibabel NIfTI image).
     path : str or Path
         ``.nii`` or ``.nii.gz`` file.
-    overwrite : bool
+    force : bool
         Replace an existing file.
 
     Returns
@@ -83,7 +83,7 @@ def save_nifti(img: Any, path: str | Path, *, overwrite: bool = False) -> Path:
     Raises
     ------
     FileExistsError
-        If ``path`` exists and ``overwrite`` is false.
+        If ``path`` exists and ``force`` is false.
     ValueError
         If the name does not end in ``.nii`` or ``.nii.gz``.
     """
@@ -91,8 +91,8 @@ def save_nifti(img: Any, path: str | Path, *, overwrite: bool = False) -> Path:
 
     path = Path(path)
     suffix = nifti_suffix(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: exists (use --force to replace it)")
+    if path.exists() and not force:
+        raise FileExistsError(f"{path}: exists (use --force / force=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, str(tmp))

@@ -470,7 +470,7 @@ def write_raw(
     data: list[np.ndarray],
     trajectories: list[np.ndarray] | None = None,
     *,
-    overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
     """Write an ISMRMRD HDF5 file (group ``dataset``: ``xml`` and ``data``) atomically.
 
@@ -493,7 +493,7 @@ def write_raw(
     trajectories : list of ndarray, optional
         Per acquisition, float32 ``(number_of_samples, trajectory_dimensions)``; an entry
         may be ``None`` or empty for acquisitions without a trajectory (noise scans).
-    overwrite : bool
+    force : bool
         Replace an existing file.
 
     Returns
@@ -503,7 +503,7 @@ def write_raw(
     Raises
     ------
     FileExistsError
-        If ``path`` exists and ``overwrite`` is false.
+        If ``path`` exists and ``force`` is false.
     RawDataError
         If the numbers of headers, data arrays and trajectories differ, or a size
         contradicts its header.
@@ -511,14 +511,14 @@ def write_raw(
     import h5py
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: exists (use --force / overwrite=True to replace it)")
+    if path.exists() and not force:
+        raise FileExistsError(f"{path}: exists (use --force / force=True to replace it)")
     records = _records(heads, data, trajectories)
     if path.suffix == ".mrd":  # MRD v2 (mrharmony.formats.mrd2), acquisitions in this order
         from mrharmony.formats.mrd2 import write_mrd2_acquisitions
 
         acqs = acquisitions_from_records(records, str(path))
-        return write_mrd2_acquisitions(path, header_xml, acqs, overwrite=overwrite)
+        return write_mrd2_acquisitions(path, header_xml, acqs, force=force)
     for i, rec in enumerate(records):
         h = rec["head"]
         nc, ns, nt = int(h["active_channels"]), int(h["number_of_samples"]), int(

@@ -698,7 +698,7 @@ def convert_twix(
     output: str | Path,
     *,
     measurement: int | None = None,
-    overwrite: bool = False,
+    force: bool = False,
     reference: str | Path | None = None,
     reference_seq: str | Path | None = None,
 ) -> Path:
@@ -714,7 +714,7 @@ def convert_twix(
         ``.mrd`` → MRD v2; anything else (``.h5``) → ISMRMRD HDF5.
     measurement : int, optional
         Measurement of a multi-measurement file (default: the last image measurement).
-    overwrite : bool
+    force : bool
         Replace an existing ``output``.
     reference, reference_seq : str or Path, optional
         EPI reference scan (phase encoding off) and its ``.seq``, see
@@ -728,7 +728,7 @@ def convert_twix(
     Raises
     ------
     FileExistsError
-        ``output`` exists and ``overwrite`` is false (checked before reading).
+        ``output`` exists and ``force`` is false (checked before reading).
     RawDataError, SequenceFileError
         As :func:`read_twix_raw`; nothing is written.
     """
@@ -736,8 +736,8 @@ def convert_twix(
     from mrharmony.formats.raw import raw_from_arrays, write_raw
 
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output}: exists (use --force / overwrite=True to replace it)")
+    if output.exists() and not force:
+        raise FileExistsError(f"{output}: exists (use --force / force=True to replace it)")
     meas = Path(meas)
     mrd2_out = output.suffix.lower() == ".mrd"
     if mrd2_out:
@@ -752,8 +752,8 @@ def convert_twix(
     if mrd2_out:
         raw = raw_from_arrays(parts.header, parts.heads, parts.data, parts.trajectories,
                               source=str(meas), path=meas)
-        return Path(write_mrd2_raw(output, raw, overwrite=overwrite))
+        return Path(write_mrd2_raw(output, raw, force=force))
     raw_from_arrays(parts.header, parts.heads, parts.data, parts.trajectories,
                     source=str(meas))  # the same checks as a reader: refuse before writing
     return write_raw(output, header_to_xml(parts.header), parts.heads, parts.data,
-                     parts.trajectories, overwrite=overwrite)
+                     parts.trajectories, force=force)

@@ -295,7 +295,7 @@ def _split_volumes(src: Path, src_json: Path, dst_dir: Path, stem: str, suffix: 
     for k, value in enumerate(values):
         name = f"{stem}_{entity}-{k + 1}_{suffix}"
         one = nifti_image(np.ascontiguousarray(data[..., k]), img.affine)
-        written.append(save_nifti(one, dst_dir / f"{name}.nii.gz", overwrite=True))
+        written.append(save_nifti(one, dst_dir / f"{name}.nii.gz", force=True))
         _write_json(dst_dir / f"{name}.json", {**meta, key: value})
         written.append(dst_dir / f"{name}.json")
     return True

@@ -250,7 +250,7 @@ def plan_tasks(study: Study, resolved: Resolved) -> Plan:
                         }
                         if arm == "native":
                             # the simulator applies the vendor's receive-chain processing
-                            # too, so it takes the protocol (it rebuilds the same .seq)
+                            # too and records the vendor's sequence choices of the protocol
                             sim_params["protocol"] = protocol_mapping(base_protocol)
                         sim_inputs = {"sequence": seq_key, "phantom": ph_key}
                         tag = f"{sid} {site_name} {arm} {entry.name} r{repeat}"

@@ -42,7 +42,8 @@ def scan_to_server(
     Parameters
     ----------
     seq_path : str or Path
-        Pulseq ``.seq`` file (or protocol TOML, see :func:`~mrharmony.simulation.simulate_raw`).
+        Pulseq ``.seq`` file, or a protocol TOML (built on the site's scanner first:
+        :func:`mrharmony.simulation.cli.sequence_file`).
     phantom : Phantom or path
         The object, or its saved folder.
     site : str, Path or Site
@@ -74,11 +75,14 @@ def scan_to_server(
     """
     from mrharmony.formats.raw import read_raw
     from mrharmony.recon.stream.client import stream_acquisitions
-    from mrharmony.simulation import simulate_raw
+    from mrharmony.simulation import load_site, simulate_raw
+    from mrharmony.simulation.cli import sequence_file
 
     with tempfile.TemporaryDirectory(prefix="mrharmony-scan-") as work:
         raw_path = Path(keep_raw) if keep_raw is not None else Path(work) / "scan.h5"
-        simulate_raw(seq_path, phantom, site, raw_path, seed=seed, backend=backend)
+        site = load_site(site)
+        seq_file, _ = sequence_file(seq_path, site, native=False, workdir=work)
+        simulate_raw(seq_file, phantom, site, raw_path, seed=seed, backend=backend)
         raw = read_raw(raw_path)
     acqs = list(raw.noise) + list(raw.acquisitions)
     pace = realtime_pace(acqs, speed=speed) if realtime else None

@@ -132,15 +132,18 @@ def stage_simulate(params: Mapping[str, Any], inputs: Mapping[str, Path], work: 
 
     site = site_from_mapping(params["site"], source="site")
     phantom = load_phantom(inputs["phantom"] / "phantom")
-    source: Any = inputs["sequence"] / "sequence.seq"
-    if params.get("protocol") is not None:  # native arm: protocol + vendor processing
+    info: dict[str, Any] = {}
+    if params.get("protocol") is not None:  # native arm: record the vendor's choices
         from mrharmony.sequences.protocol import protocol_from_mapping
+        from mrharmony.simulation.native import native_header_info
 
-        source = protocol_from_mapping(params["protocol"])
-    simulate_raw(source, phantom, site, work / "raw.h5",
+        info = native_header_info(protocol_from_mapping(params["protocol"]), site)
+    # the sequence task built the .seq (the native protocol's in the native arm)
+    simulate_raw(inputs["sequence"] / "sequence.seq", phantom, site, work / "raw.h5",
                  seed=int(params["seed"]), backend=params["backend"],
                  native=bool(params["native"]),
-                 isochromats_per_voxel=int(params["isochromats_per_voxel"]))
+                 isochromats_per_voxel=int(params["isochromats_per_voxel"]),
+                 header_info=info)
     return {"bytes": (work / "raw.h5").stat().st_size}
 
 

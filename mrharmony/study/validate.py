@@ -639,7 +639,7 @@ def validate_measurement(
     out_dir: str | Path,
     *,
     measurement: int | None = None,
-    overwrite: bool = False,
+    force: bool = False,
     seed: int = 0,
     shape: Literal["auto", "sphere", "cylinder"] = "auto",
     diameter_mm: float | None = None,
@@ -661,7 +661,7 @@ def validate_measurement(
         ``validation.png``, ``simulated.h5``.
     measurement : int, optional
         twix: measurement of a multi-measurement file (default: the last image one).
-    overwrite : bool
+    force : bool
         Replace an existing non-empty ``out_dir``.
     seed : int
         Seed of the simulation (recorded; the simulation is noiseless).
@@ -685,7 +685,7 @@ def validate_measurement(
     Raises
     ------
     FileExistsError
-        ``out_dir`` exists, is not empty, and ``overwrite`` is false.
+        ``out_dir`` exists, is not empty, and ``force`` is false.
     RawDataError, SequenceFileError, PhantomError, SimulationError
         Unreadable or mismatched inputs.
     """
@@ -696,9 +696,9 @@ def validate_measurement(
     if out_dir.exists():
         if not out_dir.is_dir():
             raise FileExistsError(f"{out_dir}: exists and is not a folder")
-        if any(out_dir.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out_dir}: exists and is not empty (use --force to "
-                                  "replace it)")
+        if any(out_dir.iterdir()) and not force:
+            raise FileExistsError(f"{out_dir}: exists and is not empty (use --force / "
+                                  "force=True to replace it)")
     if not seq.is_file():
         raise SequenceFileError(f"{seq}: no such sequence file")
     if not out_dir.parent.is_dir():

@@ -56,7 +56,7 @@ def validate(meas: Path, seq: Path, out_dir: Path, measurement: int | None, shap
     try:
         with console.status("validating (reading, simulating, reconstructing)"):
             result = validate_measurement(
-                meas, seq, out_dir, measurement=measurement, overwrite=force, seed=seed,
+                meas, seq, out_dir, measurement=measurement, force=force, seed=seed,
                 shape=shape, diameter_mm=diameter_mm, t1_ms=t1_ms, t2_ms=t2_ms,
             )
     finally:
