@@ -36,6 +36,7 @@ LAZY_COMMANDS = {
     "evaluate": "mrharmony.harmonize.cli_eval:evaluate",
     "study": "mrharmony.study.cli:study",
     "validate": "mrharmony.study.validate_cli:validate",
+    "bench": "mrharmony.study.bench_cli:bench",
 }
 
 
@@ -53,6 +54,7 @@ def cli(verbose: bool) -> None:
     Reconstruction: mrharmony recon | serve | stream | scan
     Harmonization:  mrharmony harmonize combat | apply | image; mrharmony evaluate
     Studies:        mrharmony study run | check
+    Benchmark:      mrharmony bench --quick -o DIR
     """
 
 
