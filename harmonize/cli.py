@@ -17,9 +17,13 @@ __all__ = ["harmonize", "read_table", "split_names"]
     "combat": "mrharmony.harmonize.cli_combat:combat",
     "apply": "mrharmony.harmonize.cli_combat:apply",
     "image": "mrharmony.harmonize.cli_eval:image",
+    "train": "mrharmony.harmonize.cli_learn:train",
+    # simulation and recon are higher layers: the dataset builder is in the study layer
+    "dataset": "mrharmony.study.dataset_cli:dataset",
 })
 def harmonize() -> None:
-    """Harmonize feature tables (ComBat family) or images (intensity normalisation)."""
+    """Harmonize feature tables (ComBat family) or images (intensity normalisation); train and
+    apply learned harmonizers (dataset, train, apply)."""
 
 
 def split_names(text: str | None) -> list[str]:

@@ -193,17 +193,34 @@ def combat(features_csv: Path, batch_col: str, covariates: str, output: Path,
 
 
 @click.command("apply")
-@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("features_csv", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Harmonized CSV.")
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="Harmonized CSV; for a learned image model a NIfTI file (one input) or "
+              "a folder.")
+@click.option("--site", default=None, help="Learned image models: the site the images "
+              "come from.")
+@click.option("--target", default=None, help="Learned image models that harmonize to any "
+              "training site (mispel, calamiti): the target site (default: the model's).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-def apply(model_path: Path, features_csv: Path, output: Path, force: bool) -> None:
-    """Apply a saved MODEL to new scans of fitted sites (their own covariates are used)."""
+def apply(model_path: Path, inputs: tuple[Path, ...], output: Path, site: str | None,
+          target: str | None, force: bool) -> None:
+    """Apply a saved MODEL to new data: a ComBat-family model file or a learned model
+    folder (`harmonize train`) to a feature CSV, or a learned image model to NIfTI images.
+    ComBat models use the scans' own covariates."""
     from rich.console import Console
 
     from mrharmony.harmonize.model_io import load_model, read_metadata
 
+    if model_path.is_dir():  # a learned model folder
+        from mrharmony.harmonize.cli_learn import apply_learned
+
+        apply_learned(model_path, inputs, output, site, target, force)
+        return
+    if len(inputs) != 1:
+        raise HarmonizeError(f"{model_path}: a ComBat-family model harmonizes one feature "
+                             f"CSV ({len(inputs)} given)")
+    features_csv = inputs[0]
     console = Console(stderr=True, highlight=False)
     if output.exists() and not force:
         raise FileExistsError(f"{output}: exists (use --force to replace it)")

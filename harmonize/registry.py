@@ -32,6 +32,7 @@ __all__ = [
     "harmonizer_class",
     "harmonizer_options",
     "image_harmonizers",
+    "learned_harmonizers",
     "make_harmonizer",
 ]
 
@@ -57,6 +58,10 @@ class HarmonizerSpec:
         The publication or implementation it follows.
     family : str
         ``"combat"`` for the ComBat family (``mrharmony harmonize combat --method``).
+    learned : bool
+        A learned (PyTorch) harmonizer from :mod:`mrharmony.harmonize.learned`: needs the
+        ``learn`` extra, is trained with ``mrharmony harmonize train`` and stored as a
+        model folder.
     """
 
     name: str
@@ -66,6 +71,7 @@ class HarmonizerSpec:
     longitudinal: bool = False
     reference: str = ""
     family: str = ""
+    learned: bool = False
 
     def load(self) -> Any:
         """The class or function (imports its module)."""
@@ -102,14 +108,38 @@ _SPECS = (
     HarmonizerSpec("ravel", "image", "mrharmony.harmonize.image:Ravel",
                    "RAVEL: unwanted variation from a control region",
                    reference="Fortin et al. 2016"),
+    # Learned harmonizers (optional extra ``learn``; trained on the toolkit's own virtual
+    # traveling subjects, see mrharmony.harmonize.learned).
+    HarmonizerSpec("deepcombat", "features", "mrharmony.harmonize.learned.feature:DeepComBat",
+                   "DeepComBat: conditional VAE with ComBat in the latent space",
+                   reference="Hu et al. 2023 (DeepComBat)", learned=True),
+    HarmonizerSpec("deepresbat", "features", "mrharmony.harmonize.learned.feature:DeepResBat",
+                   "DeepResBat: learned covariate effects, ComBat on the residuals",
+                   reference="An et al. 2024 (DeepResBat)", learned=True),
+    HarmonizerSpec("deepharmony", "image", "mrharmony.harmonize.learned.paired:DeepHarmony",
+                   "DeepHarmony: U-Net from a source site to a target site (paired)",
+                   reference="Dewey et al. 2019 (DeepHarmony)", learned=True),
+    HarmonizerSpec("mispel", "image", "mrharmony.harmonize.learned.paired:Mispel",
+                   "MISPEL: site-specific encoders/decoders with a shared embedding (paired)",
+                   reference="Torbati et al. 2023 (MISPEL)", learned=True),
+    HarmonizerSpec("cyclegan", "image", "mrharmony.harmonize.learned.unpaired:CycleGAN",
+                   "CycleGAN-style two-site translation (unpaired)",
+                   reference="Zhu et al. 2017; Modanwal et al. 2020", learned=True),
+    HarmonizerSpec("calamiti", "image", "mrharmony.harmonize.learned.disentangle:Calamiti",
+                   "CALAMITI-style anatomy/contrast disentangling from T1w/T2w pairs",
+                   reference="Zuo et al. 2021 (CALAMITI)", learned=True),
 )
 
 #: Every registered harmonizer by name.
 HARMONIZERS: dict[str, HarmonizerSpec] = {s.name: s for s in _SPECS}
 
 
-def feature_harmonizers(*, cross_sectional: bool = False,
-                        family: str | None = None) -> tuple[str, ...]:
+def _learned_ok(spec: HarmonizerSpec, learned: bool | None) -> bool:
+    return learned is None or spec.learned == learned
+
+
+def feature_harmonizers(*, cross_sectional: bool = False, family: str | None = None,
+                        learned: bool | None = False) -> tuple[str, ...]:
     """Names of the feature-level harmonizers.
 
     Parameters
@@ -118,15 +148,23 @@ def feature_harmonizers(*, cross_sectional: bool = False,
         Only those that need no subject column (one scan per subject and site).
     family : str, optional
         Only those of this family (``"combat"``).
+    learned : bool or None
+        ``False`` (default): the classical ones; ``True``: only the learned ones
+        (``learn`` extra); ``None``: all.
     """
     return tuple(s.name for s in _SPECS if s.level == "features"
                  and not (cross_sectional and s.longitudinal)
-                 and (family is None or s.family == family))
+                 and (family is None or s.family == family) and _learned_ok(s, learned))
 
 
-def image_harmonizers() -> tuple[str, ...]:
-    """Names of the image-level harmonizers."""
-    return tuple(s.name for s in _SPECS if s.level == "image")
+def image_harmonizers(*, learned: bool | None = False) -> tuple[str, ...]:
+    """Names of the image-level harmonizers (``learned`` as in :func:`feature_harmonizers`)."""
+    return tuple(s.name for s in _SPECS if s.level == "image" and _learned_ok(s, learned))
+
+
+def learned_harmonizers() -> tuple[str, ...]:
+    """Names of the learned harmonizers (feature and image level)."""
+    return tuple(s.name for s in _SPECS if s.learned)
 
 
 def get_harmonizer(name: str, *, level: str | None = None) -> HarmonizerSpec:
@@ -139,8 +177,8 @@ def get_harmonizer(name: str, *, level: str | None = None) -> HarmonizerSpec:
     """
     spec = HARMONIZERS.get(name)
     if spec is None or (level is not None and spec.level != level):
-        names = feature_harmonizers() if level == "features" else (
-            image_harmonizers() if level == "image" else tuple(HARMONIZERS))
+        names = feature_harmonizers(learned=None) if level == "features" else (
+            image_harmonizers(learned=None) if level == "image" else tuple(HARMONIZERS))
         raise HarmonizeError(f"unknown harmonizer {name!r} (one of {', '.join(names)})")
     return spec
 

@@ -21,17 +21,49 @@ from mrharmony.harmonize.registry import (
 
 @pytest.mark.parametrize("name", sorted(HARMONIZERS))
 def test_every_registered_harmonizer_loads(name):
+    """Every entry imports -- learned ones too, without PyTorch (their networks are
+    imported only when they train or run), so the registry can inspect their options."""
     spec = get_harmonizer(name)
     obj = spec.load()
-    if spec.level == "features":
+    if spec.level == "features" or spec.learned:
         assert inspect.isclass(obj)
         assert all(hasattr(obj, m) for m in ("fit", "transform"))
+        assert isinstance(harmonizer_options(name), dict)
     else:
         assert callable(obj)
+    if spec.learned:
+        from mrharmony.harmonize.learned.base import LearnedHarmonizer
+
+        assert issubclass(obj, LearnedHarmonizer) and obj.method == name
+
+
+def test_learned_modules_import_without_torch():
+    """The learned harmonizers' modules import with torch unavailable (the user may lack
+    the ``learn`` extra; their networks are imported only inside methods)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    modules = sorted({HARMONIZERS[n].target.split(":")[0] for n in HARMONIZERS
+                      if HARMONIZERS[n].learned})
+    modules = [m for m in modules if importlib.util.find_spec(m) is not None]
+    code = ("import sys; sys.modules['torch'] = None\n"
+            + "".join(f"import {m}\n" for m in modules)
+            + "from mrharmony.harmonize.registry import harmonizer_options, learned_harmonizers\n"
+            "for n in learned_harmonizers():\n"
+            "    try:\n        harmonizer_options(n)\n"
+            "    except ModuleNotFoundError as e:\n"
+            "        assert 'torch' not in str(e), e\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_names_by_level():
-    assert set(feature_harmonizers()) | set(image_harmonizers()) == set(HARMONIZERS)
+    assert set(feature_harmonizers(learned=None)) | set(image_harmonizers(learned=None)) \
+        == set(HARMONIZERS)
+    assert set(feature_harmonizers()) | set(image_harmonizers()) == \
+        {n for n, s in HARMONIZERS.items() if not s.learned}
+    assert {"deepharmony", "mispel"} <= set(image_harmonizers(learned=True))
     assert "longitudinal" in feature_harmonizers()
     assert "longitudinal" not in feature_harmonizers(cross_sectional=True)
     with pytest.raises(HarmonizeError, match=r"unknown harmonizer 'zscore' .*one of combat"):
