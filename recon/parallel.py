@@ -48,6 +48,7 @@ __all__ = [
     "grappa",
     "l1_wavelet_recon",
     "sense_cg",
+    "sense_g_factor",
     "sense_l1_wavelet",
     "sense_recon",
     "sense_tv",
@@ -330,6 +331,83 @@ def sense_tv(
     A, y, lip = _cartesian(kspace, maps, mask)
     return tv_recon(A, y, lamda=lamda, max_iter=max_iter, n_inner=n_inner,
                     lipschitz=lip).astype(np.complex64)
+
+
+def sense_g_factor(maps: Any, acceleration: Sequence[int], *,
+                   noise_covariance: Any = None) -> np.ndarray:
+    """Analytic SENSE g-factor map for regular Cartesian undersampling.
+
+    With ``R`` the product of the factors, the pixels that fold onto each other are
+    ``p + k N_a / R_a`` along every accelerated axis ``a``; for each such set, with
+    ``S`` the (coils x set) sensitivity matrix and ``Psi`` the receiver noise
+    covariance (Pruessmann et al. 1999, eq. 13)::
+
+        g_p = sqrt( [(S^H Psi^-1 S)^-1]_pp [S^H Psi^-1 S]_pp )   >= 1
+
+    so the noise standard deviation of an unregularised SENSE image is ``g sqrt(R)``
+    times that of the fully sampled one (same maps, same coil combination).
+
+    Parameters
+    ----------
+    maps : array_like, shape (coils, *spatial)
+        Coil sensitivities (any scaling).
+    acceleration : sequence of int
+        Factor per spatial axis (``1`` = fully sampled), e.g. ``(1, 2)`` for R = 2
+        along the second axis. Each accelerated axis length must be divisible by its
+        factor.
+    noise_covariance : array_like, shape (coils, coils), optional
+        Receiver noise covariance ``Psi`` (default: identity, prewhitened data).
+
+    Returns
+    -------
+    ndarray, shape spatial
+        float64 g-factor; ``inf`` where the folded set is singular (e.g. no
+        sensitivity at all).
+
+    Raises
+    ------
+    ReconError
+        Wrong number of factors, a factor < 1, or an axis not divisible by its factor.
+    """
+    s = np.asarray(to_numpy(maps), dtype=np.complex128)
+    spatial = s.shape[1:]
+    acc = tuple(int(r) for r in acceleration)
+    if len(acc) != len(spatial) or min(acc) < 1:
+        raise ReconError(f"acceleration {acc}: expected one factor >= 1 per spatial axis "
+                         f"of {spatial}")
+    for n, r in zip(spatial, acc, strict=True):
+        if n % r:
+            raise ReconError(f"acceleration {acc}: axis of {n} not divisible by {r}")
+    nc = s.shape[0]
+    if noise_covariance is not None:  # whiten: S -> L^-1 S with Psi = L L^H
+        chol = np.linalg.cholesky(np.asarray(noise_covariance, dtype=np.complex128))
+        s = np.linalg.solve(chol, s.reshape(nc, -1)).reshape(s.shape)
+    # split each axis n into (r, n / r): index k of the fold group, then the reduced pixel
+    shape = [nc]
+    for n, r in zip(spatial, acc, strict=True):
+        shape += [r, n // r]
+    folded = s.reshape(shape)
+    d = len(spatial)
+    group_axes = [1 + 2 * a for a in range(d)]
+    pixel_axes = [2 + 2 * a for a in range(d)]
+    # -> (*reduced pixels, coils, R)
+    order = [*pixel_axes, 0, *group_axes]
+    S = folded.transpose(order).reshape(*[spatial[a] // acc[a] for a in range(d)], nc, -1)
+    gram = np.swapaxes(S.conj(), -1, -2) @ S  # (..., R, R)
+    diag = np.real(np.diagonal(gram, axis1=-2, axis2=-1))
+    with np.errstate(all="ignore"):
+        try:
+            inv_diag = np.real(np.diagonal(np.linalg.inv(gram), axis1=-2, axis2=-1))
+        except np.linalg.LinAlgError:
+            inv_diag = np.real(np.diagonal(np.linalg.pinv(gram), axis1=-2, axis2=-1))
+        g = np.sqrt(np.maximum(inv_diag * diag, 1.0))
+    g = np.where(np.isfinite(g) & (diag > 0), g, np.inf)
+    # back to the image grid: (*reduced, R) -> (*spatial)
+    g = g.reshape(*[spatial[a] // acc[a] for a in range(d)], *acc)
+    inverse = []
+    for a in range(d):
+        inverse += [d + a, a]
+    return g.transpose(inverse).reshape(spatial)
 
 
 def acceleration_from_mask(mask: np.ndarray) -> tuple[int, ...]:
