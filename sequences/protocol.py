@@ -31,6 +31,7 @@ from mrharmony.errors import ConfigError, ProtocolError
 
 __all__ = [
     "FAT_SUPPRESSION_MODES",
+    "MULTIBAND_PHASES",
     "PROTOCOL_CLASSES",
     "BSSFPProtocol",
     "DWIEPIProtocol",
@@ -314,6 +315,81 @@ class _Accelerated3D:
         return (self.partial_fourier_fraction, self.partial_fourier_fraction_partition)
 
 
+#: Multiband (SMS) band-phase schedules (see ``builders/_sms.py``).
+MULTIBAND_PHASES: tuple[str, ...] = ("zero", "wong")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Multiband:
+    """Simultaneous multi-slice: multiband excitation with CAIPI by RF phase cycling."""
+
+    multiband_factor: int = param(
+        1, doc="slices excited together by one multiband pulse (1: off; n_slices must be a "
+        "multiple)", ge=1, le=4,
+    )
+    caipi_shift: float | None = param(
+        None, doc="CAIPI shift of slice j of a group, j x caipi_shift x FOV along phase, as "
+        "a fraction of the FOV (default 1 / multiband_factor; x matrix[1] must be whole "
+        "pixels)", ge=0, lt=1,
+    )
+    multiband_phases: Literal["zero", "wong"] = param(
+        "wong", doc="band phases of the multiband pulse: zero (plain sum) or wong (Wong 2012 "
+        "peak-B1-minimising schedule; same as zero for multiband_factor 2)",
+    )
+    multiband_reference_lines: int | None = param(
+        None, doc="centre phase lines of the single-band reference (each slice alone, the "
+        "slice-GRAPPA/SENSE calibration; default all lines)", ge=8, le=1024,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[misc]
+        mb = self.multiband_factor
+        if mb == 1:
+            for key in ("caipi_shift", "multiband_reference_lines"):
+                if getattr(self, key) is not None:
+                    raise ProtocolError(f"{key}: needs multiband_factor > 1")
+            return
+        n = int(self.n_slices)  # type: ignore[attr-defined]
+        ny = int(self.matrix[1])  # type: ignore[attr-defined]
+        if n % mb:
+            raise ProtocolError(
+                f"n_slices: {n} is not a multiple of multiband_factor {mb} (each slice group "
+                f"holds {mb} slices)")
+        pixels = self.caipi_shift_fraction * ny
+        if abs(pixels - round(pixels)) > 1e-6:
+            raise ProtocolError(
+                f"caipi_shift: {self.caipi_shift_fraction:g} x {ny} phase lines = {pixels:g} "
+                f"pixels; the shift must be a whole number of pixels")
+        if self.acceleration > 1 or self.partial_fourier_fraction < 1:  # type: ignore[attr-defined]
+            raise ProtocolError(
+                "multiband_factor: in-plane acceleration or partial Fourier together with "
+                "multiband is not supported (the slice separation needs full k-space)")
+        if getattr(self, "fat_suppression", "none") == "water_excitation":
+            raise ProtocolError(
+                "multiband_factor: water_excitation sub-pulses are single-band; use "
+                "fat_suppression = 'chemsat' with multiband")
+        if self.reference_lines > ny:
+            raise ProtocolError(
+                f"multiband_reference_lines: {self.reference_lines} is above the {ny} phase "
+                "lines of the matrix")
+
+    @property
+    def caipi_shift_fraction(self) -> float:
+        """CAIPI shift per slice of a group, fraction of the phase FOV (after the default)."""
+        if self.caipi_shift is not None:
+            return float(self.caipi_shift)
+        return 1.0 / self.multiband_factor if self.multiband_factor > 1 else 0.0
+
+    @property
+    def reference_lines(self) -> int:
+        """Phase lines of the single-band reference (0 without multiband)."""
+        if self.multiband_factor <= 1:
+            return 0
+        if self.multiband_reference_lines is not None:
+            return int(self.multiband_reference_lines)
+        return int(self.matrix[1])  # type: ignore[attr-defined]
+
+
 def _acs_default(n: int, r: int, acs: int | None) -> int:
     """ACS lines of an axis: as given, else 24 (at most ``n // 2``) when accelerated, else 0."""
     if acs is not None:
@@ -352,7 +428,7 @@ def check_receive_channels(protocol: Protocol, channels: int) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Gre2DProtocol(_Accelerated2D, _Slices2D, _SpoilerMoments, _FatSuppression):
+class Gre2DProtocol(_Multiband, _Accelerated2D, _Slices2D, _SpoilerMoments, _FatSuppression):
     """2D multi-slice RF-spoiled gradient echo."""
 
     builder: Literal["gre2d"] = param(doc="sequence builder name")

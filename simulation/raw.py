@@ -120,6 +120,10 @@ def _complete_header(header: Any, site: Site, labels: tuple[str, ...], info: dic
             strings.append(mrd.userParameterStringType(name=key, value=str(value)))
         else:
             doubles.append(mrd.userParameterDoubleType(name=key, value=float(value)))
+    kept = header.userParameters  # the sequence's own (formats.layout: fat suppression, SMS)
+    if kept is not None:
+        doubles = list(kept.userParameterDouble or []) + doubles
+        strings = list(kept.userParameterString or []) + strings
     header.userParameters = mrd.userParametersType(
         userParameterDouble=doubles, userParameterString=strings
     )

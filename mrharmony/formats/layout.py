@@ -15,7 +15,9 @@ converter of scanner data (:mod:`mrharmony.formats.twix`) write the same files f
   k-space position (phase index ``round(k·FOV)``, reversed lines from the readout
   direction); :attr:`AcquisitionLayout.counters_source` says which. ``REF``/``IMA`` labels
   become the parallel-calibration flags (:data:`~mrharmony.formats.flags.PARALLEL_LABEL_FLAGS`);
-  ``Acceleration``/``CalibrationMode`` definitions the header's ``parallelImaging``; the
+  ``Acceleration``/``CalibrationMode`` definitions the header's ``parallelImaging``
+  (``MultibandFactor``/``CaipiShift``/``MultibandGroups``: its ``multiband`` element and
+  the user parameters SMS recon needs, :mod:`mrharmony.recon.sms`); the
   LIN/PAR limits of a Cartesian file span the full ``MatrixSize`` (centre
   ``kSpaceCenterLine``/``kSpaceCenterPartition``, else ``n // 2``) even when lines were
   left out.
@@ -98,16 +100,59 @@ def _parallel_imaging(mrd: Any, defs: dict[str, Any]) -> Any:
     """``parallelImaging`` from the ``Acceleration`` / ``CalibrationMode`` definitions
     (None when the file states no acceleration above 1)."""
     acc = _values(defs, "Acceleration")
-    if acc is None or not np.any(acc > 1):
+    mb = int(_first(defs, "MultibandFactor", 1) or 1)
+    if (acc is None or not np.any(acc > 1)) and mb <= 1:
         return None
-    acc = np.concatenate([acc, np.ones(2)])[:2].astype(int)
-    mode = str(_first(defs, "CalibrationMode", "embedded")).lower()
+    acc = np.concatenate([acc if acc is not None else np.ones(0), np.ones(2)])[:2].astype(int)
+    mode = str(_first(defs, "CalibrationMode", "separate" if mb > 1 else "embedded")).lower()
     modes = {m.value: m for m in mrd.calibrationModeType}
-    return mrd.parallelImagingType(
+    parallel = mrd.parallelImagingType(
         accelerationFactor=mrd.accelerationFactorType(
             kspace_encoding_step_1=int(acc[0]), kspace_encoding_step_2=int(acc[1])),
         calibrationMode=modes.get(mode, mrd.calibrationModeType.OTHER),
     )
+    if mb > 1:
+        parallel.multiband = _multiband(mrd, defs, mb)
+    return parallel
+
+
+def _multiband_positions_mm(defs: dict[str, Any]) -> np.ndarray:
+    return np.atleast_1d(np.asarray(defs.get("SlicePositions", [0.0]), dtype=float)) * 1e3
+
+
+def _multiband(mrd: Any, defs: dict[str, Any], mb: int) -> Any:
+    """``parallelImaging.multiband`` of an SMS file: the factor, the slice distance within
+    a group (``spacing.dZ``, mm), the CAIPI shift as ``deltaKz`` (a fraction of the phase
+    FOV per slice: RF-phase CAIPI, not blips) and a separable single-band calibration."""
+    pos = _multiband_positions_mm(defs)
+    groups = int(_first(defs, "MultibandGroups", max(pos.size // mb, 1)))
+    dz = float(pos[groups] - pos[0]) if pos.size > groups else 0.0
+    return mrd.multibandType(
+        spacing=[mrd.multibandSpacingType(dZ=[dz] * (mb - 1))],
+        deltaKz=float(_first(defs, "CaipiShift", 0.0)),
+        multiband_factor=mb,
+        calibration=mrd.multibandCalibrationType.SEPARABLE2_D,
+        calibration_encoding=0,
+    )
+
+
+def _multiband_user_parameters(mrd: Any, defs: dict[str, Any]) -> list[Any]:
+    """User parameters recon needs for slice separation: the factor, CAIPI shift (fraction
+    of the phase FOV per slice of a group), group count and each true slice's position
+    (``MultibandSlicePosition_<s>``, mm along the slice axis; group ``g`` holds slices
+    ``g + j G``)."""
+    mb = int(_first(defs, "MultibandFactor", 1) or 1)
+    if mb <= 1:
+        return []
+    pos = _multiband_positions_mm(defs)
+    out = [mrd.userParameterDoubleType(name=name, value=float(_first(defs, key, default)))
+           for name, key, default in (("MultibandFactor", "MultibandFactor", mb),
+                                      ("CaipiShift", "CaipiShift", 0.0),
+                                      ("MultibandGroups", "MultibandGroups", pos.size // mb),
+                                      ("MultibandPeakB1_uT", "MultibandPeakB1", 0.0))]
+    out += [mrd.userParameterDoubleType(name=f"MultibandSlicePosition_{s}", value=float(p))
+            for s, p in enumerate(pos)]
+    return out
 
 
 def header_from_seq(
@@ -253,6 +298,11 @@ def header_from_seq(
         header.userParameters = mrd.userParametersType(userParameterString=[
             mrd.userParameterStringType(name="FatSuppression",
                                         value=str(_first(defs, "FatSuppression")))])
+    sms = _multiband_user_parameters(mrd, defs)
+    if sms:  # simultaneous multi-slice: what slice separation needs
+        if header.userParameters is None:
+            header.userParameters = mrd.userParametersType()
+        header.userParameters.userParameterDouble = sms
     return header
 
 
@@ -421,6 +471,11 @@ def minimal_header_from_seq(
         header.userParameters = mrd.userParametersType(userParameterString=[
             mrd.userParameterStringType(name="FatSuppression",
                                         value=str(_first(defs, "FatSuppression")))])
+    sms = _multiband_user_parameters(mrd, defs)
+    if sms:  # simultaneous multi-slice: what slice separation needs
+        if header.userParameters is None:
+            header.userParameters = mrd.userParametersType()
+        header.userParameters.userParameterDouble = sms
     return header
 
 

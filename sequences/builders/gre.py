@@ -25,6 +25,7 @@ from mrharmony.sequences.builders._common import (
     trapezoid,
 )
 from mrharmony.sequences.builders._fat import add_excitation, fat_definitions, fat_modules
+from mrharmony.sequences.builders._sms import make_multiband
 from mrharmony.sequences.protocol import Gre2DProtocol, Gre3DProtocol
 from mrharmony.sequences.scanner import ScannerProfile
 
@@ -115,25 +116,36 @@ def _spoiled_gre(
     sampled = samp.mask.reshape(ny, nz)
     acs = samp.acs.reshape(ny, nz)
     positions = np.zeros(1) if three_d else slice_positions_m(protocol)
+    mb = None if three_d else make_multiband(protocol, rf, gz)
+    if mb is not None:
+        mb.check_b1(scanner, positions, np.arange(ny) - ny // 2, flip_deg=protocol.flip_deg,
+                    duration_ms=protocol.rf_duration_ms)
     rf_phase = 0.0
     rf_inc = 0.0
     inc = math.radians(protocol.rf_spoiling_inc_deg)
-    for i_slice, pos in enumerate(positions):
-        set_slice_offset(rf, gz.amplitude, float(pos))
-        base_phase = rf.phase_offset
+
+    def play(pos: float, slc: int, lines_on: np.ndarray, *, group: int | None = None,
+             reference: bool = False) -> None:
+        """Dummies + the lines ``lines_on[iy, iz]`` of one slice (or multiband group)."""
+        nonlocal rf_phase, rf_inc
         lines = [(None, None)] * protocol.dummy_scans + [
-            (iy, iz) for iz in range(nz) for iy in range(ny) if sampled[iy, iz]
+            (iy, iz) for iz in range(nz) for iy in range(ny) if lines_on[iy, iz]
         ]
         for iy, iz in lines:
             dummy = iy is None
             ky = 0.0 if dummy else float(ky_areas[iy])
             kz = 0.0 if dummy else float(kz_areas[iz])
-            rf.phase_offset = base_phase + rf_phase
+            if group is None:
+                pulse = rf
+                set_slice_offset(pulse, gz.amplitude, float(pos))
+            else:  # the multiband pulse of the group, CAIPI phases of this line
+                pulse = mb.pulse(group, positions, (ny // 2 if dummy else iy) - ny // 2)
+            pulse.phase_offset += rf_phase
             rf_phase_now = rf_phase
             ro.adc.phase_offset = rf_phase
             rf_inc = (rf_inc + inc) % (2 * math.pi)
             rf_phase = (rf_phase + rf_inc) % (2 * math.pi)
-            add_excitation(seq, rf, gz, chemsat=chemsat, water=water, position_m=float(pos),
+            add_excitation(seq, pulse, gz, chemsat=chemsat, water=water, position_m=float(pos),
                            phase_rad=rf_phase_now, labels=[label("TRID", 1 if dummy else 2)])
             gy_pre = trapezoid(channel="y", area=ky, duration=t_pre, system=system)
             gz_pre = trapezoid(
@@ -145,18 +157,34 @@ def _spoiled_gre(
             if dummy:
                 seq.add_block(pp.make_delay(t_ro))
             else:
+                if mb is not None:
+                    extra = mb.reference_labels() if reference else mb.imaging_labels()
+                else:
+                    extra = acs_labels(samp, samp.accelerated and bool(acs[iy, iz]))
                 seq.add_block(
                     ro.gx,
                     ro.adc,
                     label("LIN", iy),
-                    label("PAR" if three_d else "SLC", iz if three_d else i_slice),
-                    *acs_labels(samp, samp.accelerated and bool(acs[iy, iz])),
+                    label("PAR" if three_d else "SLC", iz if three_d else slc),
+                    *extra,
                 )
             gy_rew = trapezoid(channel="y", area=-ky, duration=t_spoil, system=system)
             gz_rew = trapezoid(
                 channel="z", area=spoil_z.area - kz, duration=t_spoil, system=system
             )
             seq.add_block(spoil_x, gy_rew, gz_rew, pp.make_delay(t_spoil + delay_tr))
+
+    if mb is None:
+        for i_slice, pos in enumerate(positions):
+            play(float(pos), i_slice, sampled)
+    else:
+        # the single-band reference (each slice alone), then the slice groups together
+        ref_on = np.zeros((ny, nz), dtype=bool)
+        ref_on[mb.reference_line_set(ny), :] = True
+        for i_slice, pos in enumerate(positions):
+            play(float(pos), i_slice, ref_on, reference=True)
+        for g, members in enumerate(mb.groups):
+            play(float(np.mean(positions[members])), g, sampled, group=g)
 
     ordering = "linear-partitions-outer" if three_d else "linear-sequential-slices"
     return finalize(
@@ -173,6 +201,7 @@ def _spoiled_gre(
             "DummyScans": protocol.dummy_scans,
             **sampling_definitions(samp),
             **fat_definitions(chemsat, water, scanner),
+            **(mb.definitions() if mb is not None else {}),
         },
     )
 
