@@ -29,8 +29,6 @@ __all__ = [
 _WORKERS = max(1, os.cpu_count() or 1)
 
 
-
-
 def ifft_c(k, axes: Sequence[int] = (-2, -1)):
     """Centred unitary inverse FFT over ``axes`` (k-space -> image)."""
     xp = get_array_module(k)
@@ -138,11 +136,14 @@ def _partial_fourier_axis(mask: np.ndarray) -> tuple[int, int]:
     return int(idx[0]), int(idx[-1])
 
 
-def homodyne(kspace, sampled: np.ndarray, *, axis: int = 2, image_axes=None):
+def homodyne(kspace, sampled: np.ndarray, *, axis: int = 2, image_axes=None,
+             keep_phase: bool = False):
     """Homodyne partial-Fourier reconstruction along one axis (returns an image).
 
     Uses the symmetric centre for a low-resolution phase estimate and a ramp weighting
-    (2 on the high side, 1 at the centre, 0 on the missing side) of the asymmetric data.
+    of the asymmetric data (0 -> 2 across the symmetric centre, 1 at the centre, 2 on the
+    sampled side, 0 on the missing side; Noll et al. 1991); the image is the real part
+    after removing the estimated phase.
 
     Parameters
     ----------
@@ -154,6 +155,10 @@ def homodyne(kspace, sampled: np.ndarray, *, axis: int = 2, image_axes=None):
         Partial-Fourier axis.
     image_axes : sequence of int, optional
         All spatial axes (default: every axis of ``kspace``).
+    keep_phase : bool
+        Return the complex image ``real part x low-resolution phase`` (complex64) instead
+        of the real part alone (float32), so that per-coil images can still be combined
+        with coil maps or transformed back to k-space.
     """
     xp = get_array_module(kspace)
     axes = tuple(image_axes) if image_axes is not None else tuple(range(kspace.ndim))
@@ -168,11 +173,17 @@ def homodyne(kspace, sampled: np.ndarray, *, axis: int = 2, image_axes=None):
     pos = np.arange(n)
     sym = (pos >= c - half) & (pos <= c + half)
     low = kspace * xp.asarray(sym.astype(np.float32)).reshape(shape)
+    # Noll's ramp: 0 -> 2 across the symmetric centre (1 at the centre), 2 on the
+    # sampled high side, 0 on the missing side
     w = np.where(sampled, 2.0, 0.0)
-    w[sym] = 1.0
+    side = 1.0 if hi - c >= c - lo else -1.0
+    w[sym] = 1.0 + side * (pos[sym] - c) / (half + 1.0)
     phase = xp.exp(-1j * xp.angle(ifft_c(low, axes=axes)))
     img = ifft_c(kspace * xp.asarray(w.astype(np.float32)).reshape(shape), axes=axes)
-    return (img * phase).real.astype(np.float32)
+    real = (img * phase).real
+    if keep_phase:
+        return (real * xp.conj(phase)).astype(np.complex64)
+    return real.astype(np.float32)
 
 
 def pocs(kspace, sampled: np.ndarray, *, axis: int = 2, n_iter: int = 10, image_axes=None):

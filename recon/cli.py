@@ -41,6 +41,24 @@ def _map_path(out: Path, name: str) -> Path:
                    "grappa: kernel fit); default per method. Refused by methods without one.")
 @click.option("--max-iter", "max_iter", type=int, default=None,
               help="Iterations of sense, cs, tv (default per method).")
+@click.option("--coil-combine", "coil_combine", default=None,
+              type=click.Choice(["rss", "adaptive", "sense"]),
+              help="Coil combination: root sum of squares, adaptive (Walsh maps, Roemer) or "
+                   "sense (ESPIRiT maps, Roemer); default rss. Not for sense/cs/tv.")
+@click.option("--filter", "kfilter", default=None,
+              type=click.Choice(["none", "hamming", "hanning", "fermi"]),
+              help="k-space apodisation filter applied in recon (default none).")
+@click.option("--filter-radius", "filter_radius", type=float, default=None,
+              help="Fermi filter radius, fraction of k_max (default 0.9).")
+@click.option("--filter-width", "filter_width", type=float, default=None,
+              help="Fermi filter transition width, fraction of k_max (default 0.05).")
+@click.option("--partial-fourier-method", "partial_fourier_method", default=None,
+              type=click.Choice(["zero", "pocs", "homodyne"]),
+              help="Completion of one-sided (partial-Fourier) k-space (default pocs).")
+@click.option("--intensity-normalization", "intensity_normalization", default=None,
+              type=click.Choice(["none", "prescan", "max"]),
+              help="prescan: receive-profile correction against a virtual body coil; max: "
+                   "peak 1 (default none).")
 @click.option("--maps", "maps", default=None, type=click.Choice(["t1", "t2", "adc", "dti"]),
               help="Also fit quantitative maps (written as OUT_<quantity>.nii.gz).")
 @click.option("--seq", "seq", default=None, type=click.Path(dir_okay=False, path_type=Path),
@@ -55,7 +73,10 @@ def _map_path(out: Path, name: str) -> Path:
 @click.option("--write-mrd", is_flag=True, help="Also append MRD images to the raw HDF5 file.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def recon(raw: Path, output: Path, method: str, backend: str, lamda: float | None,
-          max_iter: int | None, maps: str | None,
+          max_iter: int | None, coil_combine: str | None, kfilter: str | None,
+          filter_radius: float | None, filter_width: float | None,
+          partial_fourier_method: str | None, intensity_normalization: str | None,
+          maps: str | None,
           seq: Path | None, measurement: int | None, reference: Path | None,
           reference_seq: Path | None, dataset: str, write_mrd: bool, force: bool) -> None:
     """Reconstruct RAW (ISMRMRD HDF5, MRD v2, or twix with --seq) into OUTPUT (NIfTI + JSON,
@@ -84,7 +105,12 @@ def recon(raw: Path, output: Path, method: str, backend: str, lamda: float | Non
             data = load_raw(raw, seq=seq, measurement=measurement, reference=reference,
                             reference_seq=reference_seq)
         progress.update(task, description=f"reconstructing ({method}, {backend})")
-        options = {k: v for k, v in (("lamda", lamda), ("max_iter", max_iter)) if v is not None}
+        given = (("lamda", lamda), ("max_iter", max_iter), ("coil_combine", coil_combine),
+                 ("filter", kfilter), ("filter_radius", filter_radius),
+                 ("filter_width", filter_width),
+                 ("partial_fourier_method", partial_fourier_method),
+                 ("intensity_normalization", intensity_normalization))
+        options = {k: v for k, v in given if v is not None}
         images = reconstruct(data, method=method, backend=backend, maps=maps, **options)
         progress.update(task, description="writing")
         plain = [im for im in images if "map" not in im.meta]

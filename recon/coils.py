@@ -1,4 +1,5 @@
-"""Coil combination and sensitivity maps: sum of squares, Walsh adaptive, ESPIRiT.
+"""Coil combination and sensitivity maps: sum of squares, Walsh adaptive, ESPIRiT;
+prescan-like intensity normalisation (:func:`prescan_gain`).
 
 Images are ``(coils, *spatial)``. Sensitivity maps have the same shape and are
 normalised so that ``sum_c |S_c|^2 = 1`` inside the object (``0`` outside for ESPIRiT).
@@ -13,7 +14,7 @@ import numpy as np
 from mrharmony.backend import get_array_module, to_numpy
 from mrharmony.errors import ReconError
 
-__all__ = ["combine", "espirit_maps", "sos", "walsh_maps"]
+__all__ = ["combine", "espirit_maps", "prescan_gain", "sos", "walsh_maps"]
 
 
 def sos(images, *, axis: int = 0):
@@ -206,3 +207,61 @@ def espirit_maps(
     if return_eigenvalues:
         return maps, eig.reshape(shape).astype(np.float32)
     return maps
+
+
+def prescan_gain(images, *, sigma: float = 0.1, threshold: float = 0.1,
+                 max_gain: float = 10.0):
+    """Receive-profile correction of a coil array, as the vendors' prescan normalisation.
+
+    A vendor's prescan normalisation (Siemens Prescan Normalize, GE PURE, Philips CLEAR)
+    divides the array image by the ratio of the array's and the body coil's receive
+    profiles, measured in a low-resolution prescan. Without a body-coil scan the ratio is
+    estimated from the data: low-resolution coil images ``l_c`` (a Gaussian k-space window
+    of width ``sigma`` of ``k_max``), the array's root sum of squares ``sqrt(sum |l_c|^2)``
+    and a virtual body coil ``|sum_c w_c l_c|`` (every coil phase-aligned to the strongest
+    one with one constant weight ``w_c``, i.e. a coherent sum as a volume coil receives).
+    The object cancels in the ratio, so the result is the profile ratio alone: the image
+    keeps the virtual body coil's (flatter) shading instead of the array's.
+
+    Parameters
+    ----------
+    images : array
+        complex coil images ``(coils, *spatial)`` (low resolution is enough: a calibration
+        region zero-filled to the image grid works).
+    sigma : float
+        Width of the Gaussian low-pass, as a fraction of ``k_max`` on every axis.
+    threshold : float
+        Voxels whose low-resolution RSS is below this fraction of its maximum are left
+        unchanged (gain 1), as the vendors clip the correction outside the object.
+    max_gain : float
+        The gain is clipped to ``[1 / max_gain, max_gain]``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 gain of shape ``spatial``, with median 1 over the object (the image scale
+        is kept); multiply the combined image by it.
+    """
+    from mrharmony.formats.kspace_filter import normalised_kspace_radius
+    from mrharmony.recon.cartesian import fft_c, ifft_c
+
+    x = to_numpy(images).astype(np.complex64)
+    spatial = x.shape[1:]
+    if x.shape[0] == 1:
+        return np.ones(spatial, np.float32)
+    axes = tuple(1 + i for i, n in enumerate(spatial) if n > 1)
+    window = np.exp(-0.5 * (normalised_kspace_radius(spatial) / sigma) ** 2)
+    low = ifft_c(fft_c(x, axes=axes) * window.astype(np.float32)[None], axes=axes)
+    rss = np.sqrt(np.sum(np.abs(low) ** 2, axis=0))
+    ref = int(np.argmax(np.sum(np.abs(low) ** 2, axis=tuple(range(1, low.ndim)))))
+    overlap = np.sum(low * np.conj(low[ref])[None], axis=tuple(range(1, low.ndim)))
+    weights = np.exp(-1j * np.angle(overlap)).astype(np.complex64)
+    body = np.abs(np.tensordot(weights, low, axes=(0, 0)))
+    inside = rss > threshold * rss.max()
+    ratio = np.ones(spatial, np.float64)
+    ratio[inside] = rss[inside] / np.maximum(body[inside], 1e-30)
+    if inside.any():
+        ratio[inside] /= np.median(ratio[inside])
+    gain = np.clip(1.0 / ratio, 1.0 / max_gain, max_gain)
+    gain[~inside] = 1.0
+    return gain.astype(np.float32)

@@ -40,9 +40,14 @@ import numpy as np
 
 from mrharmony.backend import cupy_available, get_array_module, get_xp, to_numpy
 from mrharmony.errors import ReconError
+from mrharmony.formats.kspace_filter import (
+    KSPACE_FILTERS,
+    kspace_window,
+    normalised_kspace_radius,
+)
 from mrharmony.formats.raw import RawData, encoding_of
-from mrharmony.recon.cartesian import crop_center, fft_c, ifft_c, pocs
-from mrharmony.recon.coils import espirit_maps, sos
+from mrharmony.recon.cartesian import crop_center, fft_c, homodyne, ifft_c, pocs
+from mrharmony.recon.coils import combine, espirit_maps, prescan_gain, sos, walsh_maps
 from mrharmony.recon.image import ReconImage
 from mrharmony.recon.io import (
     _sort_cartesian,
@@ -56,6 +61,8 @@ __all__ = [
     "BACKENDS",
     "METHODS",
     "METHOD_OPTIONS",
+    "RECON_CHAIN_DEFAULTS",
+    "RECON_CHAIN_VALUES",
     "fit_maps",
     "reconstruct",
     "reconstruct_acquisitions",
@@ -167,13 +174,173 @@ def _drop_readout_oversampling(k, size: int):
 
 _PARALLEL = ("grappa", "sense", "cs", "tv")
 
-#: Options each method takes (``**options`` of :func:`reconstruct_acquisitions`); any
-#: other is refused with a :class:`ReconError` naming it.
-METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "fft": (), "nufft": (), "epi": (),
-    "grappa": ("lamda",),
-    "sense": ("lamda", "max_iter"), "cs": ("lamda", "max_iter"), "tv": ("lamda", "max_iter"),
+#: The recon chain around a method (coil combination, k-space filter, partial-Fourier
+#: completion, intensity normalisation): each option's allowed values. Numeric options
+#: (``filter_radius``, ``filter_width``: the Fermi filter's, fractions of ``k_max``) are
+#: checked to be > 0.
+RECON_CHAIN_VALUES: dict[str, tuple[str, ...]] = {
+    "coil_combine": ("rss", "adaptive", "sense"),
+    "filter": KSPACE_FILTERS,
+    "partial_fourier_method": ("zero", "pocs", "homodyne"),
+    "intensity_normalization": ("none", "prescan", "max"),
 }
+#: What the recon does when an option is not given (today's behaviour): sum of squares,
+#: no filter, POCS where lines are missing on one side, no normalisation.
+RECON_CHAIN_DEFAULTS: dict[str, Any] = {
+    "coil_combine": "rss", "filter": "none", "filter_radius": 0.9, "filter_width": 0.05,
+    "partial_fourier_method": "pocs", "intensity_normalization": "none",
+}
+_FILTER = ("filter", "filter_radius", "filter_width")
+_CHAIN = ("coil_combine", *_FILTER, "partial_fourier_method", "intensity_normalization")
+
+#: Options each method takes (``**options`` of :func:`reconstruct_acquisitions`); any
+#: other is refused with a :class:`ReconError` naming it. SENSE-type methods combine the
+#: coils through their maps and fill missing lines by the model, so they take neither
+#: ``coil_combine`` nor ``partial_fourier_method``. EPI and gridded non-Cartesian coil
+#: images get the partial-Fourier completion only when it is asked for (then along ky
+#: where whole k-space rows are empty on one side; gridded data have none), so that
+#: their default stays the EPI recon's zero filling.
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "fft": _CHAIN,
+    "nufft": _CHAIN,
+    "epi": _CHAIN,
+    "grappa": ("lamda", *_CHAIN),
+    **dict.fromkeys(("sense", "cs", "tv"),
+                    ("lamda", "max_iter", *_FILTER, "intensity_normalization")),
+}
+_METHOD_ONLY = ("lamda", "max_iter")
+
+
+def _check_chain_values(options: dict[str, Any]) -> None:
+    """Refuse an unknown value of a recon-chain option, naming the option and the choices."""
+    for name, allowed in RECON_CHAIN_VALUES.items():
+        if name in options and options[name] not in allowed:
+            raise ReconError(f"option {name} = {options[name]!r}: expected one of "
+                             f"{', '.join(allowed)}")
+    for name in ("filter_radius", "filter_width"):
+        if name in options:
+            value = options[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not 0 < float(value) <= 2:
+                raise ReconError(f"option {name} = {value!r}: expected a number in (0, 2] "
+                                 "(fraction of k_max)")
+            if options.get("filter") != "fermi":
+                raise ReconError(f"option {name} is the Fermi filter's: give filter = "
+                                 "'fermi' with it")
+
+
+def _chain(options: dict[str, Any]) -> dict[str, Any]:
+    """The recon-chain options in effect: the caller's, else :data:`RECON_CHAIN_DEFAULTS`."""
+    return {k: options.get(k, v) for k, v in RECON_CHAIN_DEFAULTS.items()}
+
+
+def _filter_weights(shape: tuple[int, ...], chain: dict[str, Any]) -> np.ndarray | None:
+    """Apodisation weights on a centred k-space grid of ``shape`` (None: no filter)."""
+    if chain["filter"] == "none":
+        return None
+    return kspace_window(normalised_kspace_radius(tuple(shape)), chain["filter"],
+                         radius=float(chain["filter_radius"]),
+                         width=float(chain["filter_width"]))
+
+
+def _filter_images(x, chain: dict[str, Any], *, first_spatial: int):
+    """Apply the k-space filter to images ``(..., *spatial)`` (FFT, window, inverse FFT)."""
+    spatial = tuple(x.shape[first_spatial:])
+    w = _filter_weights(spatial, chain)
+    if w is None:
+        return x
+    xp = get_array_module(x)
+    axes = tuple(first_spatial + i for i, n in enumerate(spatial) if n > 1)
+    return ifft_c(fft_c(x, axes=axes) * xp.asarray(w), axes=axes)
+
+
+def _complete_partial(k, sampled: np.ndarray, *, axis: int, how: str):
+    """Complete one-sided k-space along ``axis``: ``zero`` (as it is), ``pocs``,
+    ``homodyne`` (its image, phase kept, back to k-space)."""
+    if how == "pocs":
+        return pocs(k, sampled, axis=axis, image_axes=(1, 2, 3))
+    if how == "homodyne":
+        img = homodyne(k, sampled, axis=axis, image_axes=(1, 2, 3), keep_phase=True)
+        return fft_c(img, axes=(1, 2, 3)).astype(np.complex64)
+    return k
+
+
+def _complete_images(coil_img, how: str, settings: dict[str, Any]):
+    """Partial-Fourier completion of coil images ``(coils, nx, ny, nz)`` whose k-space rows
+    (ky) are empty on one side (EPI with partial Fourier); others are returned as they are."""
+    k = fft_c(coil_img, axes=(1, 2, 3))
+    ny = k.shape[2]
+    rows = np.asarray(to_numpy(get_array_module(k).abs(k).sum(axis=(0, 1, 3)))) > 0
+    if ny < 4 or not rows.any():
+        return coil_img
+    lo, hi = np.flatnonzero(rows)[[0, -1]]
+    if abs((ny // 2 - lo) - (hi - ny // 2)) <= 2:
+        settings["partial_fourier_method"] = how
+        return coil_img
+    k = _complete_partial(k, rows, axis=2, how=how)
+    settings["partial_fourier_method"] = how
+    settings["partial_fourier"] = _pf_label(how, "ky")
+    return ifft_c(k, axes=(1, 2, 3))
+
+
+def _pf_label(how: str, axis: str) -> str:
+    return {"pocs": "pocs", "homodyne": "homodyne", "zero": "zero-filled"}[how] + f"-{axis}"
+
+
+def _combine_chain(coil_img, chain: dict[str, Any], backend: str, settings: dict[str, Any]):
+    """Coil combination by ``chain["coil_combine"]`` of ``(coils, nx, ny, nz)`` images;
+    the magnitude (float32; one coil: the coil image as it is)."""
+    nc = coil_img.shape[0]
+    how = chain["coil_combine"]
+    if nc == 1:
+        settings["coil_combination"] = "single coil"
+        return coil_img[0]
+    if how == "rss":
+        settings["coil_combination"] = "sum of squares"
+        return sos(coil_img)
+    xp = get_array_module(coil_img)
+    if how == "adaptive":
+        maps = walsh_maps(coil_img)
+        settings["coil_combination"] = "adaptive (walsh maps, roemer)"
+    else:
+        kk = fft_c(coil_img, axes=(1, 2, 3))
+        full = ((0, kk.shape[2]), (0, kk.shape[3]))
+        maps, widths = _sens_maps(kk, full, backend, tuple(kk.shape[1:]))
+        settings["coil_combination"] = "sense (espirit maps, roemer)"
+        settings["coil_maps"] = {"method": "espirit",
+                                 "calib_width": [int(w) for w in widths],
+                                 **{n: v for n, v in _ESPIRIT.items()
+                                    if n != "max_calib_width"}}
+    return xp.abs(combine(coil_img, xp.asarray(maps))).astype(np.float32)
+
+
+def _normalise(img, chain: dict[str, Any], profile_images, settings: dict[str, Any]):
+    """Intensity normalisation of the combined image: ``prescan`` (receive-profile gain
+    from ``profile_images``, :func:`~mrharmony.recon.coils.prescan_gain`) or ``max``."""
+    how = chain["intensity_normalization"]
+    xp = get_array_module(img)
+    if how == "prescan":
+        gain = prescan_gain(profile_images)
+        settings["intensity_normalization_gain_range"] = [
+            round(float(gain.min()), 4), round(float(gain.max()), 4)]
+        return img * xp.asarray(gain)
+    if how == "max":
+        peak = float(xp.max(xp.abs(img)))
+        return img / peak if peak > 0 else img
+    return img
+
+
+def _record_chain(settings: dict[str, Any], chain: dict[str, Any], taken: tuple[str, ...],
+                  ) -> None:
+    """The recon-chain choices in effect, for the sidecar."""
+    for name in ("coil_combine", "filter", "partial_fourier_method",
+                 "intensity_normalization"):
+        if name in taken:
+            settings[name] = chain[name]
+    if chain["filter"] == "fermi":
+        settings["filter_radius"] = float(chain["filter_radius"])
+        settings["filter_width"] = float(chain["filter_width"])
+
 
 #: Methods that run the EPI recon (:func:`mrharmony.recon.epi.reconstruct_epi`: ramp
 #: regridding, Nyquist-ghost correction, FFT); any other method is refused for EPI data.
@@ -427,16 +594,23 @@ def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method
         settings["acceleration"] = [int(accel[0]), int(accel[1])]
         settings["acceleration_source"] = accel_source
     t0 = time.perf_counter()
+    chain = _chain(options)
+    _record_chain(settings, chain, METHOD_OPTIONS[method])
+    pf = chain["partial_fourier_method"]
     if method == "fft":
         if partial_y:
-            k = pocs(k, lines_y, axis=2, image_axes=(1, 2, 3))
-            settings["partial_fourier"] = "pocs-ky"
+            k = _complete_partial(k, lines_y, axis=2, how=pf)
+            settings["partial_fourier"] = _pf_label(pf, "ky")
         if partial_x:
-            k = pocs(k, ro, axis=1, image_axes=(1, 2, 3))
-            settings["partial_fourier_readout"] = "pocs-kx"
+            k = _complete_partial(k, ro, axis=1, how=pf)
+            settings["partial_fourier_readout"] = _pf_label(pf, "kx")
+        w = _filter_weights(tuple(k.shape[1:]), chain)
+        if w is not None:
+            k = k * xp.asarray(w)[None]
         coil_img = ifft_c(k, axes=(1, 2, 3))
-        img = coil_img[0] if nc == 1 else sos(coil_img)
-        settings["coil_combination"] = "single coil" if nc == 1 else "sum of squares"
+        img = _combine_chain(coil_img, chain, backend, settings)
+        if chain["intensity_normalization"] != "none":
+            img = _normalise(img, chain, coil_img, settings)
         if undersampled:
             settings["zero_filled"] = True
     else:
@@ -469,11 +643,17 @@ def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method
                     "kernel_lines": kb, "lamda": lamda, "kernel": geometry,
                 }
             if partial_y:
-                k = pocs(k, np.abs(np.arange(ny) - (lo_y + hi_y) / 2) <= (hi_y - lo_y) / 2,
-                         axis=2, image_axes=(1, 2, 3))
-                settings["partial_fourier"] = "pocs-ky"
-            img = sos(ifft_c(k, axes=(1, 2, 3)))
-            settings["coil_combination"] = "sum of squares"
+                k = _complete_partial(
+                    k, np.abs(np.arange(ny) - (lo_y + hi_y) / 2) <= (hi_y - lo_y) / 2,
+                    axis=2, how=pf)
+                settings["partial_fourier"] = _pf_label(pf, "ky")
+            w = _filter_weights(tuple(k.shape[1:]), chain)
+            if w is not None:
+                k = k * xp.asarray(w)[None]
+            coil_img = ifft_c(k, axes=(1, 2, 3))
+            img = _combine_chain(coil_img, chain, backend, settings)
+            if chain["intensity_normalization"] != "none":
+                img = _normalise(img, chain, coil_img, settings)
         else:
             maps, widths = _sens_maps(calib_k, box, backend, tuple(k.shape[1:]))
             settings["coil_maps"] = {
@@ -486,6 +666,12 @@ def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method
                              options=opts)
             settings.update(opts)
             settings["coil_combination"] = "sense (espirit maps)"
+            img = _filter_images(img, chain, first_spatial=0)
+            if chain["intensity_normalization"] != "none":
+                (y0, y1), (z0, z1) = box
+                low = xp.zeros_like(calib_k)
+                low[:, :, y0:y1, z0:z1] = calib_k[:, :, y0:y1, z0:z1]
+                img = _normalise(img, chain, ifft_c(low, axes=(1, 2, 3)), settings)
     settings["seconds"] = round(time.perf_counter() - t0, 4)
     img = _crop_to_recon(img, header, buf.reference, 0)
     return to_numpy(img), settings
@@ -579,8 +765,16 @@ def reconstruct_acquisitions(
         Per method (:data:`METHOD_OPTIONS`): ``lamda`` (relative regularisation weight,
         :mod:`mrharmony.recon.parallel`; GRAPPA: Tikhonov weight of the kernel fit
         relative to ``trace(A^H A) / n``; BART: passed to ``pics`` as it is), ``max_iter``.
+        The recon chain (:data:`RECON_CHAIN_VALUES`; defaults
+        :data:`RECON_CHAIN_DEFAULTS`, today's behaviour): ``coil_combine`` ("rss",
+        "adaptive": Walsh maps + Roemer, "sense": ESPIRiT maps + Roemer), ``filter``
+        (k-space apodisation "none", "hamming", "hanning", "fermi", the windows of
+        :mod:`mrharmony.formats.kspace_filter`, with ``filter_radius``/``filter_width``
+        for "fermi"), ``partial_fourier_method`` ("zero", "pocs", "homodyne"),
+        ``intensity_normalization`` ("none", "prescan": receive-profile correction against
+        a virtual body coil, :func:`~mrharmony.recon.coils.prescan_gain`; "max": peak 1).
         An option the method does not take is refused, never dropped; with ``auto`` it
-        is checked against the method chosen.
+        is checked against the method chosen. The choices in effect go to the sidecar.
 
     Returns
     -------
@@ -598,10 +792,12 @@ def reconstruct_acquisitions(
     """
     if method not in METHODS:
         raise ReconError(f"method {method!r}: expected one of {', '.join(METHODS)}")
-    unknown = sorted(set(options) - {o for opts in METHOD_OPTIONS.values() for o in opts})
+    known = list(dict.fromkeys(o for opts in METHOD_OPTIONS.values() for o in opts))
+    unknown = sorted(set(options) - set(known))
     if unknown:
         raise ReconError(f"option(s) {', '.join(unknown)}: no method takes them (options: "
-                         "lamda, max_iter)")
+                         f"{', '.join(known)})")
+    _check_chain_values(options)
     if method != "auto" and method in METHOD_OPTIONS:
         _check_options(method, options)
     backend = resolve_backend(backend)
@@ -612,6 +808,10 @@ def reconstruct_acquisitions(
     dwell = float(parts["imaging"][0].sample_time_us) or None
     whitener = noise_prewhitener(parts["noise"] + list(noise or []), dwell_us=dwell)
     traj = _trajectory(header)
+    from mrharmony.recon.sms import multiband_factor, reconstruct_sms
+    if traj == "cartesian" and multiband_factor(header) > 1:  # SMS: slice separation
+        return reconstruct_sms(header, parts["imaging"], method=method, backend=backend,
+                               whitener=whitener, **options)
     if traj == "epi" and method not in EPI_METHODS:
         raise ReconError(
             f"method {method!r} is not available for epi data: the EPI recon (ramp "
@@ -649,6 +849,7 @@ def reconstruct_acquisitions(
             coil_img = reconstruct_epi(header, acqs, backend=xp_backend)
             used = "epi"
             extra: dict[str, Any] = {}
+            method_options: dict[str, Any] = {}
         else:
             from mrharmony.recon.noncartesian import reconstruct_noncartesian
 
@@ -658,19 +859,36 @@ def reconstruct_acquisitions(
                 raise ReconError(f"method {method!r} is not available for {traj} data")
             _check_options("nufft" if nc_method == "gridding" else nc_method, options,
                            asked=method)
-            extra = dict(options)
+            method_options = {k: v for k, v in options.items() if k in _METHOD_ONLY}
+            extra = dict(method_options)
             coil_img = reconstruct_noncartesian(header, acqs, method=nc_method,
-                                                backend=xp_backend, **extra)
+                                                backend=xp_backend, **method_options)
             used = nc_method
         coil_img = np.asarray(to_numpy(coil_img))
         if coil_img.ndim == 3:
             coil_img = coil_img[..., None]
-        img = _combine_coils(coil_img, coil_img.shape[0])
+        chain = _chain(options)
+        chain_settings: dict[str, Any] = {}
+        taken = METHOD_OPTIONS["epi" if used == "epi" else (
+            "nufft" if used == "gridding" else used)]
+        _record_chain(chain_settings, chain,
+                      tuple(t for t in taken if t != "partial_fourier_method"))
+        if used in ("gridding", "epi"):  # coil images: complete, filter each, combine
+            if "partial_fourier_method" in options:
+                coil_img = _complete_images(coil_img, options["partial_fourier_method"],
+                                            chain_settings)
+            coil_img = _filter_images(coil_img, chain, first_spatial=1)
+            img = _combine_chain(coil_img, chain, "numpy", chain_settings)
+        else:  # SENSE-type: one image, combined through the maps
+            img = _combine_coils(coil_img, coil_img.shape[0])
+            img = _filter_images(img, chain, first_spatial=0)
+        if chain["intensity_normalization"] != "none":
+            img = _normalise(img, chain, coil_img, chain_settings)
         img = _crop_to_recon(img, header, acqs[0], 0)
         meta = _meta(header, contrast=key[1], set_=key[3])
         meta["recon"] = {"method": used, "backend": xp_backend, "prewhitened": prewhitened,
                          "trajectory": traj, "seconds": round(time.perf_counter() - t0, 4),
-                         **extra}
+                         **extra, **chain_settings}
         ref = next((a for a in acqs if id(a) in imaging_ids), acqs[0])
         images.append(_image(header, ref, img, meta))
     return images

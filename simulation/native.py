@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from mrharmony.errors import SiteError
+from mrharmony.errors import ConfigError, SiteError
+from mrharmony.formats.kspace_filter import kspace_window
 from mrharmony.sequences.protocol import Protocol
 from mrharmony.simulation.site import NativeConfig, Site
 
@@ -152,7 +153,11 @@ def native_header_info(protocol: Protocol, site: Site) -> dict[str, Any]:
 def kspace_filter_weights(
     k_norm: np.ndarray, kind: str, *, radius: float = 0.9, width: float = 0.05
 ) -> np.ndarray:
-    """Radial k-space apodisation weights.
+    """Radial k-space apodisation weights of the vendor's recon filter.
+
+    The windows are defined once, in :func:`mrharmony.formats.kspace_filter.kspace_window`
+    (the recon's ``filter`` option uses the same definition); this wrapper reports an
+    unknown name as a :class:`~mrharmony.errors.SiteError`.
 
     Parameters
     ----------
@@ -160,9 +165,6 @@ def kspace_filter_weights(
         ``|k| / k_max`` per sample (elliptical: each axis normalised by its own
         ``k_max = N / (2 FOV)``), any shape.
     kind : {"none", "hamming", "hanning", "fermi"}
-        ``hamming``: ``0.54 + 0.46 cos(pi k)``; ``hanning``: ``0.5 + 0.5 cos(pi k)`` (both
-        for ``k <= 1``, the value at 1 beyond); ``fermi``: ``1 / (1 + exp((k - radius) /
-        width))``.
     radius, width : float
         Fermi filter radius and transition width as fractions of ``k_max``.
 
@@ -170,17 +172,12 @@ def kspace_filter_weights(
     -------
     ndarray float32, same shape as ``k_norm``
     """
-    k = np.asarray(k_norm, dtype=np.float64)
-    if kind == "none":
-        w = np.ones_like(k)
-    elif kind in ("hamming", "hanning"):
-        a = 0.54 if kind == "hamming" else 0.5
-        w = a + (1.0 - a) * np.cos(np.pi * np.clip(k, 0.0, 1.0))
-    elif kind == "fermi":
-        w = 1.0 / (1.0 + np.exp(np.clip((k - radius) / width, -50.0, 50.0)))
-    else:
-        raise SiteError(f"kspace_filter: unknown filter {kind!r} (none, hamming, hanning, fermi)")
-    return w.astype(np.float32)
+    try:
+        return kspace_window(k_norm, kind, radius=radius, width=width)
+    except ConfigError as exc:
+        if isinstance(exc, SiteError):
+            raise
+        raise SiteError(str(exc)) from exc
 
 
 def prescan_normalize(sens: np.ndarray, *, mask: np.ndarray | None = None) -> np.ndarray:

@@ -24,7 +24,8 @@ from mrharmony.study.plan import Plan
 from mrharmony.study.store import TaskStore
 
 __all__ = ["BIDS_VERSION", "DERIVATIVES", "ID_COLUMNS", "analyse", "compute_numbers",
-           "harmonized_tables", "materialise_tree", "wide_table", "write_dataset_files"]
+           "harmonized_tables", "materialise_tree", "recon_flavour_numbers", "wide_table",
+           "write_dataset_files"]
 
 #: Columns that identify a scan in the wide feature table.
 ID_COLUMNS = ("subject", "site", "arm", "repeat", "vendor", "field_t")
@@ -196,9 +197,59 @@ def compute_numbers(tidy: pd.DataFrame, study: Study,
         numbers["native_over_shared_cov_median"] = _num(np.median(list(ratios.values()))) \
             if ratios else None
         numbers["survey_fold"] = SURVEY_FOLD
+    flavours = recon_flavour_numbers(numbers, study, in_range)
+    if flavours:
+        numbers["recon_flavours"] = flavours
     if truth is not None and traveling:
         numbers["truth_age_slope"] = {str(k): _num(v) for k, v in truth.items()}
     return numbers
+
+
+def recon_flavour_numbers(numbers: Mapping[str, Any], study: Study,
+                          in_range: set[str] | None = None) -> dict[str, Any]:
+    """Recon flavours of the same raw data against the one shared recon, per feature.
+
+    For every acquisition arm with several study arms reconstructing it, the reference is
+    the arm that gets one recon at every site (:meth:`ReconSection.same_at_every_site`);
+    every other arm is compared with it: its inter-site CoV, the reference's, their
+    difference (percentage points: the site effect that arm's recon choices add) and ratio.
+
+    Returns
+    -------
+    dict
+        ``{arm: {"reference", "acquisition", "cov_pct", "reference_cov_pct",
+        "added_cov_pct", "ratio", "median_added_cov_pct", "median_ratio"}}`` (empty when
+        the study has no such pair).
+    """
+    recon = study.recon
+    arms = [a for a in study.sites.arms if a in numbers["arms"]]
+    out: dict[str, Any] = {}
+    for acq in dict.fromkeys(recon.acquisition_of(a) for a in arms):
+        group = [a for a in arms if recon.acquisition_of(a) == acq]
+        refs = [a for a in group if recon.same_at_every_site(a)]
+        if len(group) < 2 or not refs:
+            continue
+        ref = refs[0]
+        ref_cov = numbers["arms"][ref]["cov_pct"]
+        for arm in group:
+            if arm == ref:
+                continue
+            cov = numbers["arms"][arm]["cov_pct"]
+            keys = [k for k in ref_cov if k in cov and ref_cov[k] is not None
+                    and cov[k] is not None and (in_range is None or k in in_range)]
+            added = {k: _num(cov[k] - ref_cov[k]) for k in keys}
+            ratio = {k: _num(cov[k] / ref_cov[k]) for k in keys if ref_cov[k] > 0}
+            out[arm] = {
+                "reference": ref, "acquisition": acq,
+                "cov_pct": {k: cov[k] for k in keys},
+                "reference_cov_pct": {k: ref_cov[k] for k in keys},
+                "added_cov_pct": added, "ratio": ratio,
+                "median_added_cov_pct": _num(float(np.median(list(added.values()))))
+                if added else None,
+                "median_ratio": _num(float(np.median(list(ratio.values())))) if ratio
+                else None,
+            }
+    return out
 
 
 def _in_range_columns(tidy: pd.DataFrame) -> set[str] | None:

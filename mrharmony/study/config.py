@@ -9,7 +9,12 @@ A study file has these tables (keys carry their units; every table is checked wi
     [[protocols]]               name, file (protocol TOML, relative to the study file), maps
     [sites]                     names = [...] presets or TOML paths, arms = ["shared", "native"]
     [simulation]                isochromats_per_voxel, backend
-    [recon]                     method, backend
+    [recon]                     method, backend, preset, coil_combine, filter,
+                                partial_fourier_method, intensity_normalization
+    [recon.sites.NAME]          the same keys for one site (overrides [recon])
+    [recon.arms.NAME]           the same keys for one arm (overrides the site's); an arm
+                                that is not "shared" or "native" is a recon arm:
+                                ``acquisition`` names whose raw data it reconstructs
     [features]                  statistics, regions, volumes
     [harmonize]                 methods, batch, covariates
     [evaluate]                  cv_folds, classifier
@@ -31,18 +36,22 @@ from mrharmony.config import from_mapping, load_toml, param, to_mapping
 from mrharmony.errors import ConfigError, StudyError
 
 __all__ = [
+    "RECON_ARM_ACQUISITIONS",
+    "VENDOR_RECON_PRESETS",
     "CohortSection",
     "EvaluateSection",
     "FeaturesSection",
     "HarmonizeSection",
     "PhantomSection",
     "ProtocolEntry",
+    "ReconFlavour",
     "ReconSection",
     "SimulationSection",
     "SitesSection",
     "Study",
     "StudySection",
     "load_study",
+    "resolve_recon",
     "study_from_mapping",
 ]
 
@@ -118,14 +127,183 @@ class SimulationSection:
     backend: Literal["numpy", "cupy"] = param("numpy", doc="array backend of the simulator")
 
 
+#: The recon-chain keys of a flavour (also options of :func:`mrharmony.recon.reconstruct`).
+_CHAIN_KEYS = ("coil_combine", "filter", "partial_fourier_method", "intensity_normalization")
+#: The acquisition arms: what the simulator runs (the shared .seq, or the vendor flavour).
+RECON_ARM_ACQUISITIONS = ("shared", "native")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconFlavour:
+    """Recon choices of one site (``[recon.sites.NAME]``) or arm (``[recon.arms.NAME]``).
+
+    An empty value is not set here (inherited from the less specific table).
+    """
+
+    acquisition: Literal["", "shared", "native"] = param(
+        "", doc="arm tables only: the acquisition arm whose raw data this arm reconstructs "
+        "(required for a recon arm, i.e. an arm named neither 'shared' nor 'native')")
+    preset: Literal["", "none", "vendor"] = param(
+        "", doc="'vendor': the site vendor's default online recon (VENDOR_RECON_PRESETS and "
+        "the site's [native] filter and prescan); 'none': the recon's defaults (rss, no "
+        "filter, pocs, no normalisation); either as if its keys were written here")
+    method: Literal["", "auto", "fft", "grappa", "sense", "cs", "tv", "nufft"] = param(
+        "", doc="reconstruction method")
+    coil_combine: Literal["", "rss", "adaptive", "sense"] = param(
+        "", doc="coil combination: rss, adaptive (Walsh), sense")
+    filter: Literal["", "none", "hamming", "hanning", "fermi"] = param(
+        "", doc="k-space apodisation filter applied in recon")
+    partial_fourier_method: Literal["", "zero", "pocs", "homodyne"] = param(
+        "", doc="partial-Fourier completion")
+    intensity_normalization: Literal["", "none", "prescan", "max"] = param(
+        "", doc="none, prescan (receive-profile correction), max")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ReconSection:
-    """Reconstruction settings."""
+    """Reconstruction settings: study-wide keys, then per site and per arm.
 
-    method: Literal["auto", "fft", "grappa", "sense", "cs", "nufft"] = param(
+    Resolution for one scan (:func:`resolve_recon`): the ``[recon]`` keys, then the
+    site's ``[recon.sites.NAME]``, then the arm's ``[recon.arms.NAME]``; a later table's
+    key wins. ``preset = "vendor"`` in a table stands for the site vendor's keys written
+    in that table (keys written beside it win). Unset chain keys are the recon's defaults
+    (today's: sum of squares, no filter, POCS, no normalisation).
+    """
+
+    method: Literal["auto", "fft", "grappa", "sense", "cs", "tv", "nufft"] = param(
         "auto", doc="reconstruction method"
     )
     backend: Literal["numpy", "cupy", "bart", "auto"] = param("numpy", doc="recon backend")
+    preset: Literal["none", "vendor"] = param(
+        "none", doc="'vendor': every site's vendor default online recon")
+    coil_combine: Literal["", "rss", "adaptive", "sense"] = param(
+        "", doc="coil combination: rss, adaptive (Walsh), sense")
+    filter: Literal["", "none", "hamming", "hanning", "fermi"] = param(
+        "", doc="k-space apodisation filter applied in recon")
+    partial_fourier_method: Literal["", "zero", "pocs", "homodyne"] = param(
+        "", doc="partial-Fourier completion")
+    intensity_normalization: Literal["", "none", "prescan", "max"] = param(
+        "", doc="none, prescan, max")
+    sites: tuple[tuple[str, ReconFlavour], ...] = ()
+    arms: tuple[tuple[str, ReconFlavour], ...] = ()
+
+    def arm_table(self, arm: str) -> ReconFlavour | None:
+        """The ``[recon.arms.NAME]`` table of an arm, if any."""
+        return dict(self.arms).get(arm)
+
+    def same_at_every_site(self, arm: str) -> bool:
+        """Whether ``arm`` gets one recon at every site: no ``[recon.sites.NAME]`` table
+        and no ``preset = "vendor"`` in ``[recon]`` or the arm's table."""
+        table = self.arm_table(arm)
+        return not self.sites and self.preset != "vendor" and (
+            table is None or table.preset != "vendor")
+
+    def acquisition_of(self, arm: str) -> str:
+        """The acquisition arm (``shared`` or ``native``) whose raw data ``arm`` uses."""
+        table = self.arm_table(arm)
+        if table is not None and table.acquisition:
+            return table.acquisition
+        return arm
+
+
+#: Each vendor's default online recon, as far as it is documented (the site's own
+#: ``[native]`` table supplies the k-space filter and whether prescan normalisation is on,
+#: so those two have one source). ``source`` says what each choice rests on.
+VENDOR_RECON_PRESETS: dict[str, dict[str, str]] = {
+    "siemens": {
+        "coil_combine": "adaptive", "partial_fourier_method": "zero",
+        "source": "coil_combine: 'Adaptive Combine' is the syngo coil-combine mode named in "
+                  "Siemens protocols and used by default for multi-channel head arrays "
+                  "(Walsh-type; guess that it is the default for every product sequence); "
+                  "partial_fourier_method: zero filling is the product default, POCS an "
+                  "option (guess)",
+    },
+    "ge": {
+        "coil_combine": "rss", "partial_fourier_method": "homodyne",
+        "source": "partial_fourier_method: homodyne reconstruction of fractional-NEX data "
+                  "(Noll, Nishimura and Macovski 1991, widely reported as GE's method); "
+                  "coil_combine: sum of squares (guess)",
+    },
+    "philips": {
+        "coil_combine": "sense", "partial_fourier_method": "homodyne",
+        "source": "coil_combine: Philips combines array images with the sensitivities of "
+                  "the SENSE reference scan (CLEAR), modelled as ESPIRiT maps + Roemer; "
+                  "partial_fourier_method: half-scan with phase correction, modelled as "
+                  "homodyne (guess)",
+    },
+    "united imaging": {
+        "coil_combine": "rss", "partial_fourier_method": "pocs",
+        "source": "no public description: sum of squares and POCS (guess)",
+    },
+}
+
+
+def _vendor_keys(site: Any) -> dict[str, Any]:
+    """The ``preset = "vendor"`` keys of a site (a :class:`~mrharmony.simulation.site.Site`)."""
+    vendor = str(site.vendor).lower()
+    if vendor not in VENDOR_RECON_PRESETS:
+        raise StudyError(f"[recon] preset 'vendor': no recon preset for vendor "
+                         f"{site.vendor!r} of site {site.name!r} "
+                         f"({', '.join(VENDOR_RECON_PRESETS)})")
+    table = {k: v for k, v in VENDOR_RECON_PRESETS[vendor].items() if k != "source"}
+    native = site.native
+    table["filter"] = native.kspace_filter
+    if native.kspace_filter == "fermi":
+        table["filter_radius"] = float(native.kspace_filter_radius)
+        table["filter_width"] = float(native.kspace_filter_width)
+    table["intensity_normalization"] = "prescan" if native.prescan_normalize else "none"
+    return table
+
+
+def _layer(table: Any, site: Any) -> dict[str, Any]:
+    """The keys one table sets, its preset expanded beneath them."""
+    from mrharmony.recon.pipeline import RECON_CHAIN_DEFAULTS
+
+    out: dict[str, Any] = {}
+    preset = getattr(table, "preset", "")
+    if preset == "vendor":
+        out.update(_vendor_keys(site))
+    elif preset == "none":  # the recon's own defaults, written here
+        out.update({k: RECON_CHAIN_DEFAULTS[k] for k in _CHAIN_KEYS})
+    for key in ("method", *_CHAIN_KEYS):
+        value = getattr(table, key, "")
+        if value:
+            out[key] = value
+            if key == "filter":  # a filter written here brings no preset's Fermi shape
+                out.pop("filter_radius", None)
+                out.pop("filter_width", None)
+    return out
+
+
+def resolve_recon(recon: ReconSection, site: Any, arm: str) -> dict[str, Any]:
+    """The recon a scan gets at ``site`` in ``arm``: method, backend and chain options.
+
+    Parameters
+    ----------
+    recon : ReconSection
+    site : Site
+        The loaded site (its ``name``, ``vendor`` and ``[native]`` table are used).
+    arm : str
+        The study arm.
+
+    Returns
+    -------
+    dict
+        ``method``, ``backend`` and the chain options that are set (``coil_combine``,
+        ``filter`` (+ ``filter_radius``/``filter_width`` for a vendor Fermi filter),
+        ``partial_fourier_method``, ``intensity_normalization``); unset ones are the
+        recon's defaults.
+    """
+    merged: dict[str, Any] = {"method": recon.method}
+    for table in (recon, dict(recon.sites).get(site.name), recon.arm_table(arm)):
+        if table is not None:
+            layer = _layer(table, site)
+            if "filter" in layer and "filter_radius" not in layer:
+                merged.pop("filter_radius", None)
+                merged.pop("filter_width", None)
+            merged.update(layer)
+    merged["backend"] = recon.backend
+    return merged
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +369,15 @@ class Study:
                 continue
             if isinstance(value, tuple):
                 out[f.name] = [to_mapping(v) for v in value]
+            elif isinstance(value, ReconSection):
+                recon = {k: v for k, v in to_mapping(value).items()
+                         if k not in ("sites", "arms") and v != ""}
+                for group in ("sites", "arms"):
+                    tables = {name: {k: v for k, v in to_mapping(t).items() if v != ""}
+                              for name, t in getattr(value, group)}
+                    if tables:
+                        recon[group] = tables
+                out[f.name] = recon
             else:
                 out[f.name] = to_mapping(value)
         return out
@@ -233,6 +420,9 @@ def study_from_mapping(data: dict[str, Any], *, source: str = "study",
             if name in data:
                 if not isinstance(data[name], dict):
                     raise StudyError(f"{source}: [{name}] must be a table")
+                if name == "recon":
+                    kwargs[name] = _recon_section(data[name], source)
+                    continue
                 kwargs[name] = from_mapping(cls, data[name], source=f"{source} [{name}]")
         protocols = data["protocols"]
         if not isinstance(protocols, list) or not protocols:
@@ -249,9 +439,23 @@ def study_from_mapping(data: dict[str, Any], *, source: str = "study",
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise StudyError(f"{source}: protocol name {dupes[0]!r} is used twice")
-    for arm in kwargs["sites"].arms:
-        if arm not in ("shared", "native"):
-            raise StudyError(f"{source} [sites] arms: unknown arm {arm!r} (shared, native)")
+    recon = kwargs.get("recon", ReconSection())
+    arms = kwargs["sites"].arms
+    if len(set(arms)) != len(arms):
+        raise StudyError(f"{source} [sites] arms: an arm is listed twice")
+    for arm in arms:
+        table = recon.arm_table(arm)
+        if arm not in RECON_ARM_ACQUISITIONS and (table is None or not table.acquisition):
+            raise StudyError(
+                f"{source} [sites] arms: unknown arm {arm!r} (shared, native, or a recon arm "
+                f"with [recon.arms.{arm}] acquisition = 'shared' or 'native')")
+    for arm, table in recon.arms:
+        if arm not in arms:
+            raise StudyError(f"{source} [recon.arms.{arm}]: arm {arm!r} is not in [sites] "
+                             f"arms ({', '.join(arms)})")
+        if arm in RECON_ARM_ACQUISITIONS and table.acquisition not in ("", arm):
+            raise StudyError(f"{source} [recon.arms.{arm}] acquisition: the {arm!r} arm "
+                             f"reconstructs its own raw data, not {table.acquisition!r}")
     harmonize = kwargs.get("harmonize", HarmonizeSection())
     from mrharmony.harmonize.registry import feature_harmonizers
 
@@ -266,6 +470,30 @@ def study_from_mapping(data: dict[str, Any], *, source: str = "study",
     if cohort is not None and cohort.age_max_years <= cohort.age_min_years:
         raise StudyError(f"{source} [cohort]: age_max_years must exceed age_min_years")
     return Study(**kwargs, base_dir=(base_dir or Path(".")).resolve())
+
+
+def _recon_section(data: dict[str, Any], source: str) -> ReconSection:
+    """``[recon]`` with its ``[recon.sites.NAME]`` and ``[recon.arms.NAME]`` tables."""
+    plain = {k: v for k, v in data.items() if k not in ("sites", "arms")}
+    nested: dict[str, tuple[tuple[str, ReconFlavour], ...]] = {}
+    for group in ("sites", "arms"):
+        tables = data.get(group, {})
+        if not isinstance(tables, dict):
+            raise StudyError(f"{source} [recon.{group}]: must be a table of tables "
+                             f"([recon.{group}.NAME])")
+        entries = []
+        for name, table in tables.items():
+            where = f"{source} [recon.{group}.{name}]"
+            if not isinstance(table, dict):
+                raise StudyError(f"{where}: must be a table")
+            flavour = from_mapping(ReconFlavour, table, source=where)
+            if group == "sites" and flavour.acquisition:
+                raise StudyError(f"{where} acquisition: only arm tables name an "
+                                 "acquisition")
+            entries.append((str(name), flavour))
+        nested[group] = tuple(entries)
+    return dataclasses.replace(
+        from_mapping(ReconSection, plain, source=f"{source} [recon]"), **nested)
 
 
 def load_study(path: str | Path) -> Study:

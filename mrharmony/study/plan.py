@@ -7,8 +7,11 @@ naming the entry. :func:`plan_tasks` then lays out the graph::
 
     phantom(subject, field)  ─┐
     sequence(protocol, scanner[, native flavour]) ─┤
-                              └─► simulate(subject, site, arm, protocol, repeat)
-                                    └─► recon ─► features
+                              └─► simulate(subject, site, acquisition arm, protocol, repeat)
+                                    └─► recon(arm's flavour at the site) ─► features
+
+A recon arm (``[recon.arms.NAME]`` with ``acquisition``) shares the sequence and simulate
+tasks of its acquisition arm and adds only its own recon and features tasks.
 
 Seeds come from the content (study seed, subject, site, arm, protocol, repeat), never
 from execution order, so a run on any cluster gives the same numbers.
@@ -30,7 +33,7 @@ from mrharmony.study.execute import TaskSpec
 from mrharmony.study.store import task_key
 
 __all__ = ["Plan", "Resolved", "Scan", "derive_seed", "measurable_range_ms", "plan_tasks",
-           "preflight", "protocol_mapping"]
+           "preflight", "protocol_mapping", "recon_params"]
 
 _HIDDEN_PROTOCOL_KEYS = ("ndim", "cartesian")
 
@@ -162,9 +165,17 @@ def preflight(study: Study) -> Resolved:
             raise StudyError(f"protocols[{i}] {entry.name!r}: the system phantom needs "
                              "plate = 't1' or 't2' (the sphere array this protocol images)")
 
+    for name, _ in study.recon.sites:
+        if name not in sites:
+            raise StudyError(f"[recon.sites.{name}]: {name!r} is not a site of the study "
+                             f"({', '.join(sites)})")
+    for site in sites.values():
+        for arm in study.sites.arms:
+            _check_recon(study, site, arm)
+
     for i, entry in enumerate(study.protocols):
         for site_name, site in sites.items():
-            for arm in study.sites.arms:
+            for arm in {study.recon.acquisition_of(a): None for a in study.sites.arms}:
                 protocol = protocols[entry.name]
                 try:
                     if arm == "native":
@@ -188,6 +199,45 @@ def preflight(study: Study) -> Resolved:
         raise StudyError(f"[cohort]: {exc}") from exc
     return Resolved(sites=sites, site_mappings=mappings, protocols=protocols,
                     subjects=subjects, phantom_path=phantom_path)
+
+
+def _check_recon(study: Study, site: Any, arm: str) -> dict[str, Any]:
+    """The resolved recon of ``site`` in ``arm``; options the method cannot take are
+    refused here, naming the site and the arm (``auto`` is checked by the recon)."""
+    from mrharmony.recon.pipeline import METHOD_OPTIONS
+    from mrharmony.study.config import resolve_recon
+
+    try:
+        recon = resolve_recon(study.recon, site, arm)
+    except StudyError as exc:
+        raise StudyError(f"site {site.name!r}, arm {arm!r}: {exc}") from exc
+    method = recon["method"]
+    if method != "auto":
+        extra = sorted(k for k in recon if k not in ("method", "backend")
+                       and k not in METHOD_OPTIONS[method])
+        if extra:
+            raise StudyError(
+                f"[recon] site {site.name!r}, arm {arm!r}: method {method!r} does not take "
+                f"{', '.join(extra)} (it takes: {', '.join(METHOD_OPTIONS[method])})")
+    return recon
+
+
+def recon_params(study: Study, site: Any, arm: str, maps: str) -> dict[str, Any]:
+    """The parameters of a recon task: method, backend, maps and the chain options that
+    differ from the recon's defaults (so that a study without recon flavours keeps the
+    task keys, and the cache, it had)."""
+    from mrharmony.recon.pipeline import RECON_CHAIN_DEFAULTS
+
+    recon = _check_recon(study, site, arm)
+    params: dict[str, Any] = {"method": recon["method"], "backend": recon["backend"],
+                              "maps": maps}
+    for key, default in RECON_CHAIN_DEFAULTS.items():
+        if key in recon and recon[key] != default:
+            params[key] = recon[key]
+    if params.get("filter") != "fermi":
+        params.pop("filter_radius", None)
+        params.pop("filter_width", None)
+    return params
 
 
 def _phantom_params(study: Study, entry: ProtocolEntry, subject: dict[str, Any],
@@ -224,15 +274,18 @@ def plan_tasks(study: Study, resolved: Resolved) -> Plan:
         for site_name, site in resolved.sites.items():
             scanner = to_mapping(load_scanner(site.scanner))
             for arm in study.sites.arms:
-                protocol = (native_protocol(base_protocol, site) if arm == "native"
+                # a recon arm reconstructs the raw data of its acquisition arm: the same
+                # sequence and simulate tasks (same keys, same seeds), another recon task
+                acq = study.recon.acquisition_of(arm)
+                protocol = (native_protocol(base_protocol, site) if acq == "native"
                             else base_protocol)
                 seq_params = {"protocol": protocol_mapping(protocol), "scanner": scanner}
                 seq_key = plan.add(TaskSpec(
                     "sequence", task_key("sequence", seq_params), seq_params,
                     label=f"seq {entry.name} {scanner['name']}"
-                          + (f" native-{site_name}" if arm == "native" else "")))
+                          + (f" native-{site_name}" if acq == "native" else "")))
                 plan.sequences[seq_key] = {"protocol": entry.name, "scanner": scanner["name"],
-                                           "arm": arm, "site": site_name}
+                                           "arm": acq, "site": site_name}
                 for subject in resolved.subjects:
                     sid = subject["subject"]
                     ph_params = _phantom_params(study, entry, subject,
@@ -243,12 +296,12 @@ def plan_tasks(study: Study, resolved: Resolved) -> Plan:
                     plan.phantoms[ph_key] = {"subject": sid, "field_t": site.field_strength_t}
                     for repeat in range(study.study.repeats):
                         sim_params = {
-                            "site": resolved.site_mappings[site_name], "native": arm == "native",
-                            "seed": derive_seed(seed, sid, site_name, arm, entry.name, repeat),
+                            "site": resolved.site_mappings[site_name], "native": acq == "native",
+                            "seed": derive_seed(seed, sid, site_name, acq, entry.name, repeat),
                             "isochromats_per_voxel": study.simulation.isochromats_per_voxel,
                             "backend": study.simulation.backend,
                         }
-                        if arm == "native":
+                        if acq == "native":
                             # the simulator applies the vendor's receive-chain processing
                             # too and records the vendor's sequence choices of the protocol
                             sim_params["protocol"] = protocol_mapping(base_protocol)
@@ -256,9 +309,9 @@ def plan_tasks(study: Study, resolved: Resolved) -> Plan:
                         tag = f"{sid} {site_name} {arm} {entry.name} r{repeat}"
                         sim_key = plan.add(TaskSpec(
                             "simulate", task_key("simulate", sim_params, sim_inputs),
-                            sim_params, sim_inputs, label=f"simulate {tag}"))
-                        rec_params = {"method": study.recon.method,
-                                      "backend": study.recon.backend, "maps": entry.maps}
+                            sim_params, sim_inputs,
+                            label=f"simulate {sid} {site_name} {acq} {entry.name} r{repeat}"))
+                        rec_params = recon_params(study, site, arm, entry.maps)
                         rec_key = plan.add(TaskSpec(
                             "recon", task_key("recon", rec_params, {"raw": sim_key}),
                             rec_params, {"raw": sim_key}, label=f"recon {tag}"))

@@ -155,7 +155,9 @@ def stage_recon(params: Mapping[str, Any], inputs: Mapping[str, Path], work: Pat
 
     raw = read_raw(inputs["raw"] / "raw.h5")
     maps = None if params["maps"] == "none" else params["maps"]
-    images = reconstruct(raw, method=params["method"], backend=params["backend"], maps=maps)
+    chain = {k: params[k] for k in _CHAIN_OPTIONS if k in params}
+    images = reconstruct(raw, method=params["method"], backend=params["backend"], maps=maps,
+                         **chain)
     series = [im for im in images if "map" not in im.meta]
     written = write_nifti(series, work / "image.nii.gz", header=raw.header)
     if maps is not None:
@@ -166,6 +168,11 @@ def stage_recon(params: Mapping[str, Any], inputs: Mapping[str, Path], work: Pat
         written += write_nifti(fitted, work / "map.nii.gz", header=raw.header)
     return {"files": [p.name for p in written]}
 
+
+#: Recon-chain options a recon task passes on when its parameters set them (a recon
+#: flavour, :func:`mrharmony.study.plan.recon_params`).
+_CHAIN_OPTIONS = ("coil_combine", "filter", "filter_radius", "filter_width",
+                  "partial_fourier_method", "intensity_normalization")
 
 #: The map each ``maps`` choice writes to ``map.nii.gz`` (the study's feature source).
 _MAP_NAMES = {"t1": "t1_ms", "t2": "t2_ms", "adc": "adc_mm2_s", "dti": "fa"}
