@@ -44,7 +44,8 @@ import numpy as np
 
 from mrharmony.errors import PhantomError, SimulationError
 
-__all__ = ["GAMMA_BAR_HZ_PER_T", "SpinSystem", "lorentzian_offsets_hz", "through_plane_extent"]
+__all__ = ["GAMMA_BAR_HZ_PER_T", "SpinSystem", "lorentzian_offsets_hz", "moment_unit",
+           "through_plane_extent"]
 
 #: Proton gyromagnetic ratio / (2 pi), Hz per tesla (CODATA 2018).
 GAMMA_BAR_HZ_PER_T = 42.577478518e6
@@ -335,6 +336,40 @@ class SpinSystem:
         )
 
 
+def moment_unit(moments: np.ndarray, *, resolution: float, max_divisor: int = 12,
+                tolerance: float = 0.02) -> float:
+    """The largest unit of which every gradient moment is a whole multiple.
+
+    Parameters
+    ----------
+    moments : ndarray
+        Moments (cycles/m, >= 0), e.g. between consecutive RF pulses.
+    resolution : float
+        Moments below this (cycles/m) count as zero (no dephasing).
+    max_divisor : int
+        The unit is sought as ``m / j`` for the smallest significant moment ``m`` and
+        ``j = 1 .. max_divisor``.
+    tolerance : float
+        Largest distance (in units) of a moment from a whole multiple.
+
+    Returns
+    -------
+    float
+        The unit (cycles/m), or 0 when there is no significant moment or no unit fits.
+    """
+    m = np.asarray(moments, dtype=np.float64)
+    m = m[m > resolution]
+    if m.size == 0:
+        return 0.0
+    base = float(m.min())
+    for j in range(1, max_divisor + 1):
+        unit = base / j
+        ratio = m / unit
+        if np.all(np.abs(ratio - np.round(ratio)) <= tolerance):
+            return unit
+    return 0.0
+
+
 def through_plane_extent(seq: Any, isochromats_per_voxel: int) -> tuple[float, float] | None:
     """Through-plane extent of a 2-D phantom's isochromats for a slice-selective sequence.
 
@@ -351,12 +386,19 @@ def through_plane_extent(seq: Any, isochromats_per_voxel: int) -> tuple[float, f
         ``(L, T)`` in mm for :meth:`SpinSystem.from_phantom`: ``T`` is the slice thickness
         of the first slice-selective excitation (FWHM of its RF spectrum over its
         slice-select gradient, :mod:`mrharmony.formats.layout`); ``L >= 2 T`` is the
-        smallest length over which the median z gradient moment between consecutive
-        excitations (``k`` cycles/m, the slice-axis spoiler) winds a whole number ``q``
-        of cycles with ``gcd(q, n) = 1`` (``q = L k``), so that the ``n`` stratified
-        isochromats see ``n`` distinct, equally spaced spoiler phases. Without a slice
-        spoiler (less than half a cycle per slice), ``L = 2 T``. ``None`` when the
-        sequence has no slice-selective excitation.
+        smallest length over which the unit ``k`` (cycles/m) of the z gradient moments
+        between consecutive RF pulses winds a whole number ``q`` of cycles with
+        ``gcd(q, n) = 1`` (``q = L k``). The unit is the largest ``k`` of which every
+        such moment (crushers around refocusing pulses, the slice-axis spoiler between
+        excitations) is a whole multiple (:func:`moment_unit`); without one, the median
+        moment between consecutive excitations (the spoiler) as before. A coherence
+        pathway whose net moment is ``m k`` then winds ``m q`` cycles over the ``n``
+        stratified isochromats and cancels exactly unless ``n`` divides ``m``: every
+        unwanted pathway of order below ``n`` is gone (a 10-echo CPMG train has orders
+        up to about 2 x 10 + 2 in units of its excitation-to-refocusing moment; fewer
+        isochromats leave spurious echoes). Without a slice spoiler or crusher (less
+        than half a cycle per slice), ``L = 2 T``. ``None`` when the sequence has no
+        slice-selective excitation.
     """
     from mrharmony.formats.layout import excitation_thickness_m
 
@@ -365,17 +407,19 @@ def through_plane_extent(seq: Any, isochromats_per_voxel: int) -> tuple[float, f
         return None
     n = max(int(isochromats_per_voxel), 1)
     t_rf, _, uses = seq.rf_times()
-    t_exc = np.asarray(t_rf, dtype=np.float64)[
-        np.array([u in ("excitation", "undefined") for u in uses], dtype=bool)
-    ]
+    t_rf = np.asarray(t_rf, dtype=np.float64)
+    is_exc = np.array([u in ("excitation", "undefined") for u in uses], dtype=bool)
     k = 0.0
-    if t_exc.size >= 2:
+    if t_rf.size >= 2:
         t_g, g = seq.gradient_waveforms_concat()
         t_g = np.asarray(t_g, dtype=np.float64)
         gz = np.asarray(g, dtype=np.float64)[:, 2]
         # exact integral of the piecewise-linear waveform, read at the pulse centres
         cum = np.concatenate([[0.0], np.cumsum(0.5 * (gz[1:] + gz[:-1]) * np.diff(t_g))])
-        k = float(np.median(np.abs(np.diff(np.interp(t_exc, t_g, cum)))))
+        at_rf = np.interp(t_rf, t_g, cum)
+        k = moment_unit(np.abs(np.diff(at_rf)), resolution=0.05 / thick_m)
+        if k == 0.0 and is_exc.sum() >= 2:
+            k = float(np.median(np.abs(np.diff(at_rf[is_exc]))))
     if k * thick_m < 0.5:
         return 2e3 * thick_m, 1e3 * thick_m
     q = max(math.ceil(2.0 * thick_m * k - 1e-6), 1)
