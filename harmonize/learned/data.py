@@ -18,7 +18,8 @@ import numpy as np
 
 from mrharmony.errors import HarmonizeError
 
-__all__ = ["ImageDataset", "foreground", "load_dataset", "robust_scale"]
+__all__ = ["SYNTHETIC_SITES", "ImageDataset", "foreground", "load_dataset", "robust_scale",
+           "synthetic_dataset"]
 
 _REQUIRED = ("subject", "site", "contrast", "slice", "split", "path")
 
@@ -200,3 +201,117 @@ def load_dataset(path: str | Path) -> ImageDataset:
     stacked = {k: np.stack(v) for k, v in truth.items() if len(v) == len(images)}
     return ImageDataset(images=np.stack(images), table=table, truth=stacked, info=info,
                         root=root)
+
+
+#: Tissue properties of :func:`synthetic_dataset` at 3 T: label -> (PD, T1 ms, T2 ms).
+_TISSUES = {1: (1.0, 4000.0, 2000.0), 2: (0.8, 1400.0, 100.0), 3: (0.7, 850.0, 70.0)}
+
+#: Virtual sites of :func:`synthetic_dataset`: T1 scale (field strength), T1w and T2w
+#: spin-echo ``(TR, TE)`` in ms, gain, blur (Gaussian sigma, pixels), noise SD (fraction
+#: of the maximum signal).
+SYNTHETIC_SITES: dict[str, dict[str, Any]] = {
+    "site-a": {"t1_scale": 1.0, "t1w": (500.0, 12.0), "t2w": (3000.0, 90.0), "gain": 1.0,
+               "blur": 0.5, "noise": 0.01},
+    "site-b": {"t1_scale": 0.75, "t1w": (700.0, 20.0), "t2w": (2500.0, 120.0), "gain": 2.5,
+               "blur": 1.0, "noise": 0.02},
+    "site-c": {"t1_scale": 0.9, "t1w": (400.0, 10.0), "t2w": (4000.0, 70.0), "gain": 0.6,
+               "blur": 0.8, "noise": 0.015},
+}
+
+
+def _label_map(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A random brain-like slice: head ellipse of GM around WM, CSF ventricles."""
+    yy, xx = np.mgrid[0:n, 0:n] / (n - 1) * 2 - 1
+    cy, cx = rng.uniform(-0.06, 0.06, 2)
+    ay, ax = rng.uniform(0.72, 0.86), rng.uniform(0.6, 0.74)
+    r = ((yy - cy) / ay) ** 2 + ((xx - cx) / ax) ** 2
+    labels = np.where(r < 1, 2, 0)
+    labels[r < rng.uniform(0.45, 0.6)] = 3
+    for _ in range(int(rng.integers(2, 5))):  # GM islands in the WM
+        py, px = rng.uniform(-0.45, 0.45, 2)
+        rr = rng.uniform(0.06, 0.14)
+        labels[((yy - cy - py) ** 2 + (xx - cx - px) ** 2 < rr ** 2) & (labels == 3)] = 2
+    vy, vx = rng.uniform(0.1, 0.2), rng.uniform(0.04, 0.08)
+    for side in (-1, 1):  # ventricles
+        dx = side * rng.uniform(0.08, 0.16)
+        labels[((yy - cy) / vy) ** 2 + ((xx - cx - dx) / vx) ** 2 < 1] = 1
+    labels[(r > 0.93) & (r < 1)] = 1  # CSF rim
+    return labels.astype(np.int16)
+
+
+def synthetic_dataset(*, n_subjects: int = 8, matrix: int = 32,
+                      sites: dict[str, dict[str, Any]] | None = None,
+                      contrasts: tuple[str, ...] = ("t1w", "t2w"), seed: int = 0,
+                      n_validation: int = 1, n_test: int = 2) -> ImageDataset:
+    """An analytic traveling-subject dataset (no Bloch simulation), for tests and demos.
+
+    Each subject is a random label map (background, CSF, GM, WM; :data:`_TISSUES`); each
+    site images it with the spin-echo signal ``PD (1 - exp(-TR/T1)) exp(-TE/T2)`` with
+    its own ``(TR, TE)``, field-dependent T1 (``t1_scale``), gain, Gaussian blur and
+    Rician-like magnitude noise (:data:`SYNTHETIC_SITES`). Every subject is imaged at
+    every site in every contrast (perfectly paired).
+
+    Parameters
+    ----------
+    n_subjects, matrix : int
+        Number of subjects and image size (pixels).
+    sites : dict, optional
+        Site name -> parameters as in :data:`SYNTHETIC_SITES` (default: those).
+    contrasts : tuple of str
+        ``"t1w"`` and/or ``"t2w"``.
+    seed : int
+        Seed of the anatomy and the noise.
+    n_validation, n_test : int
+        Subjects in the ``validation`` and ``test`` splits (the last ones); the rest train.
+
+    Returns
+    -------
+    ImageDataset
+        With ``truth`` (``labels``, ``pd``, ``t1_ms``, ``t2_ms`` at 3 T).
+
+    Raises
+    ------
+    HarmonizeError
+        Too few subjects for the splits, or an unknown contrast.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    sites = dict(SYNTHETIC_SITES if sites is None else sites)
+    if n_subjects < n_validation + n_test + 1:
+        raise HarmonizeError("synthetic_dataset: needs at least one training subject")
+    bad = [c for c in contrasts if c not in ("t1w", "t2w")]
+    if bad:
+        raise HarmonizeError(f"synthetic_dataset: unknown contrast(s) {bad} (t1w, t2w)")
+    rng = np.random.default_rng(seed)
+    images, subj, site_col, con, split = [], [], [], [], []
+    truth: dict[str, list[np.ndarray]] = {"labels": [], "pd": [], "t1_ms": [], "t2_ms": []}
+    for k in range(n_subjects):
+        labels = _label_map(rng, matrix)
+        maps = {name: np.zeros(labels.shape) for name in ("pd", "t1_ms", "t2_ms")}
+        for lab, (pd_, t1, t2) in _TISSUES.items():
+            for name, v in zip(maps, (pd_, t1, t2), strict=True):
+                maps[name][labels == lab] = v * rng.uniform(0.97, 1.03)
+        part = ("test" if k >= n_subjects - n_test else
+                "validation" if k >= n_subjects - n_test - n_validation else "train")
+        for name, p in sites.items():
+            for c in contrasts:
+                tr, te = p[c]
+                t1 = np.maximum(maps["t1_ms"] * p["t1_scale"], 1.0)
+                t2 = np.maximum(maps["t2_ms"], 1.0)
+                sig = maps["pd"] * (1 - np.exp(-tr / t1)) * np.exp(-te / t2)
+                sig = gaussian_filter(sig, p["blur"]) * p["gain"]
+                sd = p["noise"] * p["gain"]
+                noisy = np.hypot(sig + rng.normal(0, sd, sig.shape), rng.normal(0, sd, sig.shape))
+                images.append(noisy.astype(np.float32))
+                subj.append(f"sub-{k + 1:03d}")
+                site_col.append(name)
+                con.append(c)
+                split.append(part)
+                truth["labels"].append(labels)
+                for nm in ("pd", "t1_ms", "t2_ms"):
+                    truth[nm].append(maps[nm].astype(np.float32))
+    ds = ImageDataset.from_arrays(np.stack(images), site=site_col, subject=subj,
+                                  contrast=con, split=split)
+    ds.truth = {k: np.stack(v) for k, v in truth.items()}
+    ds.info = {"sites": {s: {} for s in sites}, "synthetic": True}
+    return ds

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvBlock", "PatchDiscriminator", "ResnetGenerator", "UNet", "l1_ssim_loss",
+__all__ = ["ContrastEncoder", "ConvBlock", "PatchDiscriminator", "ResnetGenerator", "UNet",
+           "l1_ssim_loss",
            "ssim"]
 
 
@@ -48,23 +49,27 @@ class UNet(nn.Module):
     residual : bool
         Add the first input channel to the output (the network learns a correction of
         the input image, as DeepHarmony's final skip connection).
+    norm : bool
+        Instance normalisation in the blocks. Off for a network conditioned by constant
+        input channels (CALAMITI's decoder gets theta broadcast over the image: instance
+        normalisation would subtract it away).
     """
 
     def __init__(self, c_in: int, c_out: int, *, base: int = 16, depth: int = 3,
-                 residual: bool = False) -> None:
+                 residual: bool = False, norm: bool = True) -> None:
         super().__init__()
         self.depth, self.residual = depth, residual
         chans = [base * 2 ** i for i in range(depth + 1)]
         self.down = nn.ModuleList()
         c = c_in
         for ch in chans:
-            self.down.append(ConvBlock(c, ch))
+            self.down.append(ConvBlock(c, ch, norm=norm))
             c = ch
         self.up = nn.ModuleList()
         self.merge = nn.ModuleList()
         for ch in reversed(chans[:-1]):
             self.up.append(nn.ConvTranspose2d(c, ch, 2, stride=2))
-            self.merge.append(ConvBlock(2 * ch, ch))
+            self.merge.append(ConvBlock(2 * ch, ch, norm=norm))
             c = ch
         self.out = nn.Conv2d(c, c_out, 1)
 
@@ -140,6 +145,31 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class ContrastEncoder(nn.Module):
+    """CALAMITI's contrast (theta) encoder: stride-2 convolutions, global average
+    pooling and a linear layer to the mean and log-variance of a ``dim``-vector (a VAE
+    posterior ``q(theta | x)``)."""
+
+    def __init__(self, c_in: int = 1, *, dim: int = 2, base: int = 8,
+                 n_layers: int = 4) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = c_in
+        for i in range(n_layers):
+            co = base * 2 ** i
+            layers += [nn.Conv2d(c, co, 3, stride=2, padding=1),
+                       nn.LeakyReLU(0.2, inplace=True)]
+            c = co
+        self.net = nn.Sequential(*layers)
+        self.head = nn.Linear(c, 2 * dim)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.net(x).mean(dim=(-2, -1))
+        mu, logvar = self.head(h).split(self.dim, dim=1)
+        return mu, logvar.clamp(-10.0, 10.0)
 
 
 def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
