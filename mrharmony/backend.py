@@ -28,6 +28,7 @@ __all__ = [
     "cupy_available",
     "get_array_module",
     "get_xp",
+    "parse_device",
     "resolve_device",
     "to_device",
     "to_numpy",
@@ -51,8 +52,37 @@ def cupy_available() -> bool:
     return _cupy() is not None
 
 
+def parse_device(device: str) -> str | int:
+    """Parse a device name in the toolkit's one device syntax (no availability check).
+
+    Parameters
+    ----------
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (case and spaces ignored).
+
+    Returns
+    -------
+    str or int
+        ``"auto"``, ``"cpu"``, or the CUDA device index ``N`` (``0`` for ``"cuda"``).
+
+    Raises
+    ------
+    ConfigError
+        If the name is not a device.
+    """
+    name = device.strip().lower()
+    if name in ("auto", "cpu"):
+        return name
+    if name == "cuda" or name.startswith("cuda:"):
+        index_text = name.partition(":")[2] or "0"
+        if not index_text.isdigit():
+            raise ConfigError(f"device {device!r}: expected 'cuda:N' with an integer N")
+        return int(index_text)
+    raise ConfigError(f"device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
 def resolve_device(device: str = "auto") -> str:
-    """Turn a device request into a concrete device name.
+    """Turn a device request into a concrete device name (for NumPy/CuPy code).
 
     Parameters
     ----------
@@ -69,26 +99,21 @@ def resolve_device(device: str = "auto") -> str:
     ConfigError
         If the name is not a device, or a GPU is requested where none is usable.
     """
-    name = device.strip().lower()
-    if name == "auto":
+    parsed = parse_device(device)
+    if parsed == "auto":
         return "cuda:0" if cupy_available() else "cpu"
-    if name == "cpu":
+    if parsed == "cpu":
         return "cpu"
-    if name == "cuda" or name.startswith("cuda:"):
-        index_text = name.partition(":")[2] or "0"
-        if not index_text.isdigit():
-            raise ConfigError(f"device {device!r}: expected 'cuda:N' with an integer N")
-        cupy = _cupy()
-        if cupy is None:
-            raise ConfigError(
-                f"device {device!r}: CuPy with a CUDA device is not available "
-                "(install mrharmony[gpu] on a machine with an NVIDIA GPU, or use 'cpu')"
-            )
-        count = cupy.cuda.runtime.getDeviceCount()
-        if int(index_text) >= count:
-            raise ConfigError(f"device {device!r}: only {count} CUDA device(s) present")
-        return f"cuda:{int(index_text)}"
-    raise ConfigError(f"device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    cupy = _cupy()
+    if cupy is None:
+        raise ConfigError(
+            f"device {device!r}: CuPy with a CUDA device is not available "
+            "(install mrharmony[gpu] on a machine with an NVIDIA GPU, or use 'cpu')"
+        )
+    count = cupy.cuda.runtime.getDeviceCount()
+    if int(parsed) >= count:
+        raise ConfigError(f"device {device!r}: only {count} CUDA device(s) present")
+    return f"cuda:{int(parsed)}"
 
 
 def get_xp(device: str = "cpu") -> ModuleType:

@@ -52,7 +52,7 @@ def cli(verbose: bool) -> None:
     Phantoms:       mrharmony phantom make | cohort | show
     Simulation:     mrharmony simulate | site list
     Reconstruction: mrharmony recon | serve | stream | scan
-    Harmonization:  mrharmony harmonize combat | apply | image; mrharmony evaluate
+    Harmonization:  mrharmony harmonize combat | apply | image | dataset | train; evaluate
     Studies:        mrharmony study run | check
     Benchmark:      mrharmony bench --quick -o DIR
     """

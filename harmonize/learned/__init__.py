@@ -55,19 +55,15 @@ def torch_device(device: str = "auto") -> str:
     HarmonizeError
         If PyTorch is not installed.
     """
+    from mrharmony.backend import parse_device
+
+    parsed = parse_device(device)
     torch = require_torch()
-    name = device.strip().lower()
-    if name == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if parsed == "auto":
+        return "cuda:0" if count else "cpu"
+    if parsed == "cpu":
         return "cpu"
-    if name == "cuda" or name.startswith("cuda:"):
-        index_text = name.partition(":")[2] or "0"
-        if not index_text.isdigit():
-            raise ConfigError(f"device {device!r}: expected 'cuda:N' with an integer N")
-        index = int(index_text)
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if index >= count:
-            raise ConfigError(f"device {device!r}: torch sees {count} CUDA device(s)")
-        return f"cuda:{index}"
-    raise ConfigError(f"device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if int(parsed) >= count:
+        raise ConfigError(f"device {device!r}: torch sees {count} CUDA device(s)")
+    return f"cuda:{int(parsed)}"
