@@ -28,3 +28,30 @@ def test_a_user_numba_cache_dir_is_respected(monkeypatch):
 
     monkeypatch.setattr(numba.config, "CACHE_DIR", "/somewhere/else")
     assert kernels._cache_dir() == "/somewhere/else"
+
+
+def test_every_source_package_is_installed():
+    """``pip install .`` installs exactly the packages pyproject.toml lists (an explicit
+    list, because the subpackages live at the repository root): every folder with an
+    ``__init__.py`` under a mapped package must be listed, or a non-editable install
+    lacks it (as ``mrharmony.harmonize.evaluate`` once did, which only a clean install
+    showed)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file():  # tests run against an installed copy without sources
+        import pytest
+
+        pytest.skip("no pyproject.toml beside the tests")
+    config = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for name, folder in config["package-dir"].items():
+        base = root / folder
+        for init in base.rglob("__init__.py"):
+            rel = init.parent.relative_to(base).parts
+            found.add(".".join((name, *rel)))
+    missing = sorted(found - listed)
+    assert not missing, f"pyproject.toml [tool.setuptools] packages lacks {missing}"
+    assert not sorted(listed - found), "packages listed without a folder"
