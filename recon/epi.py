@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,13 +53,21 @@ import numpy as np
 from mrharmony.backend import get_xp, to_numpy
 from mrharmony.errors import ReconError
 from mrharmony.formats.flags import NOT_IMAGING, flag_mask, has_flag
+from mrharmony.recon.cartesian import fft_c
 from mrharmony.recon.noncartesian import (
     KSpaceGeometry,
     header_geometry,
     trajectory_cycles_per_fov,
 )
 
-__all__ = ["fit_ghost_phase", "ramp_trajectory", "reconstruct_epi", "regridding_matrix"]
+__all__ = [
+    "EPIKSpace",
+    "epi_kspace",
+    "fit_ghost_phase",
+    "ramp_trajectory",
+    "reconstruct_epi",
+    "regridding_matrix",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -253,6 +262,193 @@ def _to_hybrid(
     return out
 
 
+_CALIB_ONLY = int(flag_mask("IS_PARALLEL_CALIBRATION"))
+_CALIB_ANY = int(flag_mask("IS_PARALLEL_CALIBRATION", "IS_PARALLEL_CALIBRATION_AND_IMAGING"))
+
+
+def _calibration_only(acqs: list[Any]) -> np.ndarray:
+    """Lines flagged ``IS_PARALLEL_CALIBRATION`` without ``..._AND_IMAGING`` (a separate
+    reference scan): calibration data that never enter the image k-space."""
+    both = int(flag_mask("IS_PARALLEL_CALIBRATION_AND_IMAGING"))
+    return np.array([bool(int(a.flags) & _CALIB_ONLY) and not int(a.flags) & both
+                     for a in acqs], dtype=bool)
+
+
+def _regridded(
+    header: Any, acquisitions: Sequence[Any], regularization: float
+) -> tuple[KSpaceGeometry, list[Any], np.ndarray]:
+    """Checked lines (noise and non-imaging flags dropped) and their hybrid-space
+    (x, oversampled) regridding ``(n_coils, n_lines, n)`` (module docstring, steps 1-2)."""
+    geom = header_geometry(header)
+    nx = geom.matrix[0]
+    acqs = [a for a in acquisitions if not int(a.flags) & _IGNORED]
+    if not any(not has_flag(a.flags, "IS_PHASECORR_DATA") for a in acqs):
+        raise ReconError("acquisitions: no EPI imaging lines to reconstruct")
+    coils = {int(a.active_channels) for a in acqs}
+    if len(coils) != 1:
+        raise ReconError(f"acquisitions: inconsistent coil counts {sorted(coils)}")
+    empty = [i for i, a in enumerate(acqs) if int(a.number_of_samples) == 0]
+    if empty:
+        raise ReconError(f"acquisitions: {len(empty)} have zero samples (first #{empty[0]})")
+    data = [np.asarray(a.data, dtype=np.complex64) for a in acqs]
+    hybrid = _to_hybrid(data, _line_trajectories(geom, acqs), nx, regularization)
+    n = hybrid.shape[2]
+    if n < nx:
+        raise ReconError(f"acquisitions: {n} samples per line, fewer than the {nx}-point matrix")
+    return geom, acqs, hybrid
+
+
+def _ghost_correction(hybrid: np.ndarray, fwd: np.ndarray, rev: np.ndarray
+                      ) -> np.ndarray | None:
+    """``exp(-i phi(x))`` for the reversed lines from the navigators ``fwd``/``rev``
+    (boolean line selections of ``hybrid``); None without navigators of both polarities."""
+    if not (fwd.any() and rev.any()):
+        return None
+    phi0, phi1 = fit_ghost_phase(hybrid[:, fwd].mean(axis=1), hybrid[:, rev].mean(axis=1))
+    n = hybrid.shape[2]
+    x = np.arange(n) - n // 2
+    return np.exp(-1j * (phi0 + phi1 * x))
+
+
+def _place_lines(hybrid: np.ndarray, lines: np.ndarray, ny: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hybrid lines ``(n_coils, k, n)`` placed at ``lines`` of ``(n_coils, n, ny)``
+    (repeats averaged, missing lines zero) and the bool mask of placed lines."""
+    ksp = np.zeros((hybrid.shape[0], hybrid.shape[2], ny), dtype=np.complex128)
+    counts = np.bincount(lines, minlength=ny).astype(float)
+    np.add.at(ksp, (slice(None), slice(None), lines), np.moveaxis(hybrid, 1, 2))
+    ksp /= np.maximum(counts, 1.0)
+    return ksp, counts > 0
+
+
+@dataclass
+class EPIKSpace:
+    """EPI lines of one image as Cartesian k-space (see :func:`epi_kspace`).
+
+    Attributes
+    ----------
+    kspace : numpy.ndarray
+        complex64 ``(coils, nx, ny)``: the imaging lines (calibration-only lines left
+        out), recon matrix along x, zeros where not sampled; centre at ``(nx//2, ny//2)``.
+    mask : numpy.ndarray
+        bool ``(ny,)``: lines sampled for imaging.
+    calibration : numpy.ndarray or None
+        complex64 ``(coils, nx, ny)``: the lines flagged ``IS_PARALLEL_CALIBRATION`` or
+        ``..._AND_IMAGING``; None when there are none.
+    calibration_mask : numpy.ndarray or None
+        bool ``(ny,)``.
+    ghost_correction : str
+        Where the Nyquist-ghost phase of the imaging / calibration lines came from.
+    """
+
+    kspace: np.ndarray
+    mask: np.ndarray
+    calibration: np.ndarray | None
+    calibration_mask: np.ndarray | None
+    ghost_correction: str
+
+
+def epi_kspace(
+    header: Any,
+    acquisitions: Sequence[Any],
+    *,
+    navigators: Sequence[Any] | None = None,
+    ghost_correction: bool = True,
+    regularization: float = 1e-5,
+) -> EPIKSpace:
+    """EPI lines of one slice/contrast/repetition/set turned into Cartesian k-space.
+
+    Steps 1-3 of the module docstring (ramp regridding to hybrid space with the
+    readout reversal undone, Nyquist-ghost correction), the central ``nx`` points of
+    the oversampled x kept and the centred orthonormal FFT along x taken back to
+    k-space, so the Cartesian parallel-imaging recon (GRAPPA, SENSE) runs on the lines;
+    its inverse FFT gives back exactly the coil images of :func:`reconstruct_epi` where
+    every line is sampled.
+
+    The ghost phase of the imaging lines comes from the navigators among
+    ``acquisitions`` that are not flagged as calibration; that of the calibration
+    lines from the navigators flagged ``IS_PARALLEL_CALIBRATION`` (a reference scan's
+    own), else the same as the imaging lines'. When ``acquisitions`` hold no
+    navigators of both polarities, those in ``navigators`` (another image of the same
+    slice) are used; without any, no correction is applied (logged).
+
+    Parameters
+    ----------
+    header : ismrmrd.xsd.ismrmrdHeader
+        Dataset header (recon matrix and FOV; optional EPI trajectory description).
+    acquisitions : sequence of ismrmrd.Acquisition
+        Prewhitened lines of one image, navigators and calibration lines included.
+    navigators : sequence of ismrmrd.Acquisition, optional
+        Fallback navigators (``ACQ_IS_PHASECORR_DATA``) of the same slice.
+    ghost_correction : bool
+        Apply the navigator-based Nyquist-ghost correction.
+    regularization : float
+        Tikhonov weight of the readout regridding (relative).
+
+    Returns
+    -------
+    EPIKSpace
+
+    Raises
+    ------
+    ReconError
+        As :func:`reconstruct_epi`.
+    """
+    own = [a for a in acquisitions if not int(a.flags) & _IGNORED]
+    own_nav = [has_flag(a.flags, "IS_PHASECORR_DATA") for a in own]
+    extra = [a for a in (navigators or []) if has_flag(a.flags, "IS_PHASECORR_DATA")
+             and not int(a.flags) & _IGNORED] if not any(own_nav) else []
+    geom, acqs, hybrid = _regridded(header, list(own) + extra, regularization)
+    nx, ny = geom.matrix[0], geom.matrix[1]
+    n = hybrid.shape[2]
+    is_extra = np.arange(len(acqs)) >= len(own)
+    is_nav = np.array([has_flag(a.flags, "IS_PHASECORR_DATA") for a in acqs])
+    is_rev = np.array([has_flag(a.flags, "IS_REVERSE") for a in acqs])
+    is_cal = np.array([bool(int(a.flags) & _CALIB_ANY) for a in acqs])
+    cal_only = _calibration_only(acqs)
+    source = "none"
+    if ghost_correction:
+        nav_img = is_nav & ~is_cal
+        img_corr = _ghost_correction(hybrid, nav_img & ~is_rev, nav_img & is_rev)
+        nav_cal = is_nav & is_cal
+        cal_corr = _ghost_correction(hybrid, nav_cal & ~is_rev, nav_cal & is_rev)
+        img_src = ("navigators of another image of the slice" if is_extra.any()
+                   else "navigators of the image")
+        if img_corr is None:
+            _LOG.info("EPI: no navigators of both polarities; ghost correction skipped")
+        if cal_corr is None:
+            cal_corr, cal_src = img_corr, img_src
+        else:
+            cal_src = "navigators of the calibration scan"
+        lines_img = is_rev & ~is_nav & ~cal_only
+        lines_cal = is_rev & ~is_nav & cal_only
+        if img_corr is not None:
+            hybrid[:, lines_img] *= img_corr
+        if cal_corr is not None:
+            hybrid[:, lines_cal] *= cal_corr
+        source = (f"imaging lines: {img_src if img_corr is not None else 'none'}; "
+                  f"calibration lines: {cal_src if cal_corr is not None else 'none'}")
+
+    lines = np.array([int(a.idx.kspace_encode_step_1) for a in acqs])
+    data = ~is_nav
+    bad = lines[data][(lines[data] < 0) | (lines[data] >= ny)]
+    if bad.size:
+        raise ReconError(
+            f"acquisitions: kspace_encode_step_1 = {int(bad[0])} outside the {ny} encoded lines"
+        )
+    start = n // 2 - nx // 2
+
+    def to_k(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        hyb, mask = _place_lines(hybrid[:, sel], lines[sel], ny)
+        return fft_c(hyb[:, start:start + nx], axes=(1,)).astype(np.complex64), mask
+
+    img_sel = data & ~cal_only
+    k, mask = to_k(img_sel) if img_sel.any() else (
+        np.zeros((hybrid.shape[0], nx, ny), np.complex64), np.zeros(ny, bool))
+    cal_sel = data & is_cal
+    ck, cmask = to_k(cal_sel) if cal_sel.any() else (None, None)
+    return EPIKSpace(k, mask, ck, cmask, source)
+
+
 def reconstruct_epi(
     header: Any,
     acquisitions: Sequence[Any],
@@ -291,48 +487,26 @@ def reconstruct_epi(
     """
     if backend not in ("numpy", "cupy"):
         raise ReconError(f"backend: expected 'numpy' or 'cupy', got {backend!r}")
-    geom = header_geometry(header)
+    geom, acqs, hybrid = _regridded(header, acquisitions, regularization)
     nx, ny = geom.matrix[0], geom.matrix[1]
-    acqs = [a for a in acquisitions if not int(a.flags) & _IGNORED]
-    if not any(not has_flag(a.flags, "IS_PHASECORR_DATA") for a in acqs):
-        raise ReconError("acquisitions: no EPI imaging lines to reconstruct")
-    coils = {int(a.active_channels) for a in acqs}
-    if len(coils) != 1:
-        raise ReconError(f"acquisitions: inconsistent coil counts {sorted(coils)}")
-    empty = [i for i, a in enumerate(acqs) if int(a.number_of_samples) == 0]
-    if empty:
-        raise ReconError(f"acquisitions: {len(empty)} have zero samples (first #{empty[0]})")
-    data = [np.asarray(a.data, dtype=np.complex64) for a in acqs]
-    hybrid = _to_hybrid(data, _line_trajectories(geom, acqs), nx, regularization)
     n = hybrid.shape[2]
-    if n < nx:
-        raise ReconError(f"acquisitions: {n} samples per line, fewer than the {nx}-point matrix")
-
     is_nav = np.array([has_flag(a.flags, "IS_PHASECORR_DATA") for a in acqs])
     is_rev = np.array([has_flag(a.flags, "IS_REVERSE") for a in acqs])
     if ghost_correction:
-        fwd, rev = is_nav & ~is_rev, is_nav & is_rev
-        if fwd.any() and rev.any():
-            phi0, phi1 = fit_ghost_phase(hybrid[:, fwd].mean(axis=1),
-                                         hybrid[:, rev].mean(axis=1))
-            x = np.arange(n) - n // 2
-            correction = np.exp(-1j * (phi0 + phi1 * x))
+        correction = _ghost_correction(hybrid, is_nav & ~is_rev, is_nav & is_rev)
+        if correction is not None:
             hybrid[:, is_rev & ~is_nav] *= correction
         else:
             _LOG.info("EPI: no navigators of both polarities; ghost correction skipped")
 
     lines = np.array([int(a.idx.kspace_encode_step_1) for a in acqs])
-    img_lines = ~is_nav
+    img_lines = ~is_nav & ~_calibration_only(acqs)
     bad = lines[img_lines][(lines[img_lines] < 0) | (lines[img_lines] >= ny)]
     if bad.size:
         raise ReconError(
             f"acquisitions: kspace_encode_step_1 = {int(bad[0])} outside the {ny} encoded lines"
         )
-    ksp = np.zeros((hybrid.shape[0], n, ny), dtype=np.complex128)
-    counts = np.bincount(lines[img_lines], minlength=ny).astype(float)
-    np.add.at(ksp, (slice(None), slice(None), lines[img_lines]),
-              np.moveaxis(hybrid[:, img_lines], 1, 2))
-    ksp /= np.maximum(counts, 1.0)
+    ksp, _ = _place_lines(hybrid[:, img_lines], lines[img_lines], ny)
     start = n // 2 - nx // 2
     ksp = ksp[:, start:start + nx]
     xp = get_xp("cuda" if backend == "cupy" else "cpu")

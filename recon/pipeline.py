@@ -28,7 +28,9 @@ Backends: ``numpy``, ``cupy`` (GPU; the same code through :mod:`mrharmony.backen
 ``cs``; ``fft`` runs on NumPy and the sidecar says so; anything else is refused), ``auto``
 (``cupy`` when a GPU is usable, else ``numpy``). Options (``lamda``, ``max_iter``) a
 method does not take are refused (:data:`METHOD_OPTIONS`). EPI data run the EPI recon
-with ``auto`` or ``fft`` (:data:`EPI_METHODS`); every other method is refused for them.
+(:data:`EPI_METHODS`): ``fft`` (and ``auto`` when fully sampled) regrids, corrects the
+Nyquist ghost and FFTs; ``grappa``, ``sense`` (and ``auto`` when undersampled) turn the
+corrected lines into Cartesian k-space and run the path above; others are refused.
 """
 
 from __future__ import annotations
@@ -342,9 +344,12 @@ def _record_chain(settings: dict[str, Any], chain: dict[str, Any], taken: tuple[
         settings["filter_width"] = float(chain["filter_width"])
 
 
-#: Methods that run the EPI recon (:func:`mrharmony.recon.epi.reconstruct_epi`: ramp
-#: regridding, Nyquist-ghost correction, FFT); any other method is refused for EPI data.
-EPI_METHODS = ("auto", "fft")
+#: Methods for EPI data: ``fft`` (and ``auto`` on fully sampled data) runs
+#: :func:`mrharmony.recon.epi.reconstruct_epi` (ramp regridding, Nyquist-ghost correction,
+#: FFT, missing lines zero); ``grappa`` and ``sense`` (and ``auto`` on undersampled data)
+#: turn the lines into Cartesian k-space (:func:`mrharmony.recon.epi.epi_kspace`) and run
+#: the Cartesian parallel-imaging recon on them. Any other method is refused.
+EPI_METHODS = ("auto", "fft", "grappa", "sense")
 
 #: Methods each backend runs itself (``bart``: ESPIRiT maps and ``pics`` on Cartesian data).
 _BART_METHODS = ("sense", "cs")
@@ -815,8 +820,8 @@ def reconstruct_acquisitions(
     if traj == "epi" and method not in EPI_METHODS:
         raise ReconError(
             f"method {method!r} is not available for epi data: the EPI recon (ramp "
-            "regridding, Nyquist-ghost correction, FFT; missing lines stay zero) runs "
-            f"with method {' or '.join(repr(m) for m in EPI_METHODS)}")
+            "regridding, Nyquist-ghost correction, then FFT or GRAPPA/SENSE on the "
+            f"Cartesian lines) runs with method {', '.join(repr(m) for m in EPI_METHODS)}")
     images: list[ReconImage] = []
     prewhitened = whitener is not None
     if traj == "cartesian":
@@ -840,6 +845,9 @@ def reconstruct_acquisitions(
     usable = apply_prewhitening(parts["imaging"] + parts["navigation"], whitener)
     imaging_ids = {id(a) for a in usable[:len(parts["imaging"])]}
     xp_backend = "cupy" if backend == "cupy" else "numpy"
+    if traj == "epi" and _epi_parallel(header, usable, method):
+        return _recon_epi_parallel(header, usable, imaging_ids, method=method,
+                                   backend=backend, options=options, prewhitened=prewhitened)
     for key, acqs in sorted(_group(usable).items()):
         t0 = time.perf_counter()
         if traj == "epi":
@@ -891,6 +899,81 @@ def reconstruct_acquisitions(
                          **extra, **chain_settings}
         ref = next((a for a in acqs if id(a) in imaging_ids), acqs[0])
         images.append(_image(header, ref, img, meta))
+    return images
+
+
+def _epi_image_lines(acqs: list[Any]) -> list[Any]:
+    """EPI lines that enter the image k-space (no navigators, no calibration-only lines)."""
+    from mrharmony.formats.flags import has_flag
+
+    return [a for a in acqs if not has_flag(a.flags, "IS_PHASECORR_DATA")
+            and not (has_flag(a.flags, "IS_PARALLEL_CALIBRATION")
+                     and not has_flag(a.flags, "IS_PARALLEL_CALIBRATION_AND_IMAGING"))]
+
+
+def _epi_parallel(header: Any, acqs: list[Any], method: str) -> bool:
+    """Whether EPI data go to the parallel-imaging path: ``grappa``/``sense``, or
+    ``auto`` on undersampled data (the Cartesian rule: R > 1 and lines missing)."""
+    if method in ("grappa", "sense"):
+        return True
+    if method != "auto":
+        return False
+    for group in _group(acqs).values():
+        lines = _epi_image_lines(group)
+        if not lines:
+            continue
+        ny = max(int(encoding_of(header, lines[0]).encodedSpace.matrixSize.y or 1),
+                 1 + max(int(a.idx.kspace_encode_step_1) for a in lines))
+        mask = np.zeros((ny, 1), bool)
+        mask[[int(a.idx.kspace_encode_step_1) for a in lines], 0] = True
+        accel, _ = _acceleration(header, lines[0], mask)
+        if max(accel) > 1 and _has_gaps(mask):
+            return True
+    return False
+
+
+def _recon_epi_parallel(header: Any, usable: list[Any], imaging_ids: set[int], *,
+                        method: str, backend: str, options: dict,
+                        prewhitened: bool) -> list[ReconImage]:
+    """EPI through the Cartesian parallel-imaging recon: every image's lines (and the
+    calibration lines, e.g. a separate reference scan) to k-space with
+    :func:`~mrharmony.recon.epi.epi_kspace`, then :func:`_recon_cartesian` as for
+    Cartesian data (calibration selection, GRAPPA, ESPIRiT + SENSE, recon chain)."""
+    from mrharmony.formats.flags import has_flag
+    from mrharmony.recon.epi import epi_kspace
+    from mrharmony.recon.io import CalibrationLines, CartesianBuffer
+
+    groups = sorted(_group(usable).items())
+    slice_navs: dict[int, list[Any]] = {}
+    for key, acqs in groups:
+        navs = [a for a in acqs if has_flag(a.flags, "IS_PHASECORR_DATA")]
+        if navs:
+            slice_navs.setdefault(key[0], navs)
+    buffers: dict[tuple[int, int, int, int], Any] = {}
+    calibration: dict[tuple[int, int, int, int], Any] = {}
+    ghost: dict[tuple[int, int, int, int], str] = {}
+    for key, acqs in groups:
+        ek = epi_kspace(header, acqs, navigators=slice_navs.get(key[0]))
+        ro = np.ones(ek.kspace.shape[1], bool)
+        if ek.calibration is not None:
+            calibration[key] = CalibrationLines(ek.calibration[..., None],
+                                                ek.calibration_mask[:, None], ro)
+        lines = [a for a in _epi_image_lines(acqs) if id(a) in imaging_ids]
+        if ek.mask.any() and lines:
+            buffers[key] = CartesianBuffer(ek.kspace[..., None], ek.mask[:, None], None, None,
+                                           ro, lines[0])
+            ghost[key] = ek.ghost_correction
+    if not buffers:
+        raise ReconError("only parallel-calibration lines, no imaging lines to reconstruct")
+    images = []
+    for key, buf in sorted(buffers.items()):
+        data, settings = _recon_cartesian(header, key, buf, buffers, calibration,
+                                          method=method, backend=backend, options=options)
+        meta = _meta(header, contrast=key[1], set_=key[3])
+        meta["recon"] = {**settings, "epi": "ramp regridding, Nyquist-ghost correction ("
+                         f"{ghost[key]}), lines to Cartesian k-space",
+                         "prewhitened": prewhitened, "trajectory": "epi"}
+        images.append(_image(header, buf.reference, data, meta))
     return images
 
 
