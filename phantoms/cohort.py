@@ -162,11 +162,16 @@ class Cohort:
     """
 
     def __init__(self, n_subjects: int, seed: int, *, age_range: tuple[float, float],
-                 effects: CohortEffects, voxel_size_mm: float) -> None:
+                 effects: CohortEffects, voxel_size_mm: float,
+                 age_normal: tuple[float, float] | None = None,
+                 female_fraction: float = 0.5) -> None:
         self.seed = int(seed)
         self.effects = effects
         self.voxel_size_mm = float(voxel_size_mm)
         self.age_range = (float(age_range[0]), float(age_range[1]))
+        self.age_normal = None if age_normal is None else (float(age_normal[0]),
+                                                           float(age_normal[1]))
+        self.female_fraction = float(female_fraction)
         self.subjects = [self._draw_subject(i) for i in range(n_subjects)]
         self._anatomy: tuple[TissueFractions, np.ndarray, np.ndarray] | None = None
         self._truth: dict[float, Any] = {}
@@ -199,8 +204,17 @@ class Cohort:
 
     def _draw_subject(self, index: int) -> Subject:
         rng = self._rng(index, 0)
-        age = float(rng.uniform(*self.age_range))
-        sex = "M" if rng.random() < 0.5 else "F"
+        if self.age_normal is None:
+            age = float(rng.uniform(*self.age_range))
+        else:  # normal, truncated to age_range (rejection; deterministic given the seed)
+            mean, sd = self.age_normal
+            age = float(np.clip(mean, *self.age_range))
+            for _ in range(1000):
+                draw = float(rng.normal(mean, sd))
+                if self.age_range[0] <= draw <= self.age_range[1]:
+                    age = draw
+                    break
+        sex = "M" if rng.random() < 1.0 - self.female_fraction else "F"
         diagnosis = "patient" if rng.random() < self.effects.patient_fraction else "control"
         scale = 1.0 + self.effects.head_size_sd * float(rng.standard_normal())
         if sex == "M":
@@ -581,7 +595,8 @@ def _solve(fun: Any, lo: float, hi: float, what: str, *, scale: float) -> float:
 
 def make_cohort(n_subjects: int, seed: int, *, age_range: tuple[float, float] = (20.0, 80.0),
                 effects: CohortEffects | dict[str, Any] | None = None,
-                voxel_size_mm: float = 2.0) -> Cohort:
+                voxel_size_mm: float = 2.0, age_normal: tuple[float, float] | None = None,
+                female_fraction: float = 0.5) -> Cohort:
     """Virtual traveling-subject cohort with known biology (see the module docstring).
 
     Parameters
@@ -591,12 +606,18 @@ def make_cohort(n_subjects: int, seed: int, *, age_range: tuple[float, float] = 
     seed : int
         Seed; the same seed gives the same cohort (covariates, anatomy, values).
     age_range : tuple of float, optional
-        Uniform age range (years).
+        Uniform age range (years); with ``age_normal``, the range the normal ages are
+        truncated to.
     effects : CohortEffects or mapping, optional
         Effect sizes (defaults documented on :class:`CohortEffects`).
     voxel_size_mm : float, optional
         Isotropic voxel size of the subject phantoms (mm); 2 mm by default, 3-4 mm for
         quick tests, 1 mm for full resolution.
+    age_normal : (mean, sd) of float, optional
+        Draw ages from a normal distribution (years) truncated to ``age_range``
+        instead of uniformly.
+    female_fraction : float, optional
+        Probability that a subject is female (0.5 by default).
 
     Returns
     -------
@@ -626,5 +647,12 @@ def make_cohort(n_subjects: int, seed: int, *, age_range: tuple[float, float] = 
         raise PhantomError(f"effects: {exc}") from None
     if not 0.5 <= voxel_size_mm <= 8.0:
         raise PhantomError(f"voxel_size_mm: {voxel_size_mm} outside [0.5, 8] mm")
+    if not 0.0 <= female_fraction <= 1.0:
+        raise PhantomError(f"female_fraction: {female_fraction} outside [0, 1]")
+    if age_normal is not None and not (lo <= float(age_normal[0]) <= hi
+                                       and float(age_normal[1]) > 0):
+        raise PhantomError(f"age_normal: {age_normal} needs a mean inside age_range "
+                           f"{age_range} and a positive SD")
     return Cohort(int(n_subjects), int(seed), age_range=(lo, hi), effects=checked,
-                  voxel_size_mm=voxel_size_mm)
+                  voxel_size_mm=voxel_size_mm, age_normal=age_normal,
+                  female_fraction=female_fraction)

@@ -282,3 +282,18 @@ def test_study_folder_is_a_valid_bids_dataset(tiny_runs):
     issues = json.loads(proc.stdout)["issues"]["issues"]
     errors = [(i["code"], i.get("location")) for i in issues if i["severity"] == "error"]
     assert errors == []
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples"
+                                         / "studies").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_study_passes_preflight(path):
+    """Every shipped study validates and preflights (every protocol builds on every site's
+    scanner, every site and phantom exists) and lays out a task graph in which every scan
+    has its simulate, recon and features tasks, before anyone runs it."""
+    from mrharmony.study.plan import plan_tasks, preflight
+
+    study = load_study(path)
+    plan = plan_tasks(study, preflight(study))
+    kinds = {spec.stage for spec in plan.specs}
+    assert {"sequence", "phantom", "simulate", "recon", "features"} <= kinds
+    assert plan.scans

@@ -23,9 +23,9 @@ from mrharmony.study.config import Study
 from mrharmony.study.plan import Plan
 from mrharmony.study.store import TaskStore
 
-__all__ = ["BIDS_VERSION", "DERIVATIVES", "ID_COLUMNS", "analyse", "compute_numbers",
-           "harmonized_tables", "materialise_tree", "recon_flavour_numbers", "wide_table",
-           "write_dataset_files"]
+__all__ = ["BIDS_VERSION", "BIOLOGY_VIF_MAX", "DERIVATIVES", "ID_COLUMNS", "analyse",
+           "biology_numbers", "compute_numbers", "harmonized_tables", "materialise_tree",
+           "recon_flavour_numbers", "scan_truth", "wide_table", "write_dataset_files"]
 
 #: Columns that identify a scan in the wide feature table.
 ID_COLUMNS = ("subject", "site", "arm", "repeat", "vendor", "field_t")
@@ -99,12 +99,14 @@ def harmonized_tables(wide: pd.DataFrame, study: Study) -> dict[str, pd.DataFram
     out: dict[str, pd.DataFrame] = {}
     if rows.empty or rows[h.batch].nunique() < 2:
         return out
-    cov = rows[list(h.covariates)] if h.covariates else None
     for method in h.methods:
-        model = _make_harmonizer(method)
+        name, covariates = h.method_spec(method)
+        cov = rows[list(covariates)] if covariates else None
+        model = _make_harmonizer(name)
         X = rows[feats]
-        harmonized = model.fit_transform(X, rows[h.batch], cov) if cov is not None \
-            else model.fit_transform(X, rows[h.batch])
+        args = (X, rows[h.batch]) + ((cov,) if cov is not None else ())
+        harmonized = model.fit_transform(*args) if hasattr(model, "fit_transform") \
+            else model.fit(*args).transform(*args)  # e.g. MeanCentering
         table = rows.copy()
         table[feats] = np.asarray(harmonized, dtype=np.float64)
         out[f"{h.arm}+{method}"] = table
@@ -120,13 +122,18 @@ def _arm_tables(wide: pd.DataFrame, harmonized: Mapping[str, pd.DataFrame],
 
 
 def compute_numbers(tidy: pd.DataFrame, study: Study,
-                    truth: pd.DataFrame | None = None) -> dict[str, Any]:
+                    truth: pd.DataFrame | None = None,
+                    volumes: Mapping[str, Mapping[str, float]] | None = None,
+                    ) -> dict[str, Any]:
     """The report's numbers, from the tidy ``features.csv`` and the evaluation API.
 
     Returns a JSON-serialisable dict: per arm (and harmonized arm) the inter-site CoV
     (%) of every feature and its mean; for traveling subjects the ICC(2,1) and ICC(3,1),
     the site-classification accuracy with the harmonizer fitted inside every fold, and
-    the recovered age slopes against the cohort's ground truth.
+    the recovered age slopes against the cohort's ground truth; for virtual subjects
+    (``[cohort]`` or ``[[cohorts]]``) ``biology`` (:func:`biology_numbers`: raw data and
+    every harmonizer, each true effect against its estimate; ``volumes`` are the subject
+    phantoms' true tissue volumes, subject -> tissue -> mL) and ``biology_summary``.
     """
     from mrharmony.harmonize.evaluate import (
         association_effects,
@@ -167,7 +174,8 @@ def compute_numbers(tidy: pd.DataFrame, study: Study,
             folds = max(2, min(study.evaluate.cv_folds, min_per_site))
             harmonizer = None
             if arm in wide["arm"].unique() and study.harmonize.methods:
-                harmonizer = _harmonizer_class(study.harmonize.methods[0])
+                harmonizer = _harmonizer_class(
+                    study.harmonize.method_spec(study.harmonize.methods[0])[0])
             if arm in wide["arm"].unique():
                 disc = site_discriminability(
                     table[feats], table[batch], n_splits=folds,
@@ -202,7 +210,202 @@ def compute_numbers(tidy: pd.DataFrame, study: Study,
         numbers["recon_flavours"] = flavours
     if truth is not None and traveling:
         numbers["truth_age_slope"] = {str(k): _num(v) for k, v in truth.items()}
+    if (study.cohort is not None or study.cohorts) and "age" in tidy.columns:
+        bio = _study_biology(tidy, wide, harmonized, study, volumes or {})
+        if bio is not None:
+            numbers["biology"], numbers["biology_summary"] = bio
     return numbers
+
+
+def _study_biology(tidy: pd.DataFrame, wide: pd.DataFrame,
+                   harmonized: Mapping[str, pd.DataFrame], study: Study,
+                   volumes: Mapping[str, Mapping[str, float]],
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """:func:`biology_numbers` of the harmonized arm's rows (first repeat)."""
+    h = study.harmonize
+    rows = wide[wide["arm"] == h.arm].reset_index(drop=True)
+    if rows.empty or rows["subject"].nunique() < 4:
+        return None
+    truth = scan_truth(rows, tidy, volumes)
+    if truth.empty:
+        return None
+    cov = (tidy.drop_duplicates("subject").set_index("subject")
+           .reindex(rows["subject"])[["age", "diagnosis", "sex"]].reset_index(drop=True))
+    tables = {"raw": rows}
+    for name, table in harmonized.items():
+        tables[name.split("+", 1)[1]] = table
+    null = bool(study.cohorts) and all(d.null for d in study.cohorts)
+    return biology_numbers(tables, truth, cov, null=null)
+
+
+#: Site enters the biology model as a covariate only when no effect variable is confounded
+#: with it: the variance inflation of each (1 / (1 - R^2) of the variable on the site
+#: dummies) at most this. Otherwise the model is pooled (no site term), the analysis a
+#: harmonizer exists for.
+BIOLOGY_VIF_MAX = 2.0
+#: Biology effects: name -> model column.
+BIOLOGY_EFFECTS = {"age": "age", "diagnosis": "patient"}
+
+
+def scan_truth(wide: pd.DataFrame, tidy: pd.DataFrame,
+               volumes: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    """Site-free true value of every feature that has one, per row of ``wide``.
+
+    Volume features (``<protocol>__segmentation__<tissue>__volume_ml``) take the subject
+    phantom's realised tissue volume (``volumes[subject][tissue]``, mL, measured on the
+    cohort grid); quantitative-map features take the phantom's regional mean (the
+    ``truth`` column of the tidy table). Intensity features have no truth (left out).
+    """
+    out = pd.DataFrame(index=wide.index)
+    for col in _feature_cols(wide):
+        _protocol, quantity, region, feature = str(col).split("__")
+        if quantity == "segmentation" and feature == "volume_ml":
+            out[col] = [volumes.get(str(s), {}).get(region, np.nan) for s in wide["subject"]]
+    if "truth" in tidy.columns:
+        rows = tidy[tidy["truth"].notna()]
+        if not rows.empty:
+            name = (rows["protocol"].astype(str) + "__" + rows["quantity"].astype(str) + "__"
+                    + rows["region"].astype(str) + "__" + rows["feature"].astype(str))
+            per = rows.assign(column=name).groupby(["subject", "column"])["truth"].mean()
+            for col in sorted(set(name) & set(wide.columns)):
+                out[col] = [per.get((s, col), np.nan) for s in wide["subject"]]
+    return out.dropna(axis=1, how="all")
+
+
+def _site_vif(model: pd.DataFrame, site: pd.Series, variables: list[str]) -> dict[str, float]:
+    """Variance inflation of each variable by the site dummies."""
+    dummies = pd.get_dummies(site.astype(str), drop_first=True, dtype=float).to_numpy()
+    design = np.column_stack([np.ones(len(site)), dummies])
+    out = {}
+    for var in variables:
+        y = model[var].to_numpy(float)
+        fit = design @ np.linalg.lstsq(design, y, rcond=None)[0]
+        ss = float(((y - y.mean()) ** 2).sum())
+        r2 = 1.0 - float(((y - fit) ** 2).sum()) / ss if ss > 0 else 1.0
+        out[var] = float("inf") if r2 >= 1.0 - 1e-12 else 1.0 / (1.0 - r2)
+    return out
+
+
+def _ols_ci(X: pd.DataFrame, model: pd.DataFrame, var: str) -> pd.DataFrame:
+    """OLS effect of ``var`` per feature with its 95 % t interval."""
+    from scipy import stats
+
+    from mrharmony.harmonize.evaluate import association_effects
+
+    e = association_effects(X.reset_index(drop=True), model.reset_index(drop=True), var)
+    half = stats.t.ppf(0.975, e["n"] - model.shape[1] - 1) * e["se"]
+    return e.assign(ci_low=e["beta"] - half, ci_high=e["beta"] + half)
+
+
+def biology_numbers(tables: Mapping[str, pd.DataFrame], truth: pd.DataFrame,
+                    covariates: pd.DataFrame, *, null: bool = False,
+                    null_features: tuple[str, ...] | list[str] = (),
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """True effects against their estimates, per method and feature.
+
+    Parameters
+    ----------
+    tables : mapping
+        Method (``"raw"`` or a harmonizer name) -> wide table of the same rows (one per
+        scan, with a ``site`` column).
+    truth : DataFrame
+        Site-free true feature values of those rows (:func:`scan_truth`).
+    covariates : DataFrame
+        ``age`` (years), ``diagnosis`` ("patient"/"control"), ``sex`` ("F"/"M") per row.
+    null : bool, optional
+        The design has no true effect: every truth is 0.
+    null_features : sequence of str, optional
+        Features without any true effect by construction (truth 0).
+
+    Returns
+    -------
+    records : list of dict
+        ``method, effect ("age" | "diagnosis"), feature, true, estimate, ci_low, ci_high``
+        (feature units per year, or patient minus control), plus ``p``, ``kind``
+        (``null``: zero by construction; ``primary``: ``|t| >= bench.PRIMARY_T`` in the
+        site-free fit; ``weak``: neither, reported but not scored) and ``covered``.
+    summary : dict
+        ``model`` (the formula), ``site_covariate`` and its reason, ``vif``, and per
+        method and effect ``bias`` (mean relative error of the primary effects),
+        ``abs_error`` (mean absolute relative error),
+        ``coverage`` (fraction of primary truths inside the 95 % CI), ``false_positive_
+        rate`` (p < 0.05 on null effects), ``n_effects``, ``n_null``.
+
+    Notes
+    -----
+    Model ``feature ~ 1 + age [+ patient] [+ male] [+ site]`` by OLS. The truth is the
+    same OLS on the site-free values of the same scans (the slope of these subjects
+    themselves, as in ``mrharmony bench``, so head-size sampling does not count as bias);
+    an effect whose site-free standardised size is below ``bench.ZERO_STD_BETA`` is zero
+    by construction and counts as null, as do ``null_features``. ``site`` is a covariate
+    only when no effect is
+    confounded with it (:data:`BIOLOGY_VIF_MAX`).
+    """
+    from mrharmony.study.bench import PRIMARY_T, ZERO_STD_BETA
+
+    first = next(iter(tables.values()))
+    model = pd.DataFrame({"age": covariates["age"].to_numpy(float)})
+    patient = (covariates["diagnosis"].astype(str) == "patient").to_numpy(float)
+    effects = {"age": "age"}
+    if 2 <= patient.sum() <= len(patient) - 2:
+        model["patient"] = patient
+        effects["diagnosis"] = "patient"
+    male = (covariates["sex"].astype(str) == "M").to_numpy(float)
+    if 0 < male.sum() < len(male):
+        model["male"] = male
+    site = first["site"].reset_index(drop=True)
+    vif = _site_vif(model, site, list(effects.values()))
+    with_site = site.nunique() > 1 and max(vif.values()) <= BIOLOGY_VIF_MAX
+    if with_site:
+        dummies = pd.get_dummies(site.astype(str), prefix="site", drop_first=True, dtype=float)
+        model = pd.concat([model, dummies], axis=1)
+        reason = (f"site is a covariate (every effect's variance inflation by site <= "
+                  f"{BIOLOGY_VIF_MAX:g})")
+    else:
+        over = [f"{k} VIF {v:.3g}" for k, v in vif.items() if v > BIOLOGY_VIF_MAX]
+        reason = ("pooled model, no site term: " + (
+            f"site is confounded with {', '.join(over)} > {BIOLOGY_VIF_MAX:g}" if over
+            else "one site"))
+    terms = [t for t, on in (("age", True), ("patient", "patient" in model),
+                             ("male", "male" in model), ("site", with_site)) if on]
+    feats = [c for c in truth.columns if c in first.columns]
+    true_fx = {eff: _ols_ci(truth[feats], model, var) for eff, var in effects.items()}
+    records: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {
+        "model": "feature ~ 1 + " + " + ".join(terms), "site_covariate": bool(with_site),
+        "reason": reason, "vif": {k: _num(v) for k, v in vif.items()}, "methods": {}}
+    for method, table in tables.items():
+        per: dict[str, Any] = {}
+        for eff, var in effects.items():
+            est = _ols_ci(table[feats], model, var)
+            rel, covered, fp = [], [], []
+            for feat in feats:
+                t = true_fx[eff].loc[feat]
+                is_null = null or feat in null_features or \
+                    not abs(float(t["std_beta"])) > ZERO_STD_BETA
+                true = 0.0 if is_null else float(t["beta"])
+                kind = "null" if is_null else (
+                    "primary" if abs(float(t["t"])) >= PRIMARY_T else "weak")
+                e = est.loc[feat]
+                inside = bool(e["ci_low"] <= true <= e["ci_high"])
+                records.append({
+                    "method": method, "effect": eff, "feature": feat, "true": _num(true),
+                    "estimate": _num(float(e["beta"])), "ci_low": _num(float(e["ci_low"])),
+                    "ci_high": _num(float(e["ci_high"])), "p": _num(float(e["p"])),
+                    "kind": kind, "covered": inside})
+                if is_null:
+                    fp.append(float(e["p"]) < 0.05)
+                elif kind == "primary":
+                    rel.append((float(e["beta"]) - true) / true)
+                    covered.append(inside)
+            per[eff] = {
+                "bias": _num(float(np.mean(rel))) if rel else None,
+                "abs_error": _num(float(np.mean(np.abs(rel)))) if rel else None,
+                "coverage": _num(float(np.mean(covered))) if covered else None,
+                "false_positive_rate": _num(float(np.mean(fp))) if fp else None,
+                "n_effects": len(rel), "n_null": len(fp)}
+        summary["methods"][method] = per
+    return records, summary
 
 
 def recon_flavour_numbers(numbers: Mapping[str, Any], study: Study,
@@ -440,7 +643,7 @@ def analyse(study: Study, plan: Plan, store: TaskStore,
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(tidy, out_dir / "features.csv")
     truth = _cohort_truth(study)
-    numbers = compute_numbers(tidy, study, truth)
+    numbers = compute_numbers(tidy, study, truth, _phantom_volumes(plan, store, records))
     wide = wide_table(tidy, study.harmonize.covariates)
     _write_csv(wide, out_dir / "features_wide.csv")
     harmonized = harmonized_tables(wide, study)
@@ -462,6 +665,21 @@ def _cohort_truth(study: Study) -> pd.Series | None:
     cohort = make_cohort(c.n_subjects, c.seed, age_range=(c.age_min_years, c.age_max_years))
     slopes = getattr(cohort, "true_age_slopes", None)
     return None if slopes is None else pd.Series(slopes() if callable(slopes) else slopes)
+
+
+def _phantom_volumes(plan: Plan, store: TaskStore, records: Mapping[str, Mapping[str, Any]],
+                     ) -> dict[str, dict[str, float]]:
+    """Subject -> the true tissue volumes (mL) its phantom task recorded."""
+    out: dict[str, dict[str, float]] = {}
+    for scan in plan.scans:
+        if scan.subject in out or records.get(scan.phantom_key, {}).get("status") != "done":
+            continue
+        path = store.path("phantom", scan.phantom_key) / "phantom" / "phantom.json"
+        if path.is_file():
+            meta = json.loads(path.read_text()).get("metadata", {})
+            if "volumes_ml" in meta:
+                out[scan.subject] = {k: float(v) for k, v in meta["volumes_ml"].items()}
+    return out
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:

@@ -6,6 +6,8 @@ A study file has these tables (keys carry their units; every table is checked wi
     [study]                     name, seed, description, repeats
     [phantom]                   the object scanned by every site (or [cohort])
     [cohort]                    a virtual traveling-subject cohort
+    [[cohorts]]                 per-site cohorts (site or sites, n_subjects, ages, sex
+                                ratio, patient_fraction, effects; ``null = true``)
     [[protocols]]               name, file (protocol TOML, relative to the study file), maps
     [sites]                     names = [...] presets or TOML paths, arms = ["shared", "native"]
     [simulation]                isochromats_per_voxel, backend
@@ -36,8 +38,10 @@ from mrharmony.config import from_mapping, load_toml, param, to_mapping
 from mrharmony.errors import ConfigError, StudyError
 
 __all__ = [
+    "COHORT_AGE_RANGE_YEARS",
     "RECON_ARM_ACQUISITIONS",
     "VENDOR_RECON_PRESETS",
+    "CohortDesign",
     "CohortSection",
     "EvaluateSection",
     "FeaturesSection",
@@ -91,6 +95,72 @@ class CohortSection:
     age_max_years: float = param(80.0, doc="oldest age", unit="years", ge=0, le=120)
     matrix: int = param(48, doc="in-plane matrix of the subject phantoms", ge=8, le=512)
     three_d: bool = param(True, doc="3-D subject phantoms (else one axial slice)")
+
+
+#: Ages the cohort model generates (:func:`mrharmony.phantoms.make_cohort`).
+COHORT_AGE_RANGE_YEARS = (0.0, 110.0)
+#: Effect keys of :class:`~mrharmony.phantoms.cohort.CohortEffects` a design entry may set.
+DESIGN_EFFECT_KEYS = ("gm_slope_ml_per_year", "t1_drift_pct_per_year",
+                      "t2_drift_pct_per_year", "diagnosis_region_gm_loss_pct",
+                      "diagnosis_t1_pct", "diagnosis_t2_pct")
+#: Most subjects one ``[[cohorts]]`` entry may hold.
+MAX_SUBJECTS_PER_ENTRY = 1000
+
+
+@dataclass(frozen=True, kw_only=True)
+class CohortDesign:
+    """One ``[[cohorts]]`` entry: subjects drawn for, and scanned only at, its site(s).
+
+    Ages are uniform in ``[age_min_years, age_max_years]``, or normal
+    (``age_mean_years``, ``age_sd_years``) truncated to that range. Effects not set here
+    are the cohort model's defaults (:class:`~mrharmony.phantoms.cohort.CohortEffects`);
+    ``null = true`` sets every age and diagnosis effect to zero. The entry's subjects are
+    generated from the study seed and the entry (or from ``seed`` when given).
+    """
+
+    site: str = param("", doc="the site that scans these subjects (or `sites`)")
+    sites: tuple[str, ...] = param((), doc="several sites that each scan these subjects")
+    n_subjects: int = param(doc="number of subjects of this entry", ge=1)
+    seed: int = param(-1, doc="cohort seed (-1: derived from the study seed and the entry)",
+                      ge=-1)
+    age_min_years: float = param(20.0, doc="youngest age", unit="years")
+    age_max_years: float = param(80.0, doc="oldest age", unit="years")
+    age_mean_years: float = param(-1.0, doc="mean of normal ages (-1: uniform ages)",
+                                  unit="years")
+    age_sd_years: float = param(0.0, doc="SD of normal ages", unit="years")
+    female_fraction: float = param(0.5, doc="probability that a subject is female")
+    patient_fraction: float = param(0.3, doc="probability of diagnosis 'patient'")
+    null: bool = param(False, doc="no true effect: every age and diagnosis effect is zero")
+    gm_slope_ml_per_year: float | None = param(None, doc="GM volume change per year")
+    t1_drift_pct_per_year: float | None = param(None, doc="GM/WM T1 change per year (%)")
+    t2_drift_pct_per_year: float | None = param(None, doc="GM/WM T2 change per year (%)")
+    diagnosis_region_gm_loss_pct: float | None = param(None, doc="regional GM loss (%)")
+    diagnosis_t1_pct: float | None = param(None, doc="regional T1 increase (%)")
+    diagnosis_t2_pct: float | None = param(None, doc="regional T2 increase (%)")
+    matrix: int = param(48, doc="in-plane matrix of the subject phantoms", ge=8, le=512)
+    three_d: bool = param(True, doc="3-D subject phantoms (else one axial slice)")
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        """The sites of this entry (``site`` or ``sites``)."""
+        return (self.site,) if self.site else tuple(self.sites)
+
+    def effects(self) -> dict[str, float]:
+        """The effect overrides of this entry (``patient_fraction`` included)."""
+        out: dict[str, float] = {"patient_fraction": float(self.patient_fraction)}
+        for key in DESIGN_EFFECT_KEYS:
+            value = getattr(self, key)
+            if self.null:
+                value = 0.0
+            if value is not None:
+                out[key] = float(value)
+        return out
+
+    def age_normal(self) -> tuple[float, float] | None:
+        """``(mean, sd)`` of normal ages, or None for uniform ages."""
+        if self.age_mean_years < 0:
+            return None
+        return (float(self.age_mean_years), float(self.age_sd_years))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -318,15 +388,27 @@ class FeaturesSection:
         "intensity Gaussian mixture, soft counts; fast)")
 
 
+#: Suffix of a ``[harmonize] methods`` entry fitted without covariates.
+NOCOV_SUFFIX = "-nocov"
+
+
 @dataclass(frozen=True, kw_only=True)
 class HarmonizeSection:
     """Feature-level harmonizers applied to the study's feature table."""
 
     methods: tuple[str, ...] = param(("combat",), doc="feature harmonizers of the registry "
-                                     "(mrharmony.harmonize.registry): combat, covbat, gam, mean")
+                                     "(mrharmony.harmonize.registry): combat, covbat, gam, "
+                                     "mean; a '-nocov' suffix (e.g. 'combat-nocov') fits "
+                                     "that harmonizer without the covariates")
     batch: str = param("site", doc="batch column")
     covariates: tuple[str, ...] = param((), doc="covariate columns kept (e.g. age, sex)")
     arm: str = param("shared", doc="the arm whose features are harmonized")
+
+    def method_spec(self, method: str) -> tuple[str, tuple[str, ...]]:
+        """The registry name of a method and the covariates it is fitted with."""
+        if method.endswith(NOCOV_SUFFIX):
+            return method[: -len(NOCOV_SUFFIX)], ()
+        return method, tuple(self.covariates)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -346,6 +428,7 @@ class Study:
     sites: SitesSection
     phantom: PhantomSection | None = None
     cohort: CohortSection | None = None
+    cohorts: tuple[CohortDesign, ...] = ()
     simulation: SimulationSection = field(default_factory=SimulationSection)
     recon: ReconSection = field(default_factory=ReconSection)
     features: FeaturesSection = field(default_factory=FeaturesSection)
@@ -365,7 +448,7 @@ class Study:
             value = getattr(self, f.name)
             if f.name == "base_dir":
                 continue
-            if value is None:
+            if value is None or (f.name == "cohorts" and not value):
                 continue
             if isinstance(value, tuple):
                 out[f.name] = [to_mapping(v) for v in value]
@@ -405,15 +488,18 @@ def study_from_mapping(data: dict[str, Any], *, source: str = "study",
     StudyError
         Naming the table and key of the first problem.
     """
-    unknown = sorted(set(data) - set(_SECTIONS) - {"protocols"})
+    unknown = sorted(set(data) - set(_SECTIONS) - {"protocols", "cohorts"})
     if unknown:
-        known = ", ".join([*sorted(_SECTIONS), "protocols"])
+        known = ", ".join([*sorted(_SECTIONS), "cohorts", "protocols"])
         raise StudyError(f"{source}: unknown table [{unknown[0]}] (tables: {known})")
     for required in ("study", "protocols", "sites"):
         if required not in data:
             raise StudyError(f"{source}: the table [{required}] is missing")
-    if ("phantom" in data) == ("cohort" in data):
-        raise StudyError(f"{source}: give exactly one of [phantom] or [cohort]")
+    given = [t for t in ("phantom", "cohort", "cohorts") if t in data]
+    if len(given) != 1:
+        raise StudyError(f"{source}: give exactly one of [phantom], [cohort] (traveling "
+                         "subjects) or [[cohorts]] (per-site cohorts)"
+                         + (f"; got {', '.join(given)}" if given else ""))
     kwargs: dict[str, Any] = {}
     try:
         for name, cls in _SECTIONS.items():
@@ -461,15 +547,98 @@ def study_from_mapping(data: dict[str, Any], *, source: str = "study",
 
     usable = feature_harmonizers(cross_sectional=True)
     for method in harmonize.methods:
-        if method not in usable:
+        if harmonize.method_spec(method)[0] not in usable:
             raise StudyError(f"{source} [harmonize] methods: unknown method {method!r} "
-                             f"({', '.join(usable)})")
+                             f"({', '.join(usable)}, each optionally with "
+                             f"'{NOCOV_SUFFIX}')")
+    if len(set(harmonize.methods)) != len(harmonize.methods):
+        raise StudyError(f"{source} [harmonize] methods: a method is listed twice")
     if len(set(kwargs["sites"].names)) != len(kwargs["sites"].names):
         raise StudyError(f"{source} [sites] names: a site is listed twice")
     cohort = kwargs.get("cohort")
     if cohort is not None and cohort.age_max_years <= cohort.age_min_years:
         raise StudyError(f"{source} [cohort]: age_max_years must exceed age_min_years")
+    if "cohorts" in data:
+        kwargs["cohorts"] = _cohort_designs(data["cohorts"], kwargs["sites"].names, source)
     return Study(**kwargs, base_dir=(base_dir or Path(".")).resolve())
+
+
+def _cohort_designs(entries: Any, site_names: tuple[str, ...], source: str,
+                    ) -> tuple[CohortDesign, ...]:
+    """Validate ``[[cohorts]]``: every problem is a StudyError naming the entry."""
+    if not isinstance(entries, list) or not entries:
+        raise StudyError(f"{source}: [[cohorts]] must list at least one entry")
+    from mrharmony.phantoms.cohort import CohortEffects
+
+    designs: list[CohortDesign] = []
+    owner: dict[str, int] = {}
+    for i, raw in enumerate(entries):
+        if not isinstance(raw, dict):
+            raise StudyError(f"{source}: cohorts[{i}] must be a table")
+        label = raw.get("site") or raw.get("sites") or "?"
+        where = (f"cohorts[{i}] (site {label!r})" if isinstance(label, str)
+                 else f"cohorts[{i}] (sites {', '.join(map(str, label))})")
+        try:
+            d = from_mapping(CohortDesign, raw, source=where)
+        except ConfigError as exc:
+            raise StudyError(f"{source} {exc}") from exc
+
+        def fail(message: str, where: str = where) -> StudyError:
+            return StudyError(f"{source} {where}: {message}")
+
+        if bool(d.site) == bool(d.sites):
+            raise fail("give exactly one of site = '...' or sites = [...]")
+        if d.n_subjects > MAX_SUBJECTS_PER_ENTRY:
+            raise fail(f"n_subjects {d.n_subjects} is above {MAX_SUBJECTS_PER_ENTRY}, the "
+                       "most one entry may hold")
+        for key in ("female_fraction", "patient_fraction"):
+            value = getattr(d, key)
+            if value > 1:
+                raise fail(f"{key} {value:g} is above 1")
+            if value < 0:
+                raise fail(f"{key} {value:g} is below 0")
+        lo_model, hi_model = COHORT_AGE_RANGE_YEARS
+        for key in ("age_min_years", "age_max_years"):
+            value = getattr(d, key)
+            if not lo_model <= value <= hi_model:
+                raise fail(f"{key} {value:g} is outside the cohort model's ages "
+                           f"[{lo_model:g}, {hi_model:g}] years")
+        if d.age_max_years < d.age_min_years:
+            raise fail(f"age_max_years {d.age_max_years:g} is below age_min_years "
+                       f"{d.age_min_years:g}")
+        normal = d.age_normal()
+        if normal is None and d.age_sd_years:
+            raise fail("age_sd_years needs age_mean_years")
+        if normal is not None:
+            if not d.age_min_years <= normal[0] <= d.age_max_years:
+                raise fail(f"age_mean_years {normal[0]:g} is outside [age_min_years, "
+                           f"age_max_years] = [{d.age_min_years:g}, {d.age_max_years:g}]")
+            if normal[1] <= 0:
+                raise fail("age_sd_years must be above 0 with age_mean_years")
+        if d.null and any(getattr(d, k) not in (None, 0.0) for k in DESIGN_EFFECT_KEYS):
+            raise fail("null = true sets every effect to zero; do not also set one")
+        try:
+            CohortEffects.from_mapping(d.effects(), source="effects")
+        except ValueError as exc:
+            raise fail(str(exc)) from exc
+        for name in d.site_names:
+            if name not in site_names:
+                raise fail(f"site {name!r} is not in [sites] names "
+                           f"({', '.join(site_names)})")
+            if name in owner:
+                raise fail(f"site {name!r} is already scanning cohorts[{owner[name]}]: "
+                           "designs overlap (one entry per site; use sites = [...] for "
+                           "subjects shared by several sites)")
+            owner[name] = i
+        if designs and (d.matrix, d.three_d) != (designs[0].matrix, designs[0].three_d):
+            raise fail(f"matrix {d.matrix} / three_d {d.three_d} differ from cohorts[0]'s "
+                       "(every entry images its subjects on the same grid)")
+        designs.append(d)
+    missing = [s for s in site_names if s not in owner]
+    if missing:
+        raise StudyError(f"{source} [[cohorts]]: site {missing[0]!r} has no cohort entry "
+                         "(every site of [sites] scans subjects)")
+    return tuple(designs)
 
 
 def _recon_section(data: dict[str, Any], source: str) -> ReconSection:

@@ -32,7 +32,8 @@ from mrharmony.study.config import ProtocolEntry, Study
 from mrharmony.study.execute import TaskSpec
 from mrharmony.study.store import task_key
 
-__all__ = ["Plan", "Resolved", "Scan", "derive_seed", "measurable_range_ms", "plan_tasks",
+__all__ = ["Plan", "Resolved", "Scan", "derive_seed", "design_cohort_params",
+           "design_subjects", "make_design_cohort", "measurable_range_ms", "plan_tasks",
            "preflight", "protocol_mapping", "recon_params"]
 
 _HIDDEN_PROTOCOL_KEYS = ("ndim", "cartesian")
@@ -75,6 +76,10 @@ class Resolved:
     protocols: dict[str, Any]                   # protocol name -> Protocol
     subjects: list[dict[str, Any]]              # id + covariates
     phantom_path: Path | None = None
+    #: per-site design ([[cohorts]]): subject -> the sites that scan it, and the cohort
+    #: parameters of its phantom (entry's cohort, seed, the cohort's own subject id)
+    subject_sites: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    subject_cohorts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,61 @@ class Plan:
 
     def __post_init__(self) -> None:
         self._keys: set[str] = set()
+
+
+def design_cohort_params(study: Study, index: int) -> dict[str, Any]:
+    """The :func:`~mrharmony.phantoms.make_cohort` arguments of ``[[cohorts]]`` entry
+    ``index``: its seed (given, or derived from the study seed and the entry), size, ages,
+    sex ratio and effects."""
+    d = study.cohorts[index]
+    seed = d.seed if d.seed >= 0 else derive_seed(study.study.seed, "cohorts", index,
+                                                   *d.site_names) % (2**31)
+    params: dict[str, Any] = {"n_subjects": d.n_subjects, "seed": seed,
+                              "age_range": [d.age_min_years, d.age_max_years],
+                              "effects": d.effects()}
+    if d.age_normal() is not None:
+        params["age_normal"] = list(d.age_normal())
+    if d.female_fraction != 0.5:
+        params["female_fraction"] = d.female_fraction
+    return params
+
+
+def make_design_cohort(params: dict[str, Any]) -> Any:
+    """The cohort of :func:`design_cohort_params` (also used by the phantom task)."""
+    from mrharmony.phantoms import make_cohort
+
+    normal = params.get("age_normal")
+    return make_cohort(int(params["n_subjects"]), int(params["seed"]),
+                       age_range=tuple(params["age_range"]), effects=params.get("effects"),
+                       age_normal=None if normal is None else tuple(normal),
+                       female_fraction=float(params.get("female_fraction", 0.5)))
+
+
+def design_subjects(study: Study) -> tuple[list[dict[str, Any]], dict[str, tuple[str, ...]],
+                                           dict[str, dict[str, Any]]]:
+    """Subjects of a per-site design (``[[cohorts]]``), without building any anatomy.
+
+    Returns
+    -------
+    subjects : list of dict
+        ``subject`` (study id ``c<entry>s<k>``, e.g. ``c1s003``), ``age`` (years), ``sex``,
+        ``diagnosis``.
+    sites : dict
+        Subject -> the sites that scan it (its entry's).
+    cohorts : dict
+        Subject -> its entry's cohort parameters plus ``cohort_subject`` (``sub-003``).
+    """
+    subjects, sites, cohorts = [], {}, {}
+    for i, d in enumerate(study.cohorts):
+        params = design_cohort_params(study, i)
+        table = make_design_cohort(params).covariates()
+        for k, row in enumerate(table.to_dict(orient="records")):
+            sid = f"c{i + 1}s{k + 1:03d}"
+            subjects.append({"subject": sid, "age": row["age"], "sex": row["sex"],
+                             "diagnosis": row["diagnosis"]})
+            sites[sid] = d.site_names
+            cohorts[sid] = {**params, "cohort_subject": row["subject"], "entry": i}
+    return subjects, sites, cohorts
 
 
 def _subjects(study: Study) -> list[dict[str, Any]]:
@@ -193,12 +253,21 @@ def preflight(study: Study) -> Resolved:
         if not (phantom_path / "phantom.json").is_file():
             raise StudyError(f"[phantom] path: {phantom_path} is not a saved phantom "
                              "(no phantom.json)")
+    subject_sites: dict[str, tuple[str, ...]] = {}
+    subject_cohorts: dict[str, dict[str, Any]] = {}
     try:
-        subjects = _subjects(study)
+        if study.cohorts:
+            subjects, subject_sites, subject_cohorts = design_subjects(study)
+            # [[cohorts]] name sites as written in [sites] names; plan by loaded name
+            written = dict(zip(study.sites.names, sites, strict=True))
+            subject_sites = {k: tuple(written[s] for s in v) for k, v in subject_sites.items()}
+        else:
+            subjects = _subjects(study)
     except MrHarmonyError as exc:
         raise StudyError(f"[cohort]: {exc}") from exc
     return Resolved(sites=sites, site_mappings=mappings, protocols=protocols,
-                    subjects=subjects, phantom_path=phantom_path)
+                    subjects=subjects, phantom_path=phantom_path,
+                    subject_sites=subject_sites, subject_cohorts=subject_cohorts)
 
 
 def _check_recon(study: Study, site: Any, arm: str) -> dict[str, Any]:
@@ -242,6 +311,13 @@ def recon_params(study: Study, site: Any, arm: str, maps: str) -> dict[str, Any]
 
 def _phantom_params(study: Study, entry: ProtocolEntry, subject: dict[str, Any],
                     field_t: float, resolved: Resolved) -> dict[str, Any]:
+    if study.cohorts:
+        params = {k: v for k, v in resolved.subject_cohorts[subject["subject"]].items()
+                  if k not in ("cohort_subject", "entry")}
+        d = study.cohorts[0]
+        return {"kind": "design-cohort", **params,
+                "subject": resolved.subject_cohorts[subject["subject"]]["cohort_subject"],
+                "matrix": d.matrix, "three_d": d.three_d, "field_t": field_t}
     if study.cohort is not None:
         c = study.cohort
         return {"kind": "cohort", "n_subjects": c.n_subjects, "seed": c.seed,
@@ -288,6 +364,8 @@ def plan_tasks(study: Study, resolved: Resolved) -> Plan:
                                            "arm": acq, "site": site_name}
                 for subject in resolved.subjects:
                     sid = subject["subject"]
+                    if resolved.subject_sites and site_name not in resolved.subject_sites[sid]:
+                        continue  # per-site design: each site scans only its own subjects
                     ph_params = _phantom_params(study, entry, subject,
                                                 site.field_strength_t, resolved)
                     ph_key = plan.add(TaskSpec(

@@ -224,6 +224,8 @@ def write_study_report(study: Study, plan: Plan, store: TaskStore,
     if bias is not None:
         tables["Error against the phantom's true value at each site's field"] = bias
     sections.append(ReportSection("Findings", text=_findings(numbers)))
+    if numbers.get("biology"):
+        sections.append(_biology_section(numbers, out_dir))
     sections.append(ReportSection("Reproducibility across sites", tables=tables,
                                   figures=[bars] if bars else []))
     montages = _montage(plan, store, records, study, out_dir)
@@ -256,6 +258,99 @@ def write_study_report(study: Study, plan: Plan, store: TaskStore,
              for r in failures])}))
     return write_html_report(out_dir / "report.html", f"Study: {study.study.name}", sections,
                              force=True)
+
+
+#: A method keeps an effect when its mean absolute relative error on the primary effects is
+#: at most this (the issue's "within 25 % of the true slope").
+KEEPS_EFFECT_REL = 0.25
+
+
+def _biology_answer(summary: Mapping[str, Any]) -> str:
+    """One sentence per effect: which methods keep it, which do not (with the numbers)."""
+    lines = []
+    effects = sorted({e for per in summary["methods"].values() for e in per})
+    for effect in effects:
+        keep, lose = [], []
+        for method, per in summary["methods"].items():
+            entry = per.get(effect)
+            if not entry or entry.get("bias") is None:
+                continue
+            cov = entry.get("coverage")
+            text = (f"{method} (error {100 * entry['abs_error']:.0f} %, bias "
+                    f"{100 * entry['bias']:+.0f} %, coverage {100 * cov:.0f} %)"
+                    if cov is not None else method)
+            (keep if entry["abs_error"] <= KEEPS_EFFECT_REL else lose).append(text)
+        if keep or lose:
+            lines.append(f"The {effect} effect is kept (mean absolute error within "
+                         f"{100 * KEEPS_EFFECT_REL:.0f} % of the truth) by "
+                         f"{', '.join(keep) or 'no method'}; not by "
+                         f"{', '.join(lose) or 'any other method'}.")
+        fprs = [f"{m} {100 * per[effect]['false_positive_rate']:.0f} %"
+                for m, per in summary["methods"].items()
+                if per.get(effect, {}).get("false_positive_rate") is not None]
+        if fprs:
+            lines.append(f"False-positive rate of the {effect} test on null features "
+                         f"(p < 0.05): {', '.join(fprs)}.")
+    lines.append(f"Model: {summary['model']}; {summary['reason']}. The truth is the same "
+                 "fit on the phantoms' site-free values of the same subjects.")
+    return " ".join(lines)
+
+
+def _biology_figure(records: list[Mapping[str, Any]], out_dir: Path) -> Path | None:
+    """Estimate with its 95 % CI against the truth, per method, for every scored effect."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rec = pd.DataFrame(records)
+    rec = rec[rec["kind"] != "weak"]
+    panels = list(dict.fromkeys(zip(rec["effect"], rec["feature"], strict=True)))[:12]
+    if not panels:
+        return None
+    methods = list(dict.fromkeys(rec["method"]))
+    ncol = min(3, len(panels))
+    nrow = int(np.ceil(len(panels) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.0 * nrow), squeeze=False)
+    for ax, (effect, feature) in zip(axes.ravel(), panels, strict=False):
+        rows = rec[(rec["effect"] == effect) & (rec["feature"] == feature)].set_index("method")
+        x = np.arange(len(methods))
+        est = rows.reindex(methods)["estimate"].to_numpy(float)
+        lo = rows.reindex(methods)["ci_low"].to_numpy(float)
+        hi = rows.reindex(methods)["ci_high"].to_numpy(float)
+        ax.errorbar(x, est, yerr=[est - lo, hi - est], fmt="o", capsize=3)
+        ax.axhline(float(rows["true"].iloc[0]), color="k", ls="--", lw=1, label="truth")
+        ax.set_xticks(x, methods, rotation=30, fontsize=7)
+        ax.set_title(f"{effect}: {_pretty(feature)}", fontsize=8)
+        ax.legend(fontsize=6)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    path = out_dir / "figures" / "biology.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _biology_section(numbers: Mapping[str, Any], out_dir: Path) -> Any:
+    """Biology: which methods keep each true effect, the numbers and the figure."""
+    from mrharmony.harmonize.report import ReportSection
+
+    summary = numbers["biology_summary"]
+    table = pd.DataFrame([{"method": m, "effect": e, **v}
+                          for m, per in summary["methods"].items() for e, v in per.items()])
+    rec = pd.DataFrame(numbers["biology"])
+    rec["feature"] = rec["feature"].map(_pretty)
+    figure = _biology_figure(numbers["biology"], out_dir)
+    return ReportSection(
+        "Biology", text=_biology_answer(summary),
+        tables={"Per method and effect (bias: mean relative error of the primary effects, "
+                "abs_error: its mean absolute value; coverage: truth inside the 95 % CI)":
+                    table,
+                "True effect against its estimate (per year of age; patient minus control)":
+                    rec},
+        figures=[figure] if figure else [])
 
 
 def _recon_section(numbers: Mapping[str, Any], plan: Plan, out_dir: Path) -> Any:

@@ -66,6 +66,12 @@ def stage_phantom(params: Mapping[str, Any], inputs: Mapping[str, Path], work: P
         phantom = cohort.phantom(params["subject"], field_t=field_t,
                                  matrix=int(params["matrix"]),
                                  three_d=bool(params["three_d"]))
+    elif kind == "design-cohort":  # a [[cohorts]] entry's cohort (per-site design)
+        from mrharmony.study.plan import make_design_cohort
+
+        phantom = make_design_cohort(dict(params)).phantom(
+            params["subject"], field_t=field_t, matrix=int(params["matrix"]),
+            three_d=bool(params["three_d"]))
     elif kind == "system":
         phantom = phantoms.make_system_phantom(
             field_t, matrix=int(params["matrix"]), array=params["plate"],
