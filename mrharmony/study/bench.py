@@ -44,10 +44,12 @@ the phantom maps (e.g. whole-tissue T1 and diagnosis, which acts only inside the
 and counts as null too. Effects counted in ``effect_bias`` and ``coverage`` ("primary")
 are those with ``|t| >= PRIMARY_T`` in the site-free fit.
 
-Learned harmonizers (registry ``learned=True``) are refitted in every CV fold, which takes
-minutes per scenario: the full run includes the feature-level ones when they import,
-``--quick`` lists them as skipped unless named in ``methods``; image-level learned models
-need trained site-to-site networks and are listed as skipped.
+Learned harmonizers (registry ``learned=True``, the ``learn`` extra): the image-level ones
+are trained and judged in the ``image-translation`` scenario only
+(:mod:`mrharmony.study.bench_learned`, with the hallucination test); the feature-level ones
+run in the feature scenarios, refitted in every CV fold in the full run, and in ``--quick``
+fitted once on a training split of the subjects and judged on the held-out rows
+(:func:`~mrharmony.study.bench_learned.run_feature_holdout`).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ __all__ = [
     "run_bench",
 ]
 
-BENCH_VERSION = 1
+BENCH_VERSION = 2           # 2: pools store the slice's PD/T1/T2/T2* maps
 N_NULL_FEATURES = 10
 SITE_SCALE_SD = 0.02
 SITE_SHIFT_SD = 0.8
@@ -98,12 +100,13 @@ SITE_POWER_SD = 0.10
 SITE_OFFSET_SD = 30.0
 TR_MS, FLIP_DEG, TE_MS = 20.0, 25.0, 4.0
 N_SPLITS = 5
-QUICK_EPOCHS = 30
 
 BIO_FEATURES = ("gm_volume_ml", "wm_volume_ml", "csf_volume_ml", "icv_ml",
                 "region_gm_volume_ml", "gm_t1_ms", "wm_t1_ms", "gm_t2_ms", "wm_t2_ms",
                 "region_t1_ms", "region_t2_ms")
 IMAGE_FEATURES = ("csf_mean", "gm_mean", "wm_mean")
+#: Quantitative maps of the pool slices (Phantom attributes).
+MAP_NAMES = ("pd", "t1_ms", "t2_ms", "t2star_ms")
 EFFECTS = {"age": "age", "diagnosis": "patient"}
 #: Features whose age and diagnosis effects are zero by construction in every cohort.
 NULL_BY_CONSTRUCTION = ("icv_ml",)
@@ -115,6 +118,9 @@ SCENARIOS: dict[str, str] = {
     "imbalanced": "a small site and a large one",
     "null-effect": "no true age or diagnosis effect; site effects only",
     "unseen-site": "harmonizer fitted without site C; site C transformed where possible",
+    "image-translation": "paired traveling-subject images at 3 sites; image methods (learned "
+                         "and classical) harmonize held-out subjects to site-A; lesion "
+                         "hallucination test",
 }
 
 #: Feature-level methods: name -> (registry name or None for raw, pass covariates).
@@ -159,10 +165,12 @@ class BenchConfig:
 
 QUICK = BenchConfig("quick", 4.0, 40, 30,
                     {"traveling": 12, "confounded-age": 40, "confounded-diagnosis": 40,
-                     "imbalanced": 40, "null-effect": 30, "unseen-site": 36}, small_site=6)
+                     "imbalanced": 40, "null-effect": 30, "unseen-site": 36,
+                     "image-translation": 24}, small_site=6)
 FULL = BenchConfig("full", 3.0, 210, 120,
                    {"traveling": 30, "confounded-age": 160, "confounded-diagnosis": 160,
-                    "imbalanced": 210, "null-effect": 120, "unseen-site": 150}, small_site=10)
+                    "imbalanced": 210, "null-effect": 120, "unseen-site": 150,
+                    "image-translation": 60}, small_site=10)
 
 
 def default_cache_dir() -> Path:
@@ -183,6 +191,8 @@ class Pool:
     images: np.ndarray     # (n, nx, ny) float32 site-free T1w-like slice
     labels: np.ndarray     # (n, nx, ny) int8: 0 background, 1 CSF, 2 GM, 3 WM
     null: bool
+    #: ``pd``, ``t1_ms``, ``t2_ms``, ``t2star_ms`` of the slice, each ``(n, nx, ny)``
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _cohort_effects(null: bool) -> dict[str, float]:
@@ -258,9 +268,11 @@ def load_pool(n: int, seed: int, *, null: bool, voxel_size_mm: float,
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             truth = pd.read_json(io.StringIO(str(z["truth"])), orient="split")
-            return Pool(truth, z["images"], z["labels"], null)
+            return Pool(truth, z["images"], z["labels"], null,
+                        {k: z[k] for k in MAP_NAMES})
     cohort = make_cohort(n, seed, effects=effects, voxel_size_mm=voxel_size_mm)
     images, labels = [], []
+    maps: dict[str, list[np.ndarray]] = {k: [] for k in MAP_NAMES}
     with tempfile.TemporaryDirectory(prefix="mrharmony-bench-") as tmp:
         truth = cohort.ground_truth(field_t=3.0, progress=progress, phantom_dir=tmp)
         for sid in truth["subject"]:
@@ -268,16 +280,47 @@ def load_pool(n: int, seed: int, *, null: bool, voxel_size_mm: float,
             z_mm = ph.affine[2, 2] * np.arange(ph.shape[2]) + ph.affine[2, 3]
             k = int(np.argmin(np.abs(z_mm - 10.0)))
             images.append(t1w_signal(ph.t1_ms[..., k], ph.t2star_ms[..., k], ph.pd[..., k]))
+            for name in MAP_NAMES:
+                maps[name].append(np.asarray(getattr(ph, name)[..., k], np.float32))
             lab = np.zeros(ph.labels.shape[:2], np.int8)
             for code, name in ph.label_names.items():
                 lab[ph.labels[..., k] == code] = {"csf": 1, "gm": 2, "wm": 3}.get(name, 0)
             labels.append(lab)
-    pool = Pool(truth, np.stack(images), np.stack(labels), null)
+    pool = Pool(truth, np.stack(images), np.stack(labels), null,
+                {k: np.stack(v) for k, v in maps.items()})
     cache.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".npz") as tmp_path, open(tmp_path, "wb") as fh:
         np.savez_compressed(fh, truth=np.array(truth.to_json(orient="split")),
-                            images=pool.images, labels=pool.labels)
+                            images=pool.images, labels=pool.labels, **pool.maps)
     return pool
+
+
+def site_image(free: np.ndarray, labels: np.ndarray, gain: Any, power: Any, offset: Any,
+               noise: np.ndarray | None = None) -> np.ndarray:
+    """A site's image of site-free slices: ``g * 1000 * (I / 1000) ** p + b (+ noise)``.
+
+    Parameters
+    ----------
+    free : ndarray
+        Site-free slices ``(n, nx, ny)`` (WM near 1000).
+    labels : ndarray
+        Labels ``(n, nx, ny)``; the background (0) is set to 0.
+    gain, power, offset : float or ndarray
+        Per-image gain (scan jitter included), power and offset (image units).
+    noise : ndarray, optional
+        Additive noise ``(n, nx, ny)`` (image units); none for a noise-free image.
+
+    Returns
+    -------
+    ndarray (float64)
+    """
+    def col(v: Any) -> np.ndarray:
+        return np.broadcast_to(np.asarray(v, dtype=np.float64), (len(free),))[:, None, None]
+
+    img = col(gain) * 1000.0 * np.power(np.clip(free, 0, None) / 1000.0, col(power)) + col(offset)
+    if noise is not None:
+        img = img + noise
+    return np.where(labels > 0, img, 0.0)
 
 
 # ------------------------------------------------------------------------ scenarios
@@ -429,11 +472,8 @@ def build_scenario(name: str, bio: Pool, null_pool: Pool, cfg: BenchConfig, seed
     labels = pool.labels[idx]
     irng = np.random.default_rng([seed, index, 3])
     jitter = 1.0 + SCAN_GAIN_SD * irng.standard_normal(len(idx))
-    g, pw, b = gain[s_idx], power[s_idx], offset[s_idx]
-    img = (g * jitter)[:, None, None] * 1000.0 * np.power(np.clip(free, 0, None) / 1000.0,
-                                                           pw[:, None, None]) + b[:, None, None]
-    img = img + IMAGE_NOISE * irng.standard_normal(img.shape)
-    img = np.where(labels > 0, img, 0.0)
+    img = site_image(free, labels, gain[s_idx] * jitter, power[s_idx], offset[s_idx],
+                     noise=IMAGE_NOISE * irng.standard_normal(free.shape))
     effects = {"sites": sites, "feature_scale": delta.tolist(), "feature_shift": gamma.tolist(),
                "noise_scale": kappa.tolist(), "image_gain": gain.tolist(),
                "image_power": power.tolist(), "image_offset": offset.tolist()}
@@ -445,24 +485,21 @@ def build_scenario(name: str, bio: Pool, null_pool: Pool, cfg: BenchConfig, seed
 def bench_methods() -> tuple[list[str], dict[str, str]]:
     """Runnable method names (feature and image level) and the skipped ones with reasons.
 
-    Learned harmonizers (registry ``learned=True``) run when their module imports
-    (``learn`` extra); image-level learned ones need paired/trained models and are listed
-    as skipped.
+    Learned harmonizers (registry ``learned=True``) run when PyTorch (the ``learn`` extra)
+    and their module import; otherwise they are listed as skipped with the reason.
     """
     import importlib
 
+    from mrharmony.harmonize.learned import require_torch
     from mrharmony.harmonize.registry import HARMONIZERS, learned_harmonizers
 
     names = list(FEATURE_METHODS) + list(IMAGE_METHODS)
     skipped: dict[str, str] = {}
     for name in learned_harmonizers():
         spec = HARMONIZERS[name]
-        if spec.level == "image":
-            skipped[name] = ("image-level learned model: needs training on paired/unpaired "
-                             "site images (mrharmony harmonize train), not run by the bench")
-            continue
         module = spec.target.split(":")[0]
         try:
+            require_torch()
             importlib.import_module(module)
             spec.load()
         except Exception as exc:
@@ -516,8 +553,8 @@ def _feature_factory(method: str, seed: int, quick: bool) -> tuple[Callable[[], 
         opts["seed"] = seed
     if "device" in known:
         opts["device"] = "cpu"
-    if quick and "epochs" in known and isinstance(known["epochs"], int):
-        opts["epochs"] = min(known["epochs"], QUICK_EPOCHS)
+    if quick:
+        opts.update(getattr(spec.load(), "QUICK", {}))
     return (lambda: make_harmonizer(spec.name, **opts)), True
 
 
@@ -690,13 +727,38 @@ class BenchResult:
 
 _METRICS = ("site_accuracy", "site_balanced_accuracy", "site_chance", "icc", "effect_bias",
             "effect_abs_error", "age_bias", "diagnosis_bias", "coverage",
-            "false_positive_rate")
+            "false_positive_rate", "ssim", "psnr", "mae", "lesion_contrast_error",
+            "spurious_energy")
+
+
+def _level(method: str) -> str:
+    from mrharmony.harmonize.registry import HARMONIZERS
+
+    if method in IMAGE_METHODS:
+        return "image"
+    spec = HARMONIZERS.get(method)
+    return spec.level if spec is not None and method not in FEATURE_METHODS else "features"
+
+
+def _learned(method: str) -> bool:
+    from mrharmony.harmonize.registry import HARMONIZERS
+
+    spec = HARMONIZERS.get(method)
+    return method not in FEATURE_METHODS and spec is not None and spec.learned
+
+
+def _compatible(scenario: str, method: str) -> bool:
+    """image-translation: image methods only; other scenarios: all but learned image ones."""
+    if scenario == "image-translation":
+        return _level(method) == "image"
+    return not (_level(method) == "image" and _learned(method))
 
 
 def run_bench(*, scenarios: Sequence[str] | None = None, methods: Sequence[str] | None = None,
               seed: int = 0, quick: bool = True, config: BenchConfig | None = None,
               cache_dir: str | os.PathLike[str] | None = None,
-              progress: bool = False) -> BenchResult:
+              progress: bool = False,
+              learned_options: dict[str, dict[str, Any]] | None = None) -> BenchResult:
     """Run the benchmark.
 
     Parameters
@@ -716,6 +778,9 @@ def run_bench(*, scenarios: Sequence[str] | None = None, methods: Sequence[str] 
         Pool cache (see :func:`load_pool`).
     progress : bool
         Progress bars on stderr.
+    learned_options : dict, optional
+        Extra constructor options per learned image method (e.g. fewer epochs in tests),
+        on top of its ``QUICK`` options in a quick run.
 
     Returns
     -------
@@ -741,12 +806,18 @@ def run_bench(*, scenarios: Sequence[str] | None = None, methods: Sequence[str] 
         raise StudyError(f"--methods: unknown {', '.join(bad)} (one of {', '.join(known)})")
     if not 0 <= seed < 2**31:
         raise StudyError(f"--seed: {seed} must be in [0, 2**31)")
+    quick_cfg = cfg.name != "full"
+    if not methods and quick_cfg:
+        # a quick run stays in minutes on 2 cores: learned image models (tens of minutes
+        # each there) run only when named in --methods
+        from mrharmony.harmonize.registry import HARMONIZERS
+
+        for name in [m for m in meth if m in HARMONIZERS and HARMONIZERS[m].learned
+                     and HARMONIZERS[m].level == "image"]:
+            meth.remove(name)
+            skipped[name] = ("not in a quick run by default (trains for tens of minutes on "
+                             "2 cores); name it in --methods")
     if not methods:
-        if cfg.name == "quick":  # learned models retrain per CV fold: minutes per scenario
-            for m in [m for m in meth if m not in FEATURE_METHODS and m not in IMAGE_METHODS]:
-                meth.remove(m)
-                skipped[m] = ("not in --quick (trained in every CV fold, minutes per "
-                              "scenario); run the full bench or name it in --methods")
         meth += list(skipped)
     need_bio = any(s != "null-effect" for s in scen)
     t_pool = time.perf_counter()
@@ -756,40 +827,66 @@ def run_bench(*, scenarios: Sequence[str] | None = None, methods: Sequence[str] 
                      cache_dir=cache_dir, progress=progress)
            if "null-effect" in scen else None)
     pool_s = time.perf_counter() - t_pool
-    tasks = [(s, m) for s in scen for m in meth]
+    tasks = [(s, m) for s in scen for m in meth if _compatible(s, m)]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(tasks), desc="bench", unit="run")
     leaderboard, biology = [], []
-    built: dict[str, Scenario] = {}
+    built: dict[str, Any] = {}
     for s, m in tasks:
         if s not in built:
-            built[s] = build_scenario(s, bio if bio is not None else nul,
-                                      nul if nul is not None else bio, cfg, seed)
+            if s == "image-translation":
+                from mrharmony.study.bench_learned import build_translation
+
+                built[s] = build_translation(bio, cfg, seed)
+            else:
+                built[s] = build_scenario(s, bio if bio is not None else nul,
+                                          nul if nul is not None else bio, cfg, seed)
         sc = built[s]
         if bar is not None:
             bar.set_postfix_str(f"{s} / {m}")
-        level = "image" if m in IMAGE_METHODS else "features"
-        rec: dict[str, Any] = {"scenario": s, "method": m, "level": level, "status": "ok",
-                               "reason": "", **{k: float("nan") for k in _METRICS}}
+        level = _level(m)
+        learned = _learned(m)
+        holdout = learned and level == "features" and quick_cfg
+        evaluation = ("held-out subjects" if s == "image-translation" else
+                      "hold-out" if holdout else "cv" if level == "features" else "all images")
+        rec: dict[str, Any] = {"scenario": s, "method": m, "level": level, "learned": learned,
+                               "evaluation": evaluation, "status": "ok", "reason": "",
+                               **{k: float("nan") for k in _METRICS},
+                               "hallucination_pass": None}
+        if s == "image-translation":
+            n_scans, n_sites = len(sc.subjects) * len(sc.test), len(sc.test)
+        else:
+            n_scans, n_sites = len(sc.scans), int(sc.scans["site"].nunique())
         t1 = time.perf_counter()
         if m in skipped:
             rec.update(status="skipped", reason=skipped[m])
         else:
             try:
-                if level == "image":
+                if s == "image-translation":
+                    from mrharmony.study.bench_learned import run_translation
+
+                    metrics, bio_recs = run_translation(
+                        sc, m, seed, quick_cfg, learned=learned,
+                        options=(learned_options or {}).get(m))
+                elif level == "image":
                     metrics, bio_recs = _run_image(sc, m, seed)
+                elif holdout:
+                    from mrharmony.study.bench_learned import run_feature_holdout
+
+                    metrics, bio_recs = run_feature_holdout(sc, m, seed, quick_cfg)
+                    n_scans = metrics.pop("n_scans")
                 else:
-                    metrics, bio_recs = _run_feature(sc, m, seed, cfg.name == "quick")
+                    metrics, bio_recs = _run_feature(sc, m, seed, quick_cfg)
                 rec.update(metrics)
                 biology.extend(bio_recs)
             except _NotApplicable as exc:
                 rec.update(status="not applicable", reason=str(exc))
             except HarmonizeError as exc:
                 rec.update(status="failed", reason=str(exc).splitlines()[0])
-        rec.update(n_scans=len(sc.scans), n_sites=int(sc.scans["site"].nunique()),
+        rec.update(n_scans=n_scans, n_sites=n_sites,
                    seconds=round(time.perf_counter() - t1, 3))
         leaderboard.append(rec)
         if bar is not None:
@@ -801,7 +898,8 @@ def run_bench(*, scenarios: Sequence[str] | None = None, methods: Sequence[str] 
             "skipped": skipped, "voxel_size_mm": cfg.voxel_size_mm,
             "pool_subjects": {"biology": cfg.pool if bio is not None else 0,
                               "null": cfg.null_pool if nul is not None else 0},
-            "scans": {s: len(built[s].scans) for s in built},
+            "scans": {s: (len(built[s].scans) if isinstance(built[s], Scenario)
+                          else built[s].splits) for s in built},
             "site_effects": {s: built[s].site_effects for s in built},
             "pool_seconds": round(pool_s, 2),
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -30,7 +30,9 @@ def _names(value: str | None) -> list[str] | None:
               help="Small cohorts at 4 mm (minutes on 2 cores); default: the full sizes.")
 @click.option("--scenarios", default=None,
               help="Comma-separated scenarios (default: all): traveling, confounded-age, "
-                   "confounded-diagnosis, imbalanced, null-effect, unseen-site.")
+                   "confounded-diagnosis, imbalanced, null-effect, unseen-site, "
+                   "image-translation (learned and classical image methods, hallucination "
+                   "test).")
 @click.option("--methods", default=None,
               help="Comma-separated methods (default: all, raw and raw-image included).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -43,7 +45,7 @@ def bench(out_dir: Path, quick: bool, scenarios: str | None, methods: str | None
     """Benchmark every harmonizer: site removal and biology preservation side by side."""
     from mrharmony.errors import StudyError
     from mrharmony.study.bench import run_bench
-    from mrharmony.study.bench_report import verdicts, write_bench
+    from mrharmony.study.bench_report import image_verdicts, verdicts, write_bench
 
     if out_dir.exists() and not force:
         raise StudyError(f"{out_dir}: exists (use --force to replace it)")
@@ -57,3 +59,8 @@ def bench(out_dir: Path, quick: bool, scenarios: str | None, methods: str | None
     for scenario, v in verdicts(result.leaderboard).items():
         click.echo(f"  {scenario}: removes site and keeps biology: "
                    f"{', '.join(v['both']) or 'none'}")
+    iv = image_verdicts(result.leaderboard)
+    if iv["ranking"]:
+        click.echo("  image-translation: SSIM ranking "
+                   + ", ".join(f"{m} {s:.3f}" for m, s in iv["ranking"])
+                   + f"; hallucination test failed: {', '.join(iv['hallucinate']) or 'none'}")

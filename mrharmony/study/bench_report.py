@@ -21,14 +21,15 @@ import pandas as pd
 from mrharmony.errors import StudyError
 from mrharmony.study.bench import BenchResult, jsonable
 
-__all__ = ["LEADERBOARD_COLUMNS", "verdicts", "write_bench"]
+__all__ = ["LEADERBOARD_COLUMNS", "image_verdicts", "verdicts", "write_bench"]
 
 #: The leaderboard keys every record has, in CSV column order.
-LEADERBOARD_COLUMNS = ("scenario", "method", "level", "status", "site_accuracy",
-                       "site_balanced_accuracy", "site_chance", "icc", "effect_bias",
-                       "effect_abs_error", "age_bias", "diagnosis_bias", "coverage",
-                       "false_positive_rate", "n_effects", "n_null_tests", "n_scans",
-                       "n_sites", "seconds", "reason")
+LEADERBOARD_COLUMNS = ("scenario", "method", "level", "learned", "evaluation", "status",
+                       "site_accuracy", "site_balanced_accuracy", "site_chance", "icc",
+                       "effect_bias", "effect_abs_error", "age_bias", "diagnosis_bias",
+                       "coverage", "false_positive_rate", "ssim", "psnr", "mae",
+                       "lesion_contrast_error", "spurious_energy", "hallucination_pass",
+                       "n_effects", "n_null_tests", "n_scans", "n_sites", "seconds", "reason")
 
 #: A method "removes the site" when its CV site accuracy is at most chance + this.
 SITE_MARGIN = 0.15
@@ -77,6 +78,58 @@ def verdicts(leaderboard: list[dict[str, Any]]) -> dict[str, dict[str, list[str]
                else "biology_only" if bio_ok else "neither")
         d[key].append(r["method"])
     return out
+
+
+def image_verdicts(leaderboard: list[dict[str, Any]]) -> dict[str, Any]:
+    """The image-translation answer: methods ranked by SSIM, and which hallucinate.
+
+    Returns
+    -------
+    dict
+        ``{"ranking": [(method, ssim), ...] best first, "pass": [...], "hallucinate":
+        [...], "learned": [...]}`` over the ``image-translation`` records with status
+        ``ok`` (empty lists when there are none). *Hallucinate* = fails the test
+        (:data:`~mrharmony.study.bench_learned.CONTRAST_TOL`,
+        :data:`~mrharmony.study.bench_learned.SPURIOUS_MAX`).
+    """
+    recs = [r for r in leaderboard if r.get("scenario") == "image-translation"
+            and r.get("status") == "ok" and _finite(r.get("ssim"))]
+    recs.sort(key=lambda r: -float(r["ssim"]))
+    return {"ranking": [(r["method"], float(r["ssim"])) for r in recs],
+            "pass": [r["method"] for r in recs if r.get("hallucination_pass") is True],
+            "hallucinate": [r["method"] for r in recs if r.get("hallucination_pass") is False],
+            "learned": [r["method"] for r in recs if r.get("learned")]}
+
+
+def _image_answer(leaderboard: list[dict[str, Any]]) -> list[str]:
+    from mrharmony.study.bench_learned import CONTRAST_TOL, SPURIOUS_MAX
+
+    iv = image_verdicts(leaderboard)
+    if not iv["ranking"]:
+        return []
+    by = {r["method"]: r for r in leaderboard if r.get("scenario") == "image-translation"}
+    rows = []
+    for m, _ in iv["ranking"]:
+        r = by[m]
+        rows.append(f"<tr><td>{html.escape(m)}{' (learned)' if r.get('learned') else ''}</td>"
+                    + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in
+                              ("ssim", "psnr", "mae", "lesion_contrast_error",
+                               "spurious_energy", "site_accuracy"))
+                    + f"<td>{'pass' if r.get('hallucination_pass') else '<b>FAIL</b>'}</td>"
+                    "</tr>")
+    best = iv["ranking"][0]
+    return [
+        "<h2>Image translation: who wins, who hallucinates</h2>",
+        f"<p>Held-out subjects harmonized from site-B and site-C to site-A. Best SSIM: "
+        f"<b>{html.escape(best[0])}</b> ({best[1]:.3f}). Hallucination test passed "
+        f"(lesion contrast within {CONTRAST_TOL:.0%} of the target-site truth and spurious "
+        f"energy outside true edges at most {SPURIOUS_MAX:g}): "
+        f"<b>{html.escape(', '.join(iv['pass']) or 'none')}</b>; "
+        f"<b>hallucinate / fail</b>: {html.escape(', '.join(iv['hallucinate']) or 'none')}."
+        "</p>",
+        "<table><tr><th>method</th><th>ssim</th><th>psnr (dB)</th><th>mae (rel.)</th>"
+        "<th>lesion contrast error</th><th>spurious energy</th><th>site acc.</th>"
+        "<th>hallucination</th></tr>", *rows, "</table>"]
 
 
 def _plot(leaderboard: list[dict[str, Any]], path: Path) -> None:
@@ -156,8 +209,11 @@ def _plot_age(biology: list[dict[str, Any]], path: Path) -> None:
 
 
 def _fmt(x: Any) -> str:
+    if isinstance(x, bool) or x is None:
+        return "–" if x is None else ("yes" if x else "no")
     if isinstance(x, float):
-        return "–" if not math.isfinite(x) else f"{x:.3f}"
+        return "–" if not math.isfinite(x) else f"{x:.3g}" if abs(x) < 0.01 and x != 0 \
+            else f"{x:.3f}"
     return html.escape(str(x))
 
 
@@ -176,7 +232,8 @@ def _html(result: BenchResult, figures: list[str]) -> str:
              f"the biology</b> when the mean |relative error| of the true age/diagnosis "
              f"effects is at most {BIAS_MAX} and the false-positive rate on null effects at "
              f"most {FPR_MAX}. Truth: the same OLS on the site-free data of the same scans "
-             "(see docs/bench.md).</p>", "<h2>Answer</h2><ul>"]
+             "(see docs/bench.md).</p>", *_image_answer(result.leaderboard),
+             "<h2>Answer (site removal and biology)</h2><ul>"]
     for s, d in v.items():
         both = ", ".join(d["both"]) or "none"
         parts.append(f"<li><b>{html.escape(s)}</b> ({html.escape(info['scenarios'][s])}): "

@@ -1,0 +1,144 @@
+"""Parallel-imaging round trips of the accelerated builders on the brain phantom.
+
+For tse (R = 2), epi (R = 2) and dwi_epi (R = 2, b = 0 and one b-value; the gre3d and
+mprage 2 x 2 settings below are prepared but their cases were never run to completion
+here, so they are not collected): the fully sampled protocol and the accelerated one (24
+calibration lines; EPI: a separate reference scan) are simulated on the same brain
+phantom at a 32-channel site (siemens-prisma-3t, noise off), reconstructed with
+``grappa`` and ``sense`` from the header alone, and compared with the fully sampled
+reconstruction of the same simulation (magnitude NRMSE, ``tests/metrics.py``): GRAPPA
+against the FFT recon, SENSE against the SENSE recon of the fully sampled data (the
+ESPIRiT mask is the same on both). gre2d is in ``tests/test_builders_acceleration.py``.
+
+EPI is simulated at the site with its B0 residual shimmed away (``residual_ppm = 0``):
+with it, R = 2 halves the echo spacing per ky line and so halves the geometric
+distortion along the phase axis, which is physics, not reconstruction; the site as it
+is gives 0.07 for both methods (measured; the test with it is an xfail(strict)). The
+same R = 2 lines taken from the fully sampled simulation (retrospective) reconstruct
+to 0.004 (grappa) and 0.02 (sense) at the site as it is.
+
+Measured NRMSE (grappa vs fft / sense vs sense), see each case's docstring.
+"""
+
+from __future__ import annotations
+
+import tomllib
+
+import numpy as np
+import pytest
+
+from conftest import EXAMPLES
+from metrics import nrmse
+from seqtools import simulate_protocol
+
+SITE = "siemens-prisma-3t"  # 32 receive channels
+
+
+def _site(shimmed: bool):
+    from mrharmony.simulation import load_site
+    from mrharmony.simulation.site import site_from_mapping
+
+    if not shimmed:
+        return SITE
+    data = load_site(SITE).to_mapping()
+    data["b0"] = {**data["b0"], "residual_ppm": 0.0}
+    return site_from_mapping(data, source=f"{SITE} (shimmed)")
+
+
+def _phantom(three_d: bool):
+    from mrharmony.phantoms.brain import make_brain_phantom
+    from mrharmony.study.tasks import at_isocentre
+
+    # the excited slice / slab is at isocentre: the phantom's centre must be there too
+    return at_isocentre(make_brain_phantom(3.0, voxel_size_mm=8.0 if three_d else 5.0,
+                                           three_d=three_d, slice_z_mm=10.0))
+
+
+#: builder -> (protocol changes, acceleration keys, isochromats, shimmed site)
+CASES = {
+    "gre3d": ({"matrix": [32, 32, 12], "fov_mm": [220, 220, 120], "dummy_scans": 20},
+              {"acceleration": 2, "acceleration_partition": 2, "acs_lines": 24,
+               "acs_lines_partition": 8}, 32, False),
+    "mprage": ({"matrix": [32, 32, 12], "fov_mm": [220, 220, 120], "dummy_scans": 1},
+               {"acceleration": 2, "acceleration_partition": 2, "acs_lines": 24,
+                "acs_lines_partition": 8}, 32, False),
+    "tse": ({"matrix": [32, 32], "n_slices": 1, "dummy_scans": 1, "turbo_factor": 8,
+             "te_ms": 60},
+            {"acceleration": 2, "acs_lines": 24}, 32, False),
+    "epi": ({"matrix": [32, 32], "n_slices": 1, "dummy_scans": 3, "tr_ms": 3000},
+            {"acceleration": 2, "acs_lines": 24}, 8, True),
+    "dwi_epi": ({"matrix": [32, 32], "n_slices": 1, "dummy_scans": 3,
+                 "b_values_s_per_mm2": [0, 1000], "n_directions": 1},
+                {"acceleration": 2, "acs_lines": 24}, 8, True),
+}
+
+
+def _simulate(builder: str, tmp, *, shimmed: bool | None = None):
+    """Fully sampled and accelerated raw files of one case (noise off, same phantom)."""
+    from mrharmony.sequences.protocol import protocol_from_mapping
+
+    changes, accel, iso, shim = CASES[builder]
+    shim = shim if shimmed is None else shimmed
+    base = {**tomllib.loads((EXAMPLES / f"{builder}.toml").read_text()), **changes}
+    ph = _phantom(builder in ("gre3d", "mprage"))
+    site = _site(shim)
+    return {name: simulate_protocol(protocol_from_mapping({**base, **extra}), ph, site,
+                                    tmp / f"{builder}-{name}.h5", seed=3,
+                                    isochromats_per_voxel=iso, noise=False)
+            for name, extra in (("full", {}), ("r2", accel))}
+
+
+def _recon(path, method: str) -> tuple[np.ndarray, list[dict]]:
+    from mrharmony.formats.raw import load_raw
+    from mrharmony.recon.pipeline import reconstruct
+
+    images = reconstruct(load_raw(path), method=method, backend="numpy")
+    return (np.stack([np.abs(np.squeeze(im.data)) for im in images]),
+            [im.meta["recon"] for im in images])
+
+
+def _errors(files) -> dict[str, float]:
+    out = {}
+    for method, ref_method in (("grappa", "fft"), ("sense", "sense")):
+        ref, _ = _recon(files["full"], ref_method)
+        img, settings = _recon(files["r2"], method)
+        assert img.shape == ref.shape
+        assert all(s["method"] == method and max(s["acceleration"]) == 2 for s in settings)
+        out[method] = nrmse(img, ref)
+    return out
+
+
+@pytest.fixture(scope="module")
+def errors(tmp_path_factory):
+    cache: dict[str, dict[str, float]] = {}
+
+    def get(builder: str) -> dict[str, float]:
+        if builder not in cache:
+            cache[builder] = _errors(_simulate(builder, tmp_path_factory.mktemp(builder)))
+        return cache[builder]
+    return get
+
+
+@pytest.mark.parametrize("method", ["grappa", "sense"])
+@pytest.mark.parametrize("builder", [
+    "epi",
+    pytest.param("dwi_epi", marks=pytest.mark.xfail(strict=True, reason=(
+        "accelerated dwi_epi image ~10x weaker than the fully sampled one (b = 0 max 2.6 vs "
+        "27) for both methods alike: the acquisition, not the recon (suspected builder "
+        "timing of the R = 2 spin-echo train); measured 0.92 / 0.92"))),
+    pytest.param("tse", marks=pytest.mark.xfail(strict=True, reason=(
+        "R = 2 changes the TSE echo-to-ky ordering (T2 weighting across k-space), "
+        "measured 0.087 / 0.090; not investigated further"))),
+])
+def test_r2_round_trip_matches_the_fully_sampled_recon(errors, builder, method):
+    """Measured (grappa / sense): epi 0.0042 / 0.0093 (~8 s); dwi_epi 0.92 / 0.92 and
+    tse 0.087 / 0.090 (xfail, see the marks). gre3d and mprage (2 x 2) are not here yet:
+    their round trips were never run to completion on this machine."""
+    assert errors(builder)[method] < 0.05
+
+
+@pytest.mark.xfail(strict=True, reason="B0 residual: R = 2 EPI has half the distortion of "
+                   "R = 1 (physics, not recon); measured 0.07 for grappa and sense")
+def test_epi_round_trip_at_the_unshimmed_site(tmp_path):
+    errs = _errors(_simulate("epi", tmp_path, shimmed=False))
+    assert max(errs.values()) < 0.05
