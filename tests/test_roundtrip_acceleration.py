@@ -124,8 +124,10 @@ def errors(tmp_path_factory):
     "epi",
     pytest.param("dwi_epi", marks=pytest.mark.xfail(strict=True, reason=(
         "accelerated dwi_epi image ~10x weaker than the fully sampled one (b = 0 max 2.6 vs "
-        "27) for both methods alike: the acquisition, not the recon (suspected builder "
-        "timing of the R = 2 spin-echo train); measured 0.92 / 0.92"))),
+        "27) for both methods alike; not the builder's b = 0 shot (its gradients and timing "
+        "equal the fully sampled one's, and every slice is excited once per TR, reference "
+        "scan included): the simulated data or the grouping of the images; measured "
+        "0.92 / 0.92"))),
     pytest.param("tse", marks=pytest.mark.xfail(strict=True, reason=(
         "R = 2 changes the TSE echo-to-ky ordering (T2 weighting across k-space), "
         "measured 0.087 / 0.090; not investigated further"))),
