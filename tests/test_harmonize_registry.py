@@ -37,7 +37,7 @@ def test_every_registered_harmonizer_loads(name):
         assert issubclass(obj, LearnedHarmonizer) and obj.method == name
 
 
-def test_learned_modules_import_without_torch():
+def test_learned_modules_import_without_torch(tmp_path):
     """The learned harmonizers' modules import with torch unavailable (the user may lack
     the ``learn`` extra; their networks are imported only inside methods)."""
     import importlib.util
@@ -54,7 +54,10 @@ def test_learned_modules_import_without_torch():
             "    try:\n        harmonizer_options(n)\n"
             "    except ModuleNotFoundError as e:\n"
             "        assert 'torch' not in str(e), e\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # from an empty folder: the interpreter must import the installed (or editable)
+    # package, never the source folder ``mrharmony/`` of the working directory
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
 
 
