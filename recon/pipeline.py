@@ -332,6 +332,20 @@ def _normalise(img, chain: dict[str, Any], profile_images, settings: dict[str, A
     return img
 
 
+def _image_from_kspace(k, chain: dict[str, Any], backend: str, settings: dict[str, Any]):
+    """The recon chain after k-space is complete (Cartesian ``fft`` and ``grappa``): the
+    k-space filter, the inverse FFT, the coil combination and the intensity
+    normalisation of coil k-space ``(coils, nx, ny, nz)``."""
+    w = _filter_weights(tuple(k.shape[1:]), chain)
+    if w is not None:
+        k = k * get_array_module(k).asarray(w)[None]
+    coil_img = ifft_c(k, axes=(1, 2, 3))
+    img = _combine_chain(coil_img, chain, backend, settings)
+    if chain["intensity_normalization"] != "none":
+        img = _normalise(img, chain, coil_img, settings)
+    return img
+
+
 def _record_chain(settings: dict[str, Any], chain: dict[str, Any], taken: tuple[str, ...],
                   ) -> None:
     """The recon-chain choices in effect, for the sidecar."""
@@ -609,13 +623,7 @@ def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method
         if partial_x:
             k = _complete_partial(k, ro, axis=1, how=pf)
             settings["partial_fourier_readout"] = _pf_label(pf, "kx")
-        w = _filter_weights(tuple(k.shape[1:]), chain)
-        if w is not None:
-            k = k * xp.asarray(w)[None]
-        coil_img = ifft_c(k, axes=(1, 2, 3))
-        img = _combine_chain(coil_img, chain, backend, settings)
-        if chain["intensity_normalization"] != "none":
-            img = _normalise(img, chain, coil_img, settings)
+        img = _image_from_kspace(k, chain, backend, settings)
         if undersampled:
             settings["zero_filled"] = True
     else:
@@ -652,13 +660,7 @@ def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method
                     k, np.abs(np.arange(ny) - (lo_y + hi_y) / 2) <= (hi_y - lo_y) / 2,
                     axis=2, how=pf)
                 settings["partial_fourier"] = _pf_label(pf, "ky")
-            w = _filter_weights(tuple(k.shape[1:]), chain)
-            if w is not None:
-                k = k * xp.asarray(w)[None]
-            coil_img = ifft_c(k, axes=(1, 2, 3))
-            img = _combine_chain(coil_img, chain, backend, settings)
-            if chain["intensity_normalization"] != "none":
-                img = _normalise(img, chain, coil_img, settings)
+            img = _image_from_kspace(k, chain, backend, settings)
         else:
             maps, widths = _sens_maps(calib_k, box, backend, tuple(k.shape[1:]))
             settings["coil_maps"] = {

@@ -204,7 +204,23 @@ RECON_ARM_ACQUISITIONS = ("shared", "native")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReconFlavour:
+class _ReconChainKeys:
+    """The recon-chain keys (:data:`_CHAIN_KEYS`) of ``[recon]`` and of its site and arm
+    tables; an empty value is not set (the less specific table's, else the recon's
+    default)."""
+
+    coil_combine: Literal["", "rss", "adaptive", "sense"] = param(
+        "", doc="coil combination: rss, adaptive (Walsh), sense")
+    filter: Literal["", "none", "hamming", "hanning", "fermi"] = param(
+        "", doc="k-space apodisation filter applied in recon")
+    partial_fourier_method: Literal["", "zero", "pocs", "homodyne"] = param(
+        "", doc="partial-Fourier completion")
+    intensity_normalization: Literal["", "none", "prescan", "max"] = param(
+        "", doc="none, prescan (receive-profile correction), max")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconFlavour(_ReconChainKeys):
     """Recon choices of one site (``[recon.sites.NAME]``) or arm (``[recon.arms.NAME]``).
 
     An empty value is not set here (inherited from the less specific table).
@@ -219,18 +235,10 @@ class ReconFlavour:
         "filter, pocs, no normalisation); either as if its keys were written here")
     method: Literal["", "auto", "fft", "grappa", "sense", "cs", "tv", "nufft"] = param(
         "", doc="reconstruction method")
-    coil_combine: Literal["", "rss", "adaptive", "sense"] = param(
-        "", doc="coil combination: rss, adaptive (Walsh), sense")
-    filter: Literal["", "none", "hamming", "hanning", "fermi"] = param(
-        "", doc="k-space apodisation filter applied in recon")
-    partial_fourier_method: Literal["", "zero", "pocs", "homodyne"] = param(
-        "", doc="partial-Fourier completion")
-    intensity_normalization: Literal["", "none", "prescan", "max"] = param(
-        "", doc="none, prescan (receive-profile correction), max")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReconSection:
+class ReconSection(_ReconChainKeys):
     """Reconstruction settings: study-wide keys, then per site and per arm.
 
     Resolution for one scan (:func:`resolve_recon`): the ``[recon]`` keys, then the
@@ -246,14 +254,6 @@ class ReconSection:
     backend: Literal["numpy", "cupy", "bart", "auto"] = param("numpy", doc="recon backend")
     preset: Literal["none", "vendor"] = param(
         "none", doc="'vendor': every site's vendor default online recon")
-    coil_combine: Literal["", "rss", "adaptive", "sense"] = param(
-        "", doc="coil combination: rss, adaptive (Walsh), sense")
-    filter: Literal["", "none", "hamming", "hanning", "fermi"] = param(
-        "", doc="k-space apodisation filter applied in recon")
-    partial_fourier_method: Literal["", "zero", "pocs", "homodyne"] = param(
-        "", doc="partial-Fourier completion")
-    intensity_normalization: Literal["", "none", "prescan", "max"] = param(
-        "", doc="none, prescan, max")
     sites: tuple[tuple[str, ReconFlavour], ...] = ()
     arms: tuple[tuple[str, ReconFlavour], ...] = ()
 

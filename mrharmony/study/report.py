@@ -22,6 +22,16 @@ from mrharmony.study.store import TaskStore
 __all__ = ["write_study_report"]
 
 
+def _save_figure(fig: Any, path: Path) -> Path:
+    """Write a report figure (PNG, 110 dpi; its folder made) and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _cov_table(numbers: Mapping[str, Any]) -> pd.DataFrame:
     arms = numbers["arms"]
     table = pd.DataFrame({arm: pd.Series(entry["cov_pct"], dtype=float)
@@ -93,10 +103,7 @@ def _montage(plan: Plan, store: TaskStore, records: Mapping[str, Any], study: St
             ax.set_yticks([])
         unit = {"t1": "T1 (ms)", "t2": "T2 (ms)", "adc": "ADC (mm²/s)"}.get(entry.maps, "")
         fig.suptitle(f"{entry.name} {unit}  (colour range 0–{vmax:.4g})", fontsize=9)
-        path = out_dir / "figures" / f"montage_{entry.name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path = _save_figure(fig, out_dir / "figures" / f"montage_{entry.name}.png")
         figures.append(path)
     return figures
 
@@ -123,10 +130,7 @@ def _cov_bars(cov: pd.DataFrame, arms: list[str], out_dir: Path) -> Path | None:
     ax.set_ylabel("inter-site CoV (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out_dir / "figures" / "cov_per_feature.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = _save_figure(fig, out_dir / "figures" / "cov_per_feature.png")
     return path
 
 
@@ -326,10 +330,7 @@ def _biology_figure(records: list[Mapping[str, Any]], out_dir: Path) -> Path | N
     for ax in axes.ravel()[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    path = out_dir / "figures" / "biology.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = _save_figure(fig, out_dir / "figures" / "biology.png")
     return path
 
 
@@ -410,10 +411,7 @@ def _recon_section(numbers: Mapping[str, Any], plan: Plan, out_dir: Path) -> Any
     ax.set_title("Same raw data: per-site recon flavours vs one shared recon", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out_dir / "figures" / "cov_recon_flavours.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = _save_figure(fig, out_dir / "figures" / "cov_recon_flavours.png")
     return ReportSection("Harmonized reconstruction", text="\n\n".join(lines),
                          tables=tables, figures=[path])
 
