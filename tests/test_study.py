@@ -216,7 +216,8 @@ def test_report_numbers_recomputed_from_features_csv(tiny_runs):
     path, two, _ = tiny_runs
     deriv = two.out_dir / DERIVATIVES
     numbers = json.loads((deriv / "report.json").read_text())
-    recomputed = compute_numbers(pd.read_csv(deriv / "features.csv"), load_study(path))
+    recomputed = compute_numbers(pd.read_csv(deriv / "features.csv", float_precision="round_trip"),
+                                 load_study(path))
     assert json.loads(json.dumps(recomputed, allow_nan=False)) == numbers
     html = (deriv / "report.html").read_text()
     mean_cov = numbers["arms"]["shared"]["mean_cov_pct"]

@@ -40,7 +40,8 @@ def gather_features(plan: Plan, store: TaskStore, records: Mapping[str, Mapping[
         record = records.get(scan.features_key)
         if record is None or record.get("status") != "done":
             continue
-        frames.append(pd.read_csv(store.path("features", scan.features_key) / "features.csv"))
+        frames.append(pd.read_csv(store.path("features", scan.features_key) / "features.csv",
+                                  float_precision="round_trip"))  # exact float64 back
     if not frames:
         return pd.DataFrame()
     tidy = pd.concat(frames, ignore_index=True)
