@@ -82,6 +82,8 @@ def sidecar(images: list[ReconImage], *, header: Any = None) -> dict[str, Any]:
         out["ManufacturersModelName"] = meta["model"]
     if "map" in meta:
         out["Quantity"] = meta["map"]
+    if "t2_model" in meta:  # which T2 signal model the map was fitted with
+        out["T2Model"] = meta["t2_model"]
     if "sequence_name" in meta:
         out["PulseSequenceDetails"] = f"Pulseq sequence ({meta['sequence_name']})"
     out["SoftwareVersions"] = f"mrharmony {__version__}"

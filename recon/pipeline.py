@@ -97,6 +97,11 @@ def _trajectory(header: Any) -> str:
     return str(getattr(traj, "value", traj)).lower()
 
 
+#: header user parameters (formats.layout) -> image meta: a spin-echo train's pulses
+_PULSE_KEYS = {"RefocusingFlipAngle": "refocusing_flip_deg",
+               "RfTimeBwProduct": "rf_time_bw_product", "RfApodization": "rf_apodization"}
+
+
 def _meta(header: Any, *, contrast: int, set_: int) -> dict[str, Any]:
     """TE/TR/TI (ms), flip, sequence name, field strength from the header."""
     meta: dict[str, Any] = {}
@@ -122,6 +127,11 @@ def _meta(header: Any, *, contrast: int, set_: int) -> dict[str, Any]:
             meta["bvalue_s_mm2"] = float(d.bvalue)
             g = d.gradientDirection
             meta["bvec"] = [float(g.rl), float(g.ap), float(g.fh)]
+    user = getattr(header, "userParameters", None)
+    for par in (getattr(user, "userParameterDouble", None) or []):
+        key = _PULSE_KEYS.get(str(par.name))
+        if key is not None:
+            meta[key] = float(par.value)
     system = getattr(header, "acquisitionSystemInformation", None)
     if system is not None:
         if system.systemFieldStrength_T:
@@ -1022,6 +1032,23 @@ _MAP_SERIES = {  # map kind -> (counter that indexes the series, fitted outputs 
 }
 
 
+def _fit_t2(qmaps: Any, signal: np.ndarray, te_ms: np.ndarray, mask: np.ndarray,
+            meta: dict[str, Any]) -> tuple[dict[str, np.ndarray], str]:
+    """T2 of one echo series: the stimulated-echo (EPG) model for a CPMG train whose
+    header names its refocusing pulse, else a mono-exponential decay."""
+    order = np.sort(te_ms)
+    cpmg = order.size >= 3 and np.allclose(order, order[0] * np.arange(1, order.size + 1),
+                                           rtol=1e-3, atol=1e-3)
+    if cpmg and "refocusing_flip_deg" in meta:
+        tbw = meta.get("rf_time_bw_product")
+        fit = qmaps.fit_t2_epg(
+            signal, te_ms, mask=mask, refocusing_flip_deg=meta["refocusing_flip_deg"],
+            excitation_flip_deg=float(meta.get("flip_deg", 90.0)),
+            time_bw_product=tbw, apodization=float(meta.get("rf_apodization", 0.5)))
+        return fit, "epg-slice-profile" if tbw is not None else "epg"
+    return qmaps.fit_t2_mese(signal, te_ms, mask=mask), "mono-exponential"
+
+
 def fit_maps(
     images: list[ReconImage], kind: str, *, mask_fraction: float = 0.05
 ) -> list[ReconImage]:
@@ -1033,6 +1060,11 @@ def fit_maps(
         Reconstructed images with ``meta`` carrying ``ti_ms`` (T1), ``te_ms`` (T2) or
         ``bvalue_s_mm2``/``bvec`` (ADC, DTI).
     kind : {"t1", "t2", "adc", "dti"}
+        T2 of a CPMG train (echo times ``esp, 2 esp, ...``) whose header names its
+        refocusing pulse (``RefocusingFlipAngle``, ``RfTimeBwProduct``: every mrharmony
+        spin-echo build) is fitted with the stimulated-echo model
+        (:func:`~mrharmony.recon.maps.fit_t2_epg`, slice profile included); other echo
+        series mono-exponentially. ``meta["t2_model"]`` says which.
     mask_fraction : float
         Voxels below this fraction of the series' maximum magnitude are not fitted.
 
@@ -1068,7 +1100,7 @@ def fit_maps(
         if kind == "t1":
             fit = qmaps.fit_t1_ir(signal, values, mask=mask)
         elif kind == "t2":
-            fit = qmaps.fit_t2_mese(signal, values, mask=mask)
+            fit, t2_model = _fit_t2(qmaps, signal, values, mask, series[0].meta)
         elif kind == "adc":
             fit = qmaps.fit_adc(signal, values, mask=mask)
         else:
@@ -1079,6 +1111,8 @@ def fit_maps(
             meta = {k: v for k, v in ref.meta.items() if k not in ("te_ms", "ti_ms")}
             meta["map"] = name
             meta["map_inputs"] = {need: values.tolist()}
+            if kind == "t2":
+                meta["t2_model"] = t2_model
             out.append(
                 ReconImage(
                     data=np.nan_to_num(np.asarray(fit[name], dtype=np.float32)),

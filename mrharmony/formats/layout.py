@@ -294,15 +294,21 @@ def header_from_seq(
         encoding=[encoding],
         sequenceParameters=params,
     )
-    if "FatSuppression" in defs:  # chemsat / water_excitation (absent: none)
-        header.userParameters = mrd.userParametersType(userParameterString=[
-            mrd.userParameterStringType(name="FatSuppression",
-                                        value=str(_first(defs, "FatSuppression")))])
+    strings = [mrd.userParameterStringType(name="FatSuppression",
+                                           value=str(_first(defs, "FatSuppression")))
+               ] if "FatSuppression" in defs else []  # chemsat / water_excitation
+    # what a stimulated-echo T2 fit needs of a spin-echo train's pulses
+    doubles = [mrd.userParameterDoubleType(name=k, value=float(_first(defs, k)))
+               for k in ("RefocusingFlipAngle", "RfTimeBwProduct", "RfApodization") if k in defs]
+    if strings or doubles:
+        header.userParameters = mrd.userParametersType(userParameterString=strings,
+                                                       userParameterDouble=doubles)
     sms = _multiband_user_parameters(mrd, defs)
     if sms:  # simultaneous multi-slice: what slice separation needs
         if header.userParameters is None:
             header.userParameters = mrd.userParametersType()
-        header.userParameters.userParameterDouble = sms
+        header.userParameters.userParameterDouble = [
+            *header.userParameters.userParameterDouble, *sms]
     return header
 
 
@@ -467,15 +473,21 @@ def minimal_header_from_seq(
         encoding=[encoding],
         sequenceParameters=params,
     )
-    if "FatSuppression" in defs:  # chemsat / water_excitation (absent: none)
-        header.userParameters = mrd.userParametersType(userParameterString=[
-            mrd.userParameterStringType(name="FatSuppression",
-                                        value=str(_first(defs, "FatSuppression")))])
+    strings = [mrd.userParameterStringType(name="FatSuppression",
+                                           value=str(_first(defs, "FatSuppression")))
+               ] if "FatSuppression" in defs else []  # chemsat / water_excitation
+    # what a stimulated-echo T2 fit needs of a spin-echo train's pulses
+    doubles = [mrd.userParameterDoubleType(name=k, value=float(_first(defs, k)))
+               for k in ("RefocusingFlipAngle", "RfTimeBwProduct", "RfApodization") if k in defs]
+    if strings or doubles:
+        header.userParameters = mrd.userParametersType(userParameterString=strings,
+                                                       userParameterDouble=doubles)
     sms = _multiband_user_parameters(mrd, defs)
     if sms:  # simultaneous multi-slice: what slice separation needs
         if header.userParameters is None:
             header.userParameters = mrd.userParametersType()
-        header.userParameters.userParameterDouble = sms
+        header.userParameters.userParameterDouble = [
+            *header.userParameters.userParameterDouble, *sms]
     return header
 
 
