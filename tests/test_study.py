@@ -298,3 +298,28 @@ def test_every_shipped_study_passes_preflight(path):
     kinds = {spec.stage for spec in plan.specs}
     assert {"sequence", "phantom", "simulate", "recon", "features"} <= kinds
     assert plan.scans
+
+
+def test_accuracy_numbers_per_region_against_the_reference():
+    from mrharmony.study.analysis import accuracy_numbers
+
+    rows = []
+    for site, field, errs in (("a", 3.0, (0.02, 0.04)), ("b", 1.5, (0.08, 0.08))):
+        truth = 100.0 if field == 3.0 else 90.0  # the reference depends on the field
+        for repeat, e in enumerate(errs):
+            rows.append({"subject": "phantom", "site": site, "arm": "shared", "repeat": repeat,
+                         "protocol": "t1", "quantity": "t1", "region": "sphere 01",
+                         "feature": "mean", "value": truth * (1 + e), "truth": truth,
+                         "in_range": True})
+            rows.append({**rows[-1], "region": "sphere 14", "value": truth * 3,
+                         "in_range": False})
+    records, summary = accuracy_numbers(pd.DataFrame(rows))
+    rec = {r["region"]: r for r in records}
+    # site a: +3 % (mean of repeats), site b: +8 %
+    assert rec["sphere 01"]["mean_error_pct"] == pytest.approx(5.5)
+    assert rec["sphere 01"]["sd_error_pct"] == pytest.approx(2.5 * 2**0.5)
+    assert rec["sphere 01"]["max_abs_error_pct"] == pytest.approx(8.0)
+    assert rec["sphere 01"]["truth"] == pytest.approx(95.0)
+    assert rec["sphere 14"]["in_range"] is False
+    assert summary["shared"]["n_in_range"] == 1 and summary["shared"]["n_within"] == 0
+    assert summary["shared"]["worst"]["region"] == "sphere 01"

@@ -206,6 +206,9 @@ def compute_numbers(tidy: pd.DataFrame, study: Study,
         numbers["native_over_shared_cov_median"] = _num(np.median(list(ratios.values()))) \
             if ratios else None
         numbers["survey_fold"] = SURVEY_FOLD
+    accuracy = accuracy_numbers(tidy)
+    if accuracy:
+        numbers["accuracy"], numbers["accuracy_summary"] = accuracy
     flavours = recon_flavour_numbers(numbers, study, in_range)
     if flavours:
         numbers["recon_flavours"] = flavours
@@ -454,6 +457,70 @@ def recon_flavour_numbers(numbers: Mapping[str, Any], study: Study,
                 else None,
             }
     return out
+
+
+#: A measured phantom value is "accurate" within this relative error of its reference.
+ACCURACY_TOLERANCE_PCT = 5.0
+
+
+def accuracy_numbers(tidy: pd.DataFrame) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """Every region's measured mean against its true (phantom reference) value, per arm.
+
+    Parameters
+    ----------
+    tidy : DataFrame
+        ``features.csv`` rows; those with a ``truth`` and ``feature == "mean"`` count.
+
+    Returns
+    -------
+    (records, summary) or None
+        ``records``: one per (arm, protocol, quantity, region) with ``truth`` (mean over
+        sites: the reference depends on the field), ``mean_error_pct`` and
+        ``sd_error_pct`` (over sites, of each site's mean over repeats),
+        ``max_abs_error_pct``, ``n_sites`` and ``in_range``. ``summary``: per arm, over
+        in-range regions, ``n_in_range``, ``n_within`` (|mean error| <= the tolerance),
+        ``tolerance_pct`` and the worst region. None without truth values.
+    """
+    if "truth" not in tidy.columns or tidy["truth"].isna().all():
+        return None
+    rows = tidy[tidy["truth"].notna() & (tidy["feature"] == "mean")].copy()
+    if rows.empty:
+        return None
+    rows["error_pct"] = 100 * (rows["value"] - rows["truth"]) / rows["truth"]
+    if "in_range" not in rows.columns:
+        rows["in_range"] = True
+    rows["in_range"] = rows["in_range"].fillna(False).astype(bool)
+    keys = ["arm", "protocol", "quantity", "region"]
+    per_site = rows.groupby([*keys, "site"]).agg(error_pct=("error_pct", "mean"),
+                                                 truth=("truth", "mean"),
+                                                 in_range=("in_range", "all"))
+    records: list[dict[str, Any]] = []
+    for key, group in per_site.groupby(level=keys, sort=True):
+        err = group["error_pct"].to_numpy(dtype=np.float64)
+        records.append({
+            **dict(zip(keys, (str(k) for k in key), strict=True)),
+            "truth": _num(float(group["truth"].mean())),
+            "mean_error_pct": _num(float(np.mean(err))),
+            "sd_error_pct": _num(float(np.std(err, ddof=1))) if err.size > 1 else None,
+            "max_abs_error_pct": _num(float(np.max(np.abs(err)))),
+            "n_sites": int(err.size),
+            "in_range": bool(group["in_range"].all()),
+        })
+    summary: dict[str, Any] = {}
+    for arm in sorted({r["arm"] for r in records}):
+        ranged = [r for r in records if r["arm"] == arm and r["in_range"]
+                  and r["mean_error_pct"] is not None]
+        if not ranged:
+            continue
+        worst = max(ranged, key=lambda r: abs(r["mean_error_pct"]))
+        summary[arm] = {
+            "n_in_range": len(ranged),
+            "n_within": sum(abs(r["mean_error_pct"]) <= ACCURACY_TOLERANCE_PCT for r in ranged),
+            "tolerance_pct": ACCURACY_TOLERANCE_PCT,
+            "worst": {k: worst[k] for k in ("protocol", "quantity", "region",
+                                            "mean_error_pct")},
+        }
+    return records, summary
 
 
 def _in_range_columns(tidy: pd.DataFrame) -> set[str] | None:

@@ -49,16 +49,62 @@ def _pretty(column: str) -> str:
     return f"{protocol} {quantity} {region} ({feature})"
 
 
-def _truth_bias_table(tidy: pd.DataFrame) -> pd.DataFrame | None:
-    """Mean relative error (%) against the phantom's true ROI value, per arm and quantity."""
-    if "truth" not in tidy.columns or tidy["truth"].isna().all():
+def _accuracy_table(numbers: Mapping[str, Any]) -> pd.DataFrame | None:
+    """``report.json["accuracy"]`` as a table: each region against its true value."""
+    records = numbers.get("accuracy")
+    if not records:
         return None
-    rows = tidy[tidy["truth"].notna() & (tidy["feature"] == "mean")].copy()
-    rows["error_pct"] = 100 * (rows["value"] - rows["truth"]) / rows["truth"]
-    site_err = rows.groupby(["arm", "quantity", "region", "site"])["error_pct"].mean()
-    spread = site_err.groupby(["arm", "quantity", "region"]).agg(["mean", "std"])
-    spread.columns = ["mean error across sites (%)", "SD of error across sites (%)"]
-    return spread.reset_index()
+    table = pd.DataFrame(records).rename(columns={
+        "truth": "true value", "mean_error_pct": "mean error across sites (%)",
+        "sd_error_pct": "SD of error across sites (%)",
+        "max_abs_error_pct": "largest site error (%)", "in_range": "in TI/TE range"})
+    return table.drop(columns=["n_sites"])
+
+
+def _accuracy_figure(numbers: Mapping[str, Any], out_dir: Path) -> Path | None:
+    """Mean error (%) of every in-range region against its reference, per arm."""
+    records = [r for r in numbers.get("accuracy") or [] if r["in_range"]
+               and r["mean_error_pct"] is not None]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = sorted({r["arm"] for r in records})
+    names = sorted({(r["protocol"], r["quantity"], r["region"]) for r in records})
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names)), 4.8))
+    width = 0.8 / len(arms)
+    x = np.arange(len(names))
+    for i, arm in enumerate(arms):
+        by = {(r["protocol"], r["quantity"], r["region"]): r for r in records
+              if r["arm"] == arm}
+        mean = [by[n]["mean_error_pct"] if n in by else np.nan for n in names]
+        sd = [(by[n]["sd_error_pct"] or 0.0) if n in by else 0.0 for n in names]
+        ax.bar(x + i * width, mean, width, yerr=sd, capsize=2, label=arm)
+    tol = float(next(iter(numbers["accuracy_summary"].values()))["tolerance_pct"])
+    ax.axhspan(-tol, tol, color="0.85", zorder=0, label=f"±{tol:g} %")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xticks(x + 0.4 - width / 2, [f"{q.upper()} {r}" for _, q, r in names],
+                  rotation=90, fontsize=7)
+    ax.set_ylabel("error against the reference (%), mean ± SD over sites")
+    ax.set_yscale("symlog", linthresh=10.0)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save_figure(fig, out_dir / "figures" / "accuracy_per_region.png")
+
+
+def _accuracy_findings(numbers: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for arm, entry in (numbers.get("accuracy_summary") or {}).items():
+        worst = entry["worst"]
+        lines.append(
+            f"Accuracy, {arm}: {entry['n_within']} of {entry['n_in_range']} in-range regions "
+            f"within {entry['tolerance_pct']:g} % of their reference value (mean over sites); "
+            f"worst {worst['quantity'].upper()} {worst['region']} "
+            f"{worst['mean_error_pct']:+.1f} %.")
+    return lines
 
 
 def _montage(plan: Plan, store: TaskStore, records: Mapping[str, Any], study: Study,
@@ -224,10 +270,17 @@ def write_study_report(study: Study, plan: Plan, store: TaskStore,
             e.get("mean_cov_pct_in_range") for e in numbers["arms"].values()]
     tables = {"Mean inter-site CoV (%) per arm": mean_cov,
               "Inter-site coefficient of variation (%) per feature": cov}
-    bias = _truth_bias_table(tidy)
-    if bias is not None:
-        tables["Error against the phantom's true value at each site's field"] = bias
     sections.append(ReportSection("Findings", text=_findings(numbers)))
+    accuracy = _accuracy_table(numbers)
+    if accuracy is not None:
+        figure = _accuracy_figure(numbers, out_dir)
+        sections.append(ReportSection(
+            "Accuracy against the phantom's reference values",
+            text=" ".join(_accuracy_findings(numbers)) + " A site that agrees with the others "
+            "but not with the truth is reproducible, not accurate: a study must recover the "
+            "phantom's values before its site comparison means anything.",
+            tables={"Error against the reference value at each site's field": accuracy},
+            figures=[figure] if figure else []))
     if numbers.get("biology"):
         sections.append(_biology_section(numbers, out_dir))
     sections.append(ReportSection("Reproducibility across sites", tables=tables,
@@ -248,10 +301,15 @@ def write_study_report(study: Study, plan: Plan, store: TaskStore,
             figures.append(plot_pca(before[feats], before["site"], fig_dir / f"pca_{tag}.png",
                                     after=table[feats], force=True))
     if figures:
-        sections.append(ReportSection(
-            "Harmonization", text="Per-site boxplots and the first two principal components "
-            "of the standardised features before and after each harmonizer.",
-            figures=figures))
+        text = ("Per-site boxplots and the first two principal components of the "
+                "standardised features before and after each harmonizer.")
+        if wide["subject"].nunique() == 1:
+            text += (" With a single object (one phantom) scanned everywhere, a harmonizer "
+                     "such as ComBat makes the sites agree by construction: it estimates each "
+                     "site's offset from that object and removes it. That is a calibration "
+                     "to the object, not evidence that site effects can be removed from "
+                     "other subjects.")
+        sections.append(ReportSection("Harmonization", text=text, figures=figures))
     traveling = _traveling_tables(numbers)
     if traveling:
         sections.append(ReportSection("Traveling subjects", tables=traveling))
