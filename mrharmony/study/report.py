@@ -88,7 +88,8 @@ def _accuracy_figure(numbers: Mapping[str, Any], out_dir: Path) -> Path | None:
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(x + 0.4 - width / 2, [f"{q.upper()} {r}" for _, q, r in names],
                   rotation=90, fontsize=7)
-    ax.set_ylabel("error against the reference (%), mean ± SD over sites")
+    ax.set_ylabel("error vs reference (%)")
+    ax.set_title("in-range regions: mean ± SD over sites", fontsize=9)
     ax.set_yscale("symlog", linthresh=10.0)
     ax.legend(fontsize=7)
     fig.tight_layout()
