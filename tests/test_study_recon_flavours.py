@@ -199,8 +199,9 @@ def test_study_without_flavours_keeps_its_recon_task_keys():
     assert params == {"method": "auto", "backend": "numpy", "maps": "none"}
 
 
-def test_shipped_study_validates():
-    path = Path(__file__).parents[1] / "examples" / "studies" / "harmonized-recon.toml"
+@pytest.mark.parametrize("name", ["harmonized-recon", "harmonized-recon-cohort"])
+def test_shipped_study_validates(name):
+    path = Path(__file__).parents[1] / "examples" / "studies" / f"{name}.toml"
     study = load_study(path)
     assert {study.recon.acquisition_of(a) for a in study.sites.arms} == {"shared"}
     assert study.recon.same_at_every_site("shared-recon")
