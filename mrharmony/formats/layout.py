@@ -155,6 +155,24 @@ def _multiband_user_parameters(mrd: Any, defs: dict[str, Any]) -> list[Any]:
     return out
 
 
+def _sequence_user_parameters(mrd: Any, defs: dict[str, Any]) -> Any:
+    """The header's user parameters taken from the sequence definitions (or None).
+
+    Fat suppression (chemsat / water_excitation), what a stimulated-echo T2 fit needs of a
+    spin-echo train's pulses (refocusing flip, time-bandwidth product, apodization) and
+    what slice separation needs of a simultaneous multi-slice scan.
+    """
+    strings = [mrd.userParameterStringType(name="FatSuppression",
+                                           value=str(_first(defs, "FatSuppression")))
+               ] if "FatSuppression" in defs else []
+    doubles = [mrd.userParameterDoubleType(name=k, value=float(_first(defs, k)))
+               for k in ("RefocusingFlipAngle", "RfTimeBwProduct", "RfApodization") if k in defs]
+    doubles += _multiband_user_parameters(mrd, defs)
+    if not (strings or doubles):
+        return None
+    return mrd.userParametersType(userParameterString=strings, userParameterDouble=doubles)
+
+
 def header_from_seq(
     seq: Any,
     *,
@@ -294,21 +312,7 @@ def header_from_seq(
         encoding=[encoding],
         sequenceParameters=params,
     )
-    strings = [mrd.userParameterStringType(name="FatSuppression",
-                                           value=str(_first(defs, "FatSuppression")))
-               ] if "FatSuppression" in defs else []  # chemsat / water_excitation
-    # what a stimulated-echo T2 fit needs of a spin-echo train's pulses
-    doubles = [mrd.userParameterDoubleType(name=k, value=float(_first(defs, k)))
-               for k in ("RefocusingFlipAngle", "RfTimeBwProduct", "RfApodization") if k in defs]
-    if strings or doubles:
-        header.userParameters = mrd.userParametersType(userParameterString=strings,
-                                                       userParameterDouble=doubles)
-    sms = _multiband_user_parameters(mrd, defs)
-    if sms:  # simultaneous multi-slice: what slice separation needs
-        if header.userParameters is None:
-            header.userParameters = mrd.userParametersType()
-        header.userParameters.userParameterDouble = [
-            *header.userParameters.userParameterDouble, *sms]
+    header.userParameters = _sequence_user_parameters(mrd, defs)
     return header
 
 
@@ -473,21 +477,7 @@ def minimal_header_from_seq(
         encoding=[encoding],
         sequenceParameters=params,
     )
-    strings = [mrd.userParameterStringType(name="FatSuppression",
-                                           value=str(_first(defs, "FatSuppression")))
-               ] if "FatSuppression" in defs else []  # chemsat / water_excitation
-    # what a stimulated-echo T2 fit needs of a spin-echo train's pulses
-    doubles = [mrd.userParameterDoubleType(name=k, value=float(_first(defs, k)))
-               for k in ("RefocusingFlipAngle", "RfTimeBwProduct", "RfApodization") if k in defs]
-    if strings or doubles:
-        header.userParameters = mrd.userParametersType(userParameterString=strings,
-                                                       userParameterDouble=doubles)
-    sms = _multiband_user_parameters(mrd, defs)
-    if sms:  # simultaneous multi-slice: what slice separation needs
-        if header.userParameters is None:
-            header.userParameters = mrd.userParametersType()
-        header.userParameters.userParameterDouble = [
-            *header.userParameters.userParameterDouble, *sms]
+    header.userParameters = _sequence_user_parameters(mrd, defs)
     return header
 
 
