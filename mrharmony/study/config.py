@@ -193,7 +193,8 @@ class SitesSection:
 class SimulationSection:
     """Bloch simulation settings."""
 
-    isochromats_per_voxel: int = param(4, doc="isochromats per voxel (T2' spread)", ge=1, le=64)
+    isochromats_per_voxel: int = param(
+        4, doc="isochromats per voxel (T2' spread, spoiling, slice profile)", ge=1, le=1024)
     backend: Literal["numpy", "cupy"] = param("numpy", doc="array backend of the simulator")
 
 

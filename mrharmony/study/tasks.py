@@ -134,6 +134,7 @@ def stage_simulate(params: Mapping[str, Any], inputs: Mapping[str, Path], work: 
     """Simulate one scan at a virtual site and write ISMRMRD raw data."""
     from mrharmony.phantoms import load_phantom
     from mrharmony.simulation import simulate_raw
+    from mrharmony.simulation.raw import convergence_pct
     from mrharmony.simulation.site import site_from_mapping
 
     site = site_from_mapping(params["site"], source="site")
@@ -149,8 +150,9 @@ def stage_simulate(params: Mapping[str, Any], inputs: Mapping[str, Path], work: 
                  seed=int(params["seed"]), backend=params["backend"],
                  native=bool(params["native"]),
                  isochromats_per_voxel=int(params["isochromats_per_voxel"]),
-                 header_info=info)
-    return {"bytes": (work / "raw.h5").stat().st_size}
+                 header_info=info, check_convergence=True)
+    return {"bytes": (work / "raw.h5").stat().st_size,
+            "isochromat_convergence_pct": convergence_pct(work / "raw.h5")}
 
 
 def stage_recon(params: Mapping[str, Any], inputs: Mapping[str, Path], work: Path,
