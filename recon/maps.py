@@ -483,8 +483,9 @@ def fit_t2_epg(
     s0 = np.empty(n_vox)
     rss = np.empty(n_vox)
     log_step = float(np.log(t2_grid[1] / t2_grid[0]))
-    for start in range(0, n_vox, _CHUNK):
-        dc = d[:, start:start + _CHUNK]
+    chunk = max(64, 2**23 // unit.shape[0])  # score blocks of ~64 MB
+    for start in range(0, n_vox, chunk):
+        dc = d[:, start:start + chunk]
         score = unit @ dc  # (n_atoms, chunk): projection of the data on each atom
         best = np.argmax(score, axis=0)
         i_t2, i_b1 = np.unravel_index(best, tt.shape)
