@@ -298,10 +298,11 @@ def isochromat_convergence(
 
 
 def convergence_pct(path: str | Path) -> float | None:
-    """The ``isochromat_convergence_pct`` a simulated raw file's header records, if any."""
-    from mrharmony.formats.raw import read_raw
+    """The ``isochromat_convergence_pct`` a simulated raw file's header records, if any
+    (ISMRMRD HDF5 or MRD v2)."""
+    from mrharmony.formats.raw import load_raw
 
-    user = read_raw(path).header.userParameters
+    user = load_raw(path).header.userParameters
     values = {p.name: p.value for p in (getattr(user, "userParameterDouble", None) or [])}
     pct = values.get("isochromat_convergence_pct")
     return None if pct is None else float(pct)
