@@ -16,7 +16,7 @@ import pytest
 
 from mrharmony.errors import StudyError
 from mrharmony.study import load_study, run_study
-from mrharmony.study.analysis import DERIVATIVES, compute_numbers
+from mrharmony.study.analysis import DERIVATIVES, compute_numbers, read_features_csv
 from mrharmony.study.store import TaskStore, task_key
 
 IRSE = """
@@ -216,7 +216,7 @@ def test_report_numbers_recomputed_from_features_csv(tiny_runs):
     path, two, _ = tiny_runs
     deriv = two.out_dir / DERIVATIVES
     numbers = json.loads((deriv / "report.json").read_text())
-    recomputed = compute_numbers(pd.read_csv(deriv / "features.csv", float_precision="round_trip"),
+    recomputed = compute_numbers(read_features_csv(deriv / "features.csv"),
                                  load_study(path))
     assert json.loads(json.dumps(recomputed, allow_nan=False)) == numbers
     html = (deriv / "report.html").read_text()

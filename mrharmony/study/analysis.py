@@ -25,11 +25,35 @@ from mrharmony.study.store import TaskStore
 
 __all__ = ["BIDS_VERSION", "BIOLOGY_VIF_MAX", "DERIVATIVES", "ID_COLUMNS", "analyse",
            "biology_numbers", "compute_numbers", "harmonized_tables", "materialise_tree",
-           "recon_flavour_numbers", "scan_truth", "wide_table", "write_dataset_files"]
+           "read_features_csv", "recon_flavour_numbers", "scan_truth", "wide_table",
+           "write_dataset_files"]
 
 #: Columns that identify a scan in the wide feature table.
 ID_COLUMNS = ("subject", "site", "arm", "repeat", "vendor", "field_t")
 SURVEY_FOLD = 2.5  # inter-scanner reproducibility, shared Pulseq vs vendor (the survey)
+
+
+#: pandas < 3 parses floats with a fast, inexact parser unless asked; pandas 3 parses them
+#: exactly by default and deprecates the argument.
+_EXACT_FLOATS = ({"float_precision": "round_trip"}
+                 if int(pd.__version__.split(".")[0]) < 3 else {})
+
+
+def read_features_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a tidy ``features.csv`` with every float64 exactly as written.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``features.csv`` written by the study runner (per scan or the study's own).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table; float columns equal the written values bit for bit, so numbers
+        recomputed from it equal those in ``report.json``.
+    """
+    return pd.read_csv(path, **_EXACT_FLOATS)
 
 
 def gather_features(plan: Plan, store: TaskStore, records: Mapping[str, Mapping[str, Any]],
@@ -40,8 +64,8 @@ def gather_features(plan: Plan, store: TaskStore, records: Mapping[str, Mapping[
         record = records.get(scan.features_key)
         if record is None or record.get("status") != "done":
             continue
-        frames.append(pd.read_csv(store.path("features", scan.features_key) / "features.csv",
-                                  float_precision="round_trip"))  # exact float64 back
+        frames.append(read_features_csv(store.path("features", scan.features_key)
+                                        / "features.csv"))
     if not frames:
         return pd.DataFrame()
     tidy = pd.concat(frames, ignore_index=True)
