@@ -97,9 +97,16 @@ def sequence_file(source: Any, site: Any, *, native: bool, workdir: str | Path,
                    "the signal changes with 4x as many.")
 @click.option("--noise/--no-noise", default=True, show_default=True,
               help="Add the site's thermal noise (--no-noise: noiseless data, no noise scans).")
+@click.option("--fast-path", "fast_path_pct", type=click.FloatRange(min=0, min_open=True),
+              default=None, metavar="PCT",
+              help="Try the fast path (each tissue class simulated once, the encoding and "
+                   "off-resonance phase applied per voxel) and use it if it differs from the "
+                   "full engine by at most PCT % of the peak signal on probe voxels; "
+                   "otherwise the full engine runs. The run says which.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def simulate(seq: Path, phantom_dir: Path, site_name: str, output: Path, backend: str, seed: int,
-             native: bool, isochromats: int, noise: bool, force: bool) -> None:
+             native: bool, isochromats: int, noise: bool, fast_path_pct: float | None,
+             force: bool) -> None:
     """Simulate SEQ (a .seq file, or a protocol .toml built on the site's scanner) on the
     phantom in PHANTOM_DIR at a virtual site, and write ISMRMRD raw data."""
     from mrharmony.phantoms import Phantom
@@ -125,14 +132,32 @@ def simulate(seq: Path, phantom_dir: Path, site_name: str, output: Path, backend
         path = simulate_raw(seq_file, phantom, site_obj, output, seed=seed, backend=backend,
                             native=native, progress=True, force=force,
                             isochromats_per_voxel=isochromats, noise=noise, header_info=info,
-                            check_convergence=True)
+                            check_convergence=True, fast_path_tol_pct=fast_path_pct)
     for w in caught:
         if issubclass(w.category, SimulationWarning):
             click.echo(f"mrharmony: warning: {w.message}", err=True)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     out.print(f"wrote {path}")
+    _print_simulation_path(out, path)
     _print_convergence(out, path, isochromats)
+
+
+def _print_simulation_path(out: Any, path: Path) -> None:
+    """Say which engine path produced the file (header values)."""
+    from mrharmony.simulation.raw import header_user_parameters
+
+    params = header_user_parameters(path)
+    if "fast_path_tol_pct" not in params:
+        return
+    if params.get("simulation_path") == "fast":
+        out.print(f"simulation path: fast ({int(params['fast_path_classes'])} classes for "
+                  f"{int(params['fast_path_voxels'])} voxels; "
+                  f"{float(params['fast_path_check_pct']):.2g} % of the peak signal from the "
+                  "full engine on probe voxels)")
+    else:
+        out.print(f"simulation path: full isochromat engine (fast path not used: "
+                  f"{params.get('fast_path_fallback', '')})")
 
 
 #: Above this change (%) with 4x the isochromats, the CLI says the scan has not converged.

@@ -20,7 +20,7 @@ Pulseq specification defines.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -40,7 +40,7 @@ from mrharmony.simulation.kernels import (
 from mrharmony.simulation.spins import GAMMA_BAR_HZ_PER_T, SpinSystem
 from mrharmony.simulation.timeline import OP_RUN, OP_SAMPLE, Timeline, compile_timeline
 
-__all__ = ["simulate", "spin_classes"]
+__all__ = ["run_timeline", "simulate", "spin_classes"]
 
 #: From this many coils on, the numba path stores M_xy and applies the coil weights with
 #: one BLAS matrix product per time chunk (cheaper than per-coil sums in the kernel).
@@ -198,7 +198,11 @@ def _run_chunk_numba(
     inst_cos = np.cos(tl.rf_inst_phase_rad)
     inst_sin = np.sin(tl.rf_inst_phase_rad)
     n_threads = numba.get_num_threads()
-    use_buf = w.shape[0] >= BUFFER_MIN_COILS
+    import scipy.sparse
+
+    sparse_w = scipy.sparse.issparse(w)
+    use_buf = sparse_w or w.shape[0] >= BUFFER_MIN_COILS
+    w_kernel = np.zeros((1, sub.n_spins), dtype=np.complex64) if sparse_w else w
     empty = np.zeros((0, 0), dtype=np.complex64)
     for o0, o1, c0, c1 in tchunks:
         if use_buf:
@@ -211,7 +215,8 @@ def _run_chunk_numba(
             tl.op, tl.arg, o0, o1, c0, tl.free_dt_s, tl.free_m, op_b,
             tl.run_p, tl.run_n, tl.run_k, sample_b, run_b, run_exact, tl.rf_inst_shape,
             inst_cos, inst_sin,
-            aff, cls_idx, pos, sub.df_hz, sub.r1_per_s, sub.r2_per_s, dten, w, state, out, buf,
+            aff, cls_idx, pos, sub.df_hz, sub.r1_per_s, sub.r2_per_s, dten, w_kernel, state,
+            out, buf,
         )
         # Many coils: one complex64 GEMM (BLAS) instead of per-coil sums in the kernel.
         yield o0, o1, c0, c1, (w @ buf) if use_buf else out.sum(axis=0)
@@ -233,6 +238,96 @@ def _run_chunk_xp(
             tl.rf_inst_shape, tl.rf_inst_phase_rad, aff, cls_idx, *dev, state,
         )
         yield o0, o1, c0, c1, to_numpy(part)
+
+
+def run_timeline(
+    tl: Timeline,
+    spins: SpinSystem,
+    weights: Callable[[SpinSystem, slice], Any],
+    n_out: int,
+    *,
+    backend: str = "numpy",
+    chunk_size: int | None = None,
+    progress: bool = False,
+    sparse_weights: bool = False,
+    _kernel: str = "auto",
+) -> np.ndarray:
+    """Run a compiled timeline on spins and sum weighted M_xy into ``n_out`` channels.
+
+    Parameters
+    ----------
+    tl : Timeline
+        From :func:`~mrharmony.simulation.timeline.compile_timeline` (with ``diffusion``
+        set when the spins diffuse).
+    spins : SpinSystem
+        The isochromats.
+    weights : callable
+        ``weights(sub, sl)`` gives the weights of the spins ``sub`` (``spins[sl]``, padded
+        with zero-PD spins to a multiple of the kernel's lanes on the CPU): an
+        (n_out, len(sub)) complex array, or a ``scipy.sparse`` matrix of that shape (one
+        channel per group of spins: the CPU kernel then stores every spin's M_xy and the
+        sum is one sparse product).
+    n_out : int
+        Number of output channels (coils, or spin groups).
+    backend, chunk_size, progress
+        As :func:`simulate`.
+    sparse_weights : bool
+        ``weights`` returns sparse matrices (sizes the per-spin buffer).
+
+    Returns
+    -------
+    ndarray (n_out, n_samples) complex128
+        ``sum_s w[c, s] M_xy,s(t_k)``, before the receiver's demodulation.
+    """
+    import scipy.sparse
+
+    use_numba = backend == "numpy" and _kernel != "xp"
+    xp = get_xp("cuda") if backend == "cupy" else np
+    chunk = int(chunk_size or DEFAULT_CHUNK)
+    if sparse_weights and not use_numba:
+        chunk = min(chunk, max(LANES, 2**27 // (8 * n_out)))  # dense (n_out, chunk) weights
+    many = n_out >= BUFFER_MIN_COILS or sparse_weights
+    if use_numba and many:
+        # Per-spin M_xy buffer (spins x samples) complex64 for the coil GEMM: < ~256 MiB.
+        max_cols = max(64, 2**28 // (8 * min(chunk, spins.n_spins)))
+    elif use_numba:
+        max_cols = max(64, 16384 // n_out)  # per-thread accumulators stay in cache
+    else:
+        # The array-module kernel buffers (spins x samples) complex128: keep it < ~1 GiB.
+        max_cols = max(64, 2**30 // (16 * min(chunk, spins.n_spins)))
+    tchunks = _time_chunks(tl, max_cols)
+    starts = list(range(0, spins.n_spins, chunk))
+    signal = np.zeros((n_out, tl.n_samples), dtype=np.complex128)
+    diffusion = tl.op_b is not None
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(starts) * len(tchunks), desc="Bloch", unit="chunk")
+    run_exact = _run_exact(tl, spins) if diffusion else np.zeros(tl.run_n.size, np.bool_)
+    for s0 in starts:
+        sl = slice(s0, min(s0 + chunk, spins.n_spins))
+        sub = spins.subset(sl)
+        if use_numba:
+            sub = _pad_lanes(sub)
+        aff, cls_idx = _rf_tables(tl, sub, use_numba=use_numba, xp=xp)
+        w = weights(sub, sl)
+        if scipy.sparse.issparse(w) and not use_numba:
+            w = w.toarray()
+        dten = sub.diffusion_tensor_m2_s() if diffusion else np.zeros((sub.n_spins, 6))
+        if use_numba:
+            parts = _run_chunk_numba(tl, sub, aff, cls_idx, dten, w, tchunks, run_exact)
+        else:
+            parts = _run_chunk_xp(tl, sub, aff, cls_idx, dten,
+                                  np.asarray(w, dtype=np.complex64), tchunks, run_exact, xp)
+        for _, _, c0, c1, part in parts:
+            signal[:, c0:c1] += part
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return signal
 
 
 def simulate(
@@ -318,55 +413,21 @@ def simulate(
         if np.shape(val) != (3,) or not np.all(np.isfinite(val)):
             raise SimulationError(f"{name}: expected 3 finite values (x, y, z), got {val!r}")
 
-    diffusion = bool(np.any(spins.d_m2_s != 0))
     tl = compile_timeline(
         seq,
         gradient_scale=tuple(gradient_scale),
         gradient_delay_s=tuple(gradient_delay_s),
         larmor_hz=_larmor(seq, spins, b0_t, larmor_hz),
-        diffusion=diffusion,
+        diffusion=bool(np.any(spins.d_m2_s != 0)),
         rf_max_step_s=rf_max_step_s,
     )
-    use_numba = backend == "numpy" and _kernel != "xp"
-    xp = get_xp("cuda") if backend == "cupy" else np
-    n_coils = sens.shape[0]
-    chunk = int(chunk_size or DEFAULT_CHUNK)
-    if use_numba and n_coils >= BUFFER_MIN_COILS:
-        # Per-spin M_xy buffer (spins x samples) complex64 for the coil GEMM: < ~256 MiB.
-        max_cols = max(64, 2**28 // (8 * min(chunk, spins.n_spins)))
-    elif use_numba:
-        max_cols = max(64, 16384 // n_coils)  # per-thread accumulators stay in cache
-    else:
-        # The array-module kernel buffers (spins x samples) complex128: keep it < ~1 GiB.
-        max_cols = max(64, 2**30 // (16 * min(chunk, spins.n_spins)))
-    tchunks = _time_chunks(tl, max_cols)
-    starts = list(range(0, spins.n_spins, chunk))
-    signal = np.zeros((n_coils, tl.n_samples), dtype=np.complex128)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(starts) * len(tchunks), desc="Bloch", unit="chunk")
-    run_exact = _run_exact(tl, spins) if diffusion else np.zeros(tl.run_n.size, np.bool_)
-    for s0 in starts:
-        sub = spins.subset(slice(s0, min(s0 + chunk, spins.n_spins)))
-        if use_numba:
-            sub = _pad_lanes(sub)
-        aff, cls_idx = _rf_tables(tl, sub, use_numba=use_numba, xp=xp)
+    def weights(sub: SpinSystem, _: slice) -> np.ndarray:
         # Receive weights (complex64): coil sensitivity at the voxel times PD (0 for padding).
-        w = sens[:, sub.voxel_index] * sub.pd.astype(np.float32)[None, :]
-        dten = sub.diffusion_tensor_m2_s() if diffusion else np.zeros((sub.n_spins, 6))
-        if use_numba:
-            parts = _run_chunk_numba(tl, sub, aff, cls_idx, dten, w, tchunks, run_exact)
-        else:
-            parts = _run_chunk_xp(tl, sub, aff, cls_idx, dten, w, tchunks, run_exact, xp)
-        for _, _, c0, c1, part in parts:
-            signal[:, c0:c1] += part
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+        return sens[:, sub.voxel_index] * sub.pd.astype(np.float32)[None, :]
+
+    signal = run_timeline(tl, spins, weights, sens.shape[0], backend=backend,
+                          chunk_size=chunk_size, progress=progress, _kernel=_kernel)
     # Left-handed precession: the receiver at ADC frequency f brings spins at f (Hz)
     # to DC by exp(+i 2 pi f t) (the conjugate of Pulseq's right-handed ADC phase).
     signal *= np.exp(1j * tl.sample_demod_rad)[None, :]

@@ -38,6 +38,7 @@ parameter ``trajectory_units`` says so.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,11 +56,14 @@ from mrharmony.simulation.site import Site, b0_residual_hz, b1_scale_map, load_s
 __all__ = [
     "ReceiveModel",
     "convergence_pct",
+    "header_user_parameters",
     "isochromat_convergence",
     "receive_model",
     "simulate_raw",
 ]
 
+
+log = logging.getLogger(__name__)
 
 #: Total noise-scan samples per channel written before the imaging data.
 NOISE_SAMPLES = 4096
@@ -297,14 +301,34 @@ def isochromat_convergence(
     return float(100 * np.max(diff[ok] / ref[ok])) if np.any(ok) else 0.0
 
 
-def convergence_pct(path: str | Path) -> float | None:
-    """The ``isochromat_convergence_pct`` a simulated raw file's header records, if any
-    (ISMRMRD HDF5 or MRD v2)."""
+def header_user_parameters(path: str | Path) -> dict[str, Any]:
+    """The user parameters (double, long and string) of a raw file's header.
+
+    Parameters
+    ----------
+    path : str or Path
+        ISMRMRD HDF5 or MRD v2 file.
+
+    Returns
+    -------
+    dict
+        Name to value (float, int or str).
+    """
     from mrharmony.formats.raw import load_raw
 
     user = load_raw(path).header.userParameters
-    values = {p.name: p.value for p in (getattr(user, "userParameterDouble", None) or [])}
-    pct = values.get("isochromat_convergence_pct")
+    values: dict[str, Any] = {}
+    for kind, cast in (("userParameterLong", int), ("userParameterDouble", float),
+                       ("userParameterString", str)):
+        for p in (getattr(user, kind, None) or []):
+            values[p.name] = cast(p.value)
+    return values
+
+
+def convergence_pct(path: str | Path) -> float | None:
+    """The ``isochromat_convergence_pct`` a simulated raw file's header records, if any
+    (ISMRMRD HDF5 or MRD v2)."""
+    pct = header_user_parameters(path).get("isochromat_convergence_pct")
     return None if pct is None else float(pct)
 
 
@@ -323,6 +347,7 @@ def simulate_raw(
     noise: bool = True,
     header_info: Mapping[str, Any] | None = None,
     check_convergence: bool = False,
+    fast_path_tol_pct: float | None = None,
 ) -> Path:
     """Simulate a scan of a phantom at a virtual site and write ISMRMRD raw data.
 
@@ -365,6 +390,12 @@ def simulate_raw(
         (``isochromat_convergence_pct``, ``isochromat_convergence_check``): a few
         percent or less means the spoiling and slice-profile pathways are resolved. The
         CLI and the study runner check; read it back with :func:`convergence_pct`.
+    fast_path_tol_pct : float, optional
+        Try the fast path (:mod:`.fastpath`: each tissue class once, the encoding and
+        off-resonance phase per voxel) and use it when it differs from the full engine
+        by at most this many percent of the peak signal on probe voxels; else (and by
+        default) the full isochromat engine. The header records which path ran
+        (``simulation_path``), the probe difference and, on a fall-back, why.
 
     Returns
     -------
@@ -414,11 +445,32 @@ def simulate_raw(
         through_plane_mm=(through_plane_extent(seq, isochromats_per_voxel)
                           if two_d and isochromats_per_voxel > 1 else None),
     )
-    signal = simulate(
-        seq, spins, coil_sens=rx.sens, backend=backend, progress=progress,
-        gradient_scale=site.gradient_scale, gradient_delay_s=site.gradient_delay_s,
-        b0_t=site.field_strength_t,
-    )
+    path_info: dict[str, Any] = {"simulation_path": "full"}
+    signal = None
+    if fast_path_tol_pct is not None:
+        from mrharmony.simulation.fastpath import fast_simulate
+
+        if not (np.isfinite(fast_path_tol_pct) and fast_path_tol_pct > 0):
+            raise SimulationError(f"fast_path_tol_pct: must be > 0, got {fast_path_tol_pct!r}")
+        fast = fast_simulate(
+            seq, spins, coil_sens=rx.sens, backend=backend, progress=progress,
+            gradient_scale=site.gradient_scale, gradient_delay_s=site.gradient_delay_s,
+            b0_t=site.field_strength_t, check_tol=fast_path_tol_pct / 100, seed=seed)
+        signal = fast.signal
+        path_info = {"simulation_path": "fast" if signal is not None else "full",
+                     "fast_path_classes": fast.n_classes, "fast_path_voxels": fast.n_voxels,
+                     "fast_path_check_pct": fast.check_pct,
+                     "fast_path_tol_pct": float(fast_path_tol_pct)}
+        if signal is None:
+            path_info["fast_path_fallback"] = fast.reason
+        log.info("simulation path: %s%s", path_info["simulation_path"],
+                 f" ({fast.reason})" if fast.reason else "")
+    if signal is None:
+        signal = simulate(
+            seq, spins, coil_sens=rx.sens, backend=backend, progress=progress,
+            gradient_scale=site.gradient_scale, gradient_delay_s=site.gradient_delay_s,
+            b0_t=site.field_strength_t,
+        )
     signal = np.asarray(signal, dtype=np.complex64).reshape(n_coils, -1)
     ns = np.array([r.num_samples for r in records], dtype=np.int64)
     if signal.shape[1] != ns.sum():
@@ -452,6 +504,8 @@ def simulate_raw(
         "receiver_gain_db": site.receiver.gain_db,
         "relative_noise_bandwidth": chain.relative_noise_bandwidth,
     }
+    info.update({k: v for k, v in path_info.items() if not (isinstance(v, float)
+                                                            and not np.isfinite(v))})
     if check_convergence:
         info["isochromat_convergence_pct"] = isochromat_convergence(
             seq, ph, site, isochromats_per_voxel, backend=backend)

@@ -88,6 +88,13 @@ class Timeline:
     ``op_b`` is ``None`` unless compiled with ``diffusion=True``; otherwise (n_ops, 6)
     holding ``bxx, 2 bxy, 2 bxz, byy, 2 byz, bzz`` in s/m^2 for FREE operations, and
     ``sample_b`` (n_samples, 6) the same for the free interval before each sample of a RUN.
+    ``sample_m`` (n_samples, 3) is the zeroth gradient moment M(t) since t = 0 at every
+    ADC sample (1/m), ``sample_k`` (n_samples, 3) the dephasing moment of the primary
+    coherence pathway there (reset at excitation, negated at refocusing pulses, both at
+    the pulse centre: the k-space trajectory), ``sample_tau_s`` (n_samples,) the same for
+    time (the phase an off-resonance ``df`` adds to that pathway is ``-2 pi df tau``:
+    time since excitation for a gradient echo, ``t - TE`` after a refocusing pulse), and
+    ``rf_start_m`` (n_rf, 3) M(t) at the start of every RF pulse instance.
     """
 
     op: np.ndarray
@@ -104,6 +111,10 @@ class Timeline:
     run_n: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     run_k: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     sample_b: np.ndarray | None = None
+    sample_m: np.ndarray | None = None
+    sample_k: np.ndarray | None = None
+    sample_tau_s: np.ndarray | None = None
+    rf_start_m: np.ndarray | None = None
     duration_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -448,6 +459,14 @@ def compile_timeline(
             [shape_kind[s] for s in inst_shape], last,
         )
     op, arg, op_b, runs, sample_b = _fuse_runs(op, arg, op_b, n_samples)
+    sample_m = moment(sample_t)
+    kinds = [shape_kind[s] for s in inst_shape]
+    centres, offsets = _pathway_offsets(moment, rf_centre, kinds)
+    after = np.searchsorted(centres, sample_t, side="right")
+    sample_k = sample_m + offsets[after]
+    _, t_offsets = _pathway_offsets(lambda t: np.asarray(t, dtype=np.float64)[..., None],
+                                    rf_centre, kinds)
+    sample_tau = sample_t + t_offsets[after, 0]
     return Timeline(
         op=op,
         arg=arg,
@@ -455,6 +474,10 @@ def compile_timeline(
         run_n=runs[1],
         run_k=runs[2],
         sample_b=sample_b,
+        sample_m=sample_m,
+        sample_k=sample_k,
+        sample_tau_s=sample_tau,
+        rf_start_m=moment(rf_start),
         free_dt_s=uniq[:, 0].copy(),
         free_m=uniq[:, 1:4].copy(),
         rf_shapes=shapes,
@@ -540,6 +563,28 @@ def _single_channel_shim(block: Any) -> complex:
     return complex(np.asarray(weights).ravel()[0])
 
 
+def _pathway_offsets(
+    moment: Any, rf_centre: np.ndarray, rf_kind: list[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted RF centres and offsets ``o`` with k(t) = M(t) + o[j + 1] after centre j.
+
+    ``moment(t)`` gives (..., d) values (the gradient moment, or time itself for the
+    pathway's dephasing time). ``o[0]`` applies before the first pulse (moment counted
+    from t = 0). An excitation
+    resets the dephasing moment of the primary pathway to zero, a refocusing pulse
+    negates it, both at the pulse centre.
+    """
+    order = np.argsort(rf_centre, kind="stable")
+    centres = rf_centre[order]
+    m_c = moment(centres)
+    offsets = np.zeros((centres.size, m_c.shape[-1]))
+    prev = np.zeros(m_c.shape[-1])
+    for j, idx in enumerate(order):
+        prev = -2.0 * m_c[j] - prev if rf_kind[idx] == "refocusing" else -m_c[j]
+        offsets[j] = prev
+    return centres, np.concatenate([-moment(np.zeros(1))[:1], offsets])
+
+
 def _diffusion_b(
     moment: _Moment,
     keep: np.ndarray,
@@ -551,21 +596,11 @@ def _diffusion_b(
     last: int,
 ) -> np.ndarray:
     """b-matrix increments (2 pi)^2 int k k^T dt of the FREE operations (see module doc)."""
-    # Offsets o_j so that the dephasing moment is k(t) = M(t) + o_j after RF j.
-    order = np.argsort(rf_centre, kind="stable")
-    centres = rf_centre[order]
-    m_c = moment(centres)
-    offsets = np.zeros((centres.size, 3))
-    prev = np.zeros(3)
-    for j, idx in enumerate(order):
-        prev = -2.0 * m_c[j] - prev if rf_kind[idx] == "refocusing" else -m_c[j]
-        offsets[j] = prev
+    centres, offsets = _pathway_offsets(moment, rf_centre, rf_kind)
     pts = np.unique(np.concatenate([moment.breakpoints(), a_start, prev_end, centres]))
     h = np.diff(pts)
     mid = 0.5 * (pts[1:] + pts[:-1])
     seg = np.searchsorted(centres, mid, side="right") - 1
-    # Before the first RF (or in a file without RF) the moment is counted from t = 0.
-    offsets = np.concatenate([-moment(np.zeros(1))[:1], offsets])
     off = offsets[seg + 1]
     x = np.sqrt(3.0 / 5.0)
     acc = np.zeros((h.size, 6))
