@@ -39,6 +39,7 @@ import numpy as np
 import scipy.sparse
 
 from mrharmony.simulation.engine import _larmor, run_timeline
+from mrharmony.simulation.kernels import voxel_signals_numba
 from mrharmony.simulation.spins import SpinSystem
 from mrharmony.simulation.timeline import Timeline, compile_timeline
 
@@ -206,9 +207,18 @@ def _group_weights(classes: SpinSystem) -> Any:
     return weights
 
 
+def _continues(tl: Timeline) -> np.ndarray:
+    """Samples that repeat the previous sample's k and tau step (inside a RUN)."""
+    cont = np.zeros(tl.n_samples, dtype=np.bool_)
+    for k0, n in zip(tl.run_k, tl.run_n, strict=True):
+        cont[int(k0) + 2: int(k0) + int(n)] = True
+    return cont
+
+
 def _form_kspace(
     class_sig: np.ndarray, cls: np.ndarray, shift_m: np.ndarray, df_hz: np.ndarray,
-    k: np.ndarray, tau_s: np.ndarray, w: np.ndarray, max_bytes: int = 1 << 27,
+    k: np.ndarray, tau_s: np.ndarray, cont: np.ndarray, w: np.ndarray,
+    max_bytes: int = 1 << 27,
 ) -> np.ndarray:
     """``sum_v w[c, v] class_sig[cls[v], t] exp(-i 2 pi (k(t).shift_v + tau(t) df_v))``."""
     n_vox = cls.size
@@ -216,11 +226,17 @@ def _form_kspace(
     out = np.zeros((w.shape[0], n_t), dtype=np.complex128)
     step = max(1, max_bytes // (8 * max(n_vox, 1)))
     wc = w.astype(np.complex64)
+    cls = np.ascontiguousarray(cls, dtype=np.int64)
+    shift_m = np.ascontiguousarray(shift_m, dtype=np.float64)
+    df_hz = np.ascontiguousarray(df_hz, dtype=np.float64)
     for t0 in range(0, n_t, step):
         t1 = min(t0 + step, n_t)
-        phase = (shift_m @ k[t0:t1].T + df_hz[:, None] * tau_s[None, t0:t1]) * (-2 * np.pi)
-        e = np.exp(1j * phase).astype(np.complex64)
-        e *= class_sig[cls, t0:t1].astype(np.complex64)
+        chunk_cont = cont[t0:t1].copy()
+        chunk_cont[:1] = False  # each chunk starts from an exact exponential
+        e = np.empty((n_vox, t1 - t0), dtype=np.complex64)
+        voxel_signals_numba(np.ascontiguousarray(class_sig[:, t0:t1]), cls, shift_m, df_hz,
+                            np.ascontiguousarray(k[t0:t1]), np.ascontiguousarray(tau_s[t0:t1]),
+                            chunk_cont, e)
         out[:, t0:t1] = wc @ e
     return out
 
@@ -294,6 +310,7 @@ def fast_simulate(
     mode = "pathway"
     k = tl.sample_k @ proj.T
     tau = tl.sample_tau_s
+    cont = _continues(tl)
     log.info("fast path (%s): %d classes for %d voxels, %d isochromats each", mode,
              n_classes, cls.size, n_iso)
 
@@ -312,7 +329,7 @@ def fast_simulate(
     psig = run_timeline(tl, classes.subset(_iso_of(pcls, n_iso)), _group_weights(_as_groups(
         classes.subset(_iso_of(pcls, n_iso)), pcls.size, n_iso)), pcls.size,
         backend=backend, sparse_weights=True)
-    fast = _form_kspace(psig, pinv.reshape(-1), shift[probes], df_vox[probes], k, tau,
+    fast = _form_kspace(psig, pinv.reshape(-1), shift[probes], df_vox[probes], k, tau, cont,
                         np.diag(pd_vox[probes]).astype(np.float32))
     peak = np.max(np.abs(full), axis=1)
     err = np.max(np.abs(fast - full), axis=1) / np.where(peak > 0, peak, 1.0)
@@ -330,7 +347,7 @@ def fast_simulate(
                              backend=backend, progress=progress, sparse_weights=True)
     sens = np.asarray(coil_sens)
     w = sens[:, vox] * pd_vox[None, :].astype(np.float32)
-    signal = _form_kspace(class_sig, cls, shift, df_vox, k, tau, w)
+    signal = _form_kspace(class_sig, cls, shift, df_vox, k, tau, cont, w)
     signal *= np.exp(1j * tl.sample_demod_rad)[None, :]
     return FastPathResult(signal.astype(np.complex64), mode, n_classes, int(cls.size),
                           check_pct, info=info)
