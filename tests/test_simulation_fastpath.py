@@ -139,3 +139,39 @@ def test_cli_says_which_path_ran(tmp_path, capsys):
     assert main(["simulate", str(epi), str(ph_dir), "--site", SITE, "-o",
                  str(tmp_path / "bad.h5"), "--fast-path", "0"]) == 2  # PCT must be > 0
     assert not (tmp_path / "bad.h5").exists()
+
+
+def test_study_option_reaches_the_simulate_task_and_its_record(tmp_path):
+    from mrharmony.errors import StudyError
+    from mrharmony.study.config import study_from_mapping
+    from mrharmony.study.plan import plan_tasks, preflight
+    from mrharmony.study.tasks import stage_simulate
+
+    base = {"study": {"name": "fp", "seed": 1},
+            "phantom": {"kind": "shepp-logan", "matrix": 32},
+            "protocols": [{"name": "epi", "file": str(ROOT / "examples" / "protocols"
+                                                     / "epi.toml")}],
+            "sites": {"names": [SITE, "ge-premier-3t"]}}
+
+    def sim_params(simulation: dict) -> list[dict]:
+        study = study_from_mapping({**base, "simulation": simulation})
+        plan = plan_tasks(study, preflight(study))
+        return [spec.params for spec in plan.specs if spec.stage == "simulate"]
+
+    off = sim_params({"isochromats_per_voxel": 4})
+    assert off and all("fast_path_tol_pct" not in p for p in off)  # task keys as before
+    on = sim_params({"isochromats_per_voxel": 4, "fast_path_tol_pct": 2.0})
+    assert all(p["fast_path_tol_pct"] == 2.0 for p in on)
+    with pytest.raises(StudyError, match="fast_path_tol_pct"):
+        study_from_mapping({**base, "simulation": {"fast_path_tol_pct": -1}})
+
+    (tmp_path / "seq").mkdir()
+    epi = _seq("epi", tmp_path / "seq", matrix=[32, 32], n_slices=1, navigator_lines=0,
+               dummy_scans=0)
+    epi.rename(tmp_path / "seq" / "sequence.seq")
+    _phantom().save(tmp_path / "ph" / "phantom")
+    params = {**on[0], "site": load_site(SITE).to_mapping(), "native": False}
+    (tmp_path / "work").mkdir()
+    record = stage_simulate(params, {"sequence": tmp_path / "seq", "phantom": tmp_path / "ph"},
+                            tmp_path / "work")
+    assert record["simulation_path"] == "fast"

@@ -10,7 +10,7 @@ A study file has these tables (keys carry their units; every table is checked wi
                                 ratio, patient_fraction, effects; ``null = true``)
     [[protocols]]               name, file (protocol TOML, relative to the study file), maps
     [sites]                     names = [...] presets or TOML paths, arms = ["shared", "native"]
-    [simulation]                isochromats_per_voxel, backend
+    [simulation]                isochromats_per_voxel, backend, fast_path_tol_pct
     [recon]                     method, backend, preset, coil_combine, filter,
                                 partial_fourier_method, intensity_normalization
     [recon.sites.NAME]          the same keys for one site (overrides [recon])
@@ -196,6 +196,10 @@ class SimulationSection:
     isochromats_per_voxel: int = param(
         4, doc="isochromats per voxel (T2' spread, spoiling, slice profile)", ge=1, le=1024)
     backend: Literal["numpy", "cupy"] = param("numpy", doc="array backend of the simulator")
+    fast_path_tol_pct: float = param(
+        0.0, doc="try the fast path (each tissue class once) and use it where it agrees with "
+                 "the full engine within this % of the peak signal on probe voxels; 0: off",
+        ge=0.0, le=100.0)
 
 
 #: The recon-chain keys of a flavour (also options of :func:`mrharmony.recon.reconstruct`).

@@ -379,6 +379,8 @@ def plan_tasks(study: Study, resolved: Resolved) -> Plan:
                             "isochromats_per_voxel": study.simulation.isochromats_per_voxel,
                             "backend": study.simulation.backend,
                         }
+                        if study.simulation.fast_path_tol_pct > 0:  # off: keys as before
+                            sim_params["fast_path_tol_pct"] = study.simulation.fast_path_tol_pct
                         if acq == "native":
                             # the simulator applies the vendor's receive-chain processing
                             # too and records the vendor's sequence choices of the protocol

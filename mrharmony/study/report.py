@@ -103,9 +103,11 @@ def _convergence_section(plan: Plan, records: Mapping[str, Mapping[str, Any]],
     from mrharmony.simulation.raw import CONVERGENCE_FACTOR
 
     rows = []
+    n_fast = 0
     for scan in plan.scans:
         info = (records.get(scan.simulate_key) or {}).get("info") or {}
         pct = info.get("isochromat_convergence_pct")
+        n_fast += info.get("simulation_path") == "fast"
         if pct is not None:
             rows.append({"protocol": scan.protocol, "arm": scan.arm, "pct": float(pct)})
     if not rows:
@@ -123,6 +125,10 @@ def _convergence_section(plan: Plan, records: Mapping[str, Mapping[str, Any]],
     text = (f"Each scan's simulation was checked: the whole signal of a few voxels (one per "
             f"tissue, slowest T2 first) with {n} and {CONVERGENCE_FACTOR * n} isochromats "
             f"per voxel differs by up to {worst:.1f} %: {verdict}.")
+    tol = study.simulation.fast_path_tol_pct
+    if tol > 0:
+        text += (f" Fast path (within {tol:g} % of the full engine's peak signal on probe "
+                 f"voxels, else the full engine): {n_fast} of {len(plan.scans)} scans.")
     return ReportSection("Simulation convergence", text=text,
                          tables={"Signal change per protocol and arm": table})
 

@@ -134,7 +134,7 @@ def stage_simulate(params: Mapping[str, Any], inputs: Mapping[str, Path], work: 
     """Simulate one scan at a virtual site and write ISMRMRD raw data."""
     from mrharmony.phantoms import load_phantom
     from mrharmony.simulation import simulate_raw
-    from mrharmony.simulation.raw import convergence_pct
+    from mrharmony.simulation.raw import convergence_pct, header_user_parameters
     from mrharmony.simulation.site import site_from_mapping
 
     site = site_from_mapping(params["site"], source="site")
@@ -150,9 +150,12 @@ def stage_simulate(params: Mapping[str, Any], inputs: Mapping[str, Path], work: 
                  seed=int(params["seed"]), backend=params["backend"],
                  native=bool(params["native"]),
                  isochromats_per_voxel=int(params["isochromats_per_voxel"]),
-                 header_info=info, check_convergence=True)
+                 header_info=info, check_convergence=True,
+                 fast_path_tol_pct=params.get("fast_path_tol_pct"))
+    header = header_user_parameters(work / "raw.h5")
     return {"bytes": (work / "raw.h5").stat().st_size,
-            "isochromat_convergence_pct": convergence_pct(work / "raw.h5")}
+            "isochromat_convergence_pct": convergence_pct(work / "raw.h5"),
+            "simulation_path": header.get("simulation_path", "full")}
 
 
 def stage_recon(params: Mapping[str, Any], inputs: Mapping[str, Path], work: Path,
