@@ -88,13 +88,11 @@ class Timeline:
     ``op_b`` is ``None`` unless compiled with ``diffusion=True``; otherwise (n_ops, 6)
     holding ``bxx, 2 bxy, 2 bxz, byy, 2 byz, bzz`` in s/m^2 for FREE operations, and
     ``sample_b`` (n_samples, 6) the same for the free interval before each sample of a RUN.
-    ``sample_m`` (n_samples, 3) is the zeroth gradient moment M(t) since t = 0 at every
-    ADC sample (1/m), ``sample_k`` (n_samples, 3) the dephasing moment of the primary
+    ``sample_k`` (n_samples, 3) is the dephasing moment (1/m) of the primary
     coherence pathway there (reset at excitation, negated at refocusing pulses, both at
     the pulse centre: the k-space trajectory), ``sample_tau_s`` (n_samples,) the same for
     time (the phase an off-resonance ``df`` adds to that pathway is ``-2 pi df tau``:
-    time since excitation for a gradient echo, ``t - TE`` after a refocusing pulse), and
-    ``rf_start_m`` (n_rf, 3) M(t) at the start of every RF pulse instance.
+    time since excitation for a gradient echo, ``t - TE`` after a refocusing pulse).
     """
 
     op: np.ndarray
@@ -111,10 +109,8 @@ class Timeline:
     run_n: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     run_k: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     sample_b: np.ndarray | None = None
-    sample_m: np.ndarray | None = None
     sample_k: np.ndarray | None = None
     sample_tau_s: np.ndarray | None = None
-    rf_start_m: np.ndarray | None = None
     duration_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -459,11 +455,10 @@ def compile_timeline(
             [shape_kind[s] for s in inst_shape], last,
         )
     op, arg, op_b, runs, sample_b = _fuse_runs(op, arg, op_b, n_samples)
-    sample_m = moment(sample_t)
     kinds = [shape_kind[s] for s in inst_shape]
     centres, offsets = _pathway_offsets(moment, rf_centre, kinds)
     after = np.searchsorted(centres, sample_t, side="right")
-    sample_k = sample_m + offsets[after]
+    sample_k = moment(sample_t) + offsets[after]
     _, t_offsets = _pathway_offsets(lambda t: np.asarray(t, dtype=np.float64)[..., None],
                                     rf_centre, kinds)
     sample_tau = sample_t + t_offsets[after, 0]
@@ -474,10 +469,8 @@ def compile_timeline(
         run_n=runs[1],
         run_k=runs[2],
         sample_b=sample_b,
-        sample_m=sample_m,
         sample_k=sample_k,
         sample_tau_s=sample_tau,
-        rf_start_m=moment(rf_start),
         free_dt_s=uniq[:, 0].copy(),
         free_m=uniq[:, 1:4].copy(),
         rf_shapes=shapes,
