@@ -449,12 +449,12 @@ def acceleration_from_mask(mask: np.ndarray) -> tuple[int, ...]:
 
 
 def _window(
-    accel: tuple[int, ...], phase: tuple[int, ...], kernel_blocks: int
+    accel: tuple[int, ...], phase: tuple[int, ...], kernel_blocks: tuple[int, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (n, ndim) of the neighbourhood searched for source points (centre left out):
     ``R * kernel_blocks // 2`` either side along accelerated axes, 1 along the others."""
-    half = [r * kernel_blocks // 2 if r > 1 else (1 if n > 1 and len(phase) > 1 else 0)
-            for r, n in zip(accel, phase, strict=True)]
+    half = [r * kb // 2 if r > 1 else (1 if n > 1 and len(phase) > 1 else 0)
+            for r, n, kb in zip(accel, phase, kernel_blocks, strict=True)]
     grid = np.stack(np.meshgrid(*[np.arange(-h, h + 1) for h in half], indexing="ij"), -1)
     grid = grid.reshape(-1, len(phase))
     return grid[np.any(grid != 0, axis=1)], np.array(half)
@@ -467,7 +467,7 @@ def grappa(
     mask: np.ndarray,
     acceleration: int | Sequence[int] | None = None,
     kernel_x: int = 5,
-    kernel_blocks: int = 4,
+    kernel_blocks: int | Sequence[int] = 4,
     lamda: float = 1e-3,
     max_rows: int = 60000,
     max_kernels: int | None = None,
@@ -500,8 +500,9 @@ def grappa(
         (:func:`acceleration_from_mask`).
     kernel_x : int
         Kernel width along kx (odd).
-    kernel_blocks : int
-        Source lines per accelerated axis in a regular pattern.
+    kernel_blocks : int or sequence of int
+        Source lines per accelerated axis in a regular pattern (one for all phase axes,
+        or one per axis).
     lamda : float
         Tikhonov weight relative to ``trace(A^H A) / n_columns``.
     max_rows : int
@@ -537,7 +538,12 @@ def grappa(
         accel = (int(acceleration),) + (1,) * (nd - 1)
     else:
         accel = tuple(int(a) for a in acceleration)
-    offsets, half = _window(accel, phase, kernel_blocks)
+    blocks = ((int(kernel_blocks),) * nd if np.ndim(kernel_blocks) == 0
+              else tuple(int(b) for b in kernel_blocks))
+    if len(blocks) != nd or min(blocks) < 1:
+        raise ReconError(f"grappa: kernel_blocks {kernel_blocks}: one count >= 1 per phase "
+                         f"axis ({nd})")
+    offsets, half = _window(accel, phase, blocks)
     # points to fill: missing, inside the sampled extent widened by R - 1
     inside = np.ones(phase, bool)
     for ax in range(nd):
@@ -566,8 +572,8 @@ def grappa(
     inverse = inverse.reshape(-1)
     if max_kernels is None:
         max_kernels = 16 if nd == 1 else 3 * int(np.prod(accel))
-    n_src = int(np.prod([kernel_blocks if r > 1 else 2 * h + 1
-                         for r, h in zip(accel, half, strict=True)]))
+    n_src = int(np.prod([b if r > 1 else 2 * h + 1
+                         for r, h, b in zip(accel, half, blocks, strict=True)]))
     scale = np.maximum(np.array(accel, float), 1.0)
     dist = np.sum((offsets / scale) ** 2, axis=1)
     dx = np.arange(kernel_x) - kernel_x // 2

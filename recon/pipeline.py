@@ -560,9 +560,19 @@ def _sens_maps(calib_k, box, backend: str, shape: tuple[int, int, int]):
     return maps.reshape(nc, *shape), widths
 
 
+def _grappa_blocks(accel: tuple[int, int]) -> int | tuple[int, int]:
+    """GRAPPA source blocks: ``kernel_blocks`` along one accelerated axis, 2 x 2 (as many
+    sources) when ky and kz are both accelerated (see :func:`_grappa_fill`)."""
+    return (2, 2) if min(accel) > 1 else _GRAPPA_KERNEL["kernel_blocks"]
+
+
 def _grappa_fill(k, calib_k, box, mask: np.ndarray, accel: tuple[int, int], lamda: float):
     """GRAPPA on ``(coils, nx, ny, nz)``: 2-D; 3-D in hybrid (x, ky, z) space when kz is
-    fully sampled in the data and the calibration; else with 3-D (kx, ky, kz) kernels."""
+    fully sampled in the data and the calibration; else with 3-D (kx, ky, kz) kernels,
+    of 2 x 2 source blocks when ky and kz are both undersampled: 4 x 4 blocks (16 sources
+    x 5 kx x coils unknowns) overfit a calibration block of 8 partitions (retrospective
+    R = 2 x 2 of the gre3d brain simulated with 128 isochromats, 32 coils, ACS 24 x 8:
+    NRMSE 0.090 with 4 x 4, 0.029 with 2 x 2)."""
     from mrharmony.recon.parallel import grappa
 
     xp = get_array_module(k)
@@ -580,6 +590,7 @@ def _grappa_fill(k, calib_k, box, mask: np.ndarray, accel: tuple[int, int], lamd
             out[..., z] = grappa(hybrid[..., z], hcal[..., z], mask=mask[:, 0],
                                  acceleration=accel[0], **opts)
         return fft_c(out, axes=(3,)), "hybrid (kx, ky) per z"
+    opts["kernel_blocks"] = _grappa_blocks(accel)
     return grappa(k, cal, mask=mask, acceleration=accel, **opts), "3d (kx, ky, kz)"
 
 
@@ -663,7 +674,8 @@ def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method
                 k, geometry = _grappa_fill(k, calib_k, box, mask, accel, lamda)
                 settings["grappa"] = {
                     "kernel_kx": _GRAPPA_KERNEL["kernel_x"],
-                    "kernel_lines": kb, "lamda": lamda, "kernel": geometry,
+                    "kernel_lines": (list(_grappa_blocks(accel)) if min(accel) > 1
+                                     else kb), "lamda": lamda, "kernel": geometry,
                 }
             if partial_y:
                 k = _complete_partial(
@@ -678,6 +690,9 @@ def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method
                 "calib_width": [int(w) for w in widths],
                 **{n: v for n, v in _ESPIRIT.items() if n != "max_calib_width"},
             }
+            if backend != "bart":  # the kernel per axis: at most half the calibration width
+                settings["coil_maps"]["kernel_width"] = [
+                    min(_ESPIRIT["kernel_width"], max(1, int(w) // 2)) for w in widths]
             opts = _iterative_defaults(method, backend, options)
             img = _iterative(k, xp.asarray(maps), mask, method=method, backend=backend,
                              options=opts)
