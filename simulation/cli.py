@@ -139,15 +139,15 @@ def simulate(seq: Path, phantom_dir: Path, site_name: str, output: Path, backend
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     out.print(f"wrote {path}")
-    _print_simulation_path(out, path)
-    _print_convergence(out, path, isochromats)
-
-
-def _print_simulation_path(out: Any, path: Path) -> None:
-    """Say which engine path produced the file (header values)."""
     from mrharmony.simulation.raw import header_user_parameters
 
     params = header_user_parameters(path)
+    _print_simulation_path(out, params)
+    _print_convergence(out, params, isochromats)
+
+
+def _print_simulation_path(out: Any, params: dict[str, Any]) -> None:
+    """Say which engine path produced the file (its header's user parameters)."""
     if "fast_path_tol_pct" not in params:
         return
     if params.get("simulation_path") == "fast":
@@ -164,11 +164,11 @@ def _print_simulation_path(out: Any, path: Path) -> None:
 CONVERGED_PCT = 5.0
 
 
-def _print_convergence(out: Any, path: Path, isochromats: int) -> None:
+def _print_convergence(out: Any, params: dict[str, Any], isochromats: int) -> None:
     """Say how much the signal still depends on the isochromat count (header value)."""
-    from mrharmony.simulation.raw import CONVERGENCE_FACTOR, convergence_pct
+    from mrharmony.simulation.raw import CONVERGENCE_FACTOR
 
-    pct = convergence_pct(path)
+    pct = params.get("isochromat_convergence_pct")
     if pct is None:
         return
     more = CONVERGENCE_FACTOR * isochromats

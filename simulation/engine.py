@@ -26,6 +26,7 @@ from typing import Any
 
 import numba
 import numpy as np
+import scipy.sparse
 
 from mrharmony.backend import get_xp, to_numpy
 from mrharmony.errors import SimulationError
@@ -45,6 +46,9 @@ __all__ = ["run_timeline", "simulate", "spin_classes"]
 #: From this many coils on, the numba path stores M_xy and applies the coil weights with
 #: one BLAS matrix product per time chunk (cheaper than per-coil sums in the kernel).
 BUFFER_MIN_COILS = 4
+
+#: Default RF integration step (s): raster samples merged into steps of at most this.
+RF_MAX_STEP_S = 10e-6
 
 #: Default number of isochromats per chunk (about 200 bytes each plus 4 bytes per RF shape).
 DEFAULT_CHUNK = 1 << 18
@@ -198,8 +202,6 @@ def _run_chunk_numba(
     inst_cos = np.cos(tl.rf_inst_phase_rad)
     inst_sin = np.sin(tl.rf_inst_phase_rad)
     n_threads = numba.get_num_threads()
-    import scipy.sparse
-
     sparse_w = scipy.sparse.issparse(w)
     use_buf = sparse_w or w.shape[0] >= BUFFER_MIN_COILS
     w_kernel = np.zeros((1, sub.n_spins), dtype=np.complex64) if sparse_w else w
@@ -279,8 +281,6 @@ def run_timeline(
     ndarray (n_out, n_samples) complex128
         ``sum_s w[c, s] M_xy,s(t_k)``, before the receiver's demodulation.
     """
-    import scipy.sparse
-
     use_numba = backend == "numpy" and _kernel != "xp"
     xp = get_xp("cuda") if backend == "cupy" else np
     chunk = int(chunk_size or DEFAULT_CHUNK)
@@ -342,7 +342,7 @@ def simulate(
     gradient_delay_s: tuple[float, float, float] = (0.0, 0.0, 0.0),
     b0_t: float | None = None,
     larmor_hz: float | None = None,
-    rf_max_step_s: float | None = 10e-6,
+    rf_max_step_s: float | None = RF_MAX_STEP_S,
     _kernel: str = "auto",
 ) -> np.ndarray:
     """Simulate the noiseless receive signal of a Pulseq sequence on an isochromat ensemble.

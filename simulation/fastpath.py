@@ -32,13 +32,13 @@ voxels x samples x coils).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import scipy.sparse
 
-from mrharmony.simulation.engine import _larmor, run_timeline
+from mrharmony.simulation.engine import RF_MAX_STEP_S, _larmor, run_timeline
 from mrharmony.simulation.kernels import voxel_signals_numba
 from mrharmony.simulation.spins import SpinSystem
 from mrharmony.simulation.timeline import Timeline, compile_timeline
@@ -63,9 +63,6 @@ class FastPathResult:
     signal : ndarray (n_coils, n_samples) complex64 or None
         The signal (as :func:`~mrharmony.simulation.engine.simulate` returns it), or
         ``None`` when the fast path does not apply (see ``reason``).
-    mode : str
-        ``"pathway"`` when classes were formed (the factorisation assumes one coherence
-        pathway carries the signal; checked), else ``""``.
     n_classes, n_voxels : int
         Classes simulated and voxels they stand for.
     check_pct : float
@@ -76,12 +73,10 @@ class FastPathResult:
     """
 
     signal: np.ndarray | None
-    mode: str = ""
     n_classes: int = 0
     n_voxels: int = 0
     check_pct: float = float("nan")
     reason: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def _voxel_runs(spins: SpinSystem) -> tuple[np.ndarray, int] | None:
@@ -105,6 +100,11 @@ def _rf_span(tl: Timeline) -> np.ndarray:
         return np.zeros((0, 3))
     _, sv, vt = np.linalg.svd(m, full_matrices=False)
     return vt[: int(np.sum(sv > 1e-6 * sv.max()))]
+
+
+def _iso_of(groups: np.ndarray, n_iso: int) -> np.ndarray:
+    """Isochromat indices of voxels (or classes) ``groups``, ``n_iso`` each."""
+    return (np.asarray(groups)[:, None] * n_iso + np.arange(n_iso)[None, :]).reshape(-1)
 
 
 def voxel_classes(
@@ -166,8 +166,7 @@ def voxel_classes(
                           axis=1)
     _, first, cls = np.unique(keys, axis=0, return_index=True, return_inverse=True)
     cls = cls.reshape(-1)
-    iso = (first[:, None] * n_iso + np.arange(n_iso)[None, :]).reshape(-1)
-    rep = spins.subset(iso)
+    rep = spins.subset(_iso_of(first, n_iso))
     classes = SpinSystem(
         position_m=rel[first].reshape(-1, 3),
         pd=unit_pd[first].reshape(-1),
@@ -183,16 +182,9 @@ def voxel_classes(
     return cls, shift, df_mean, classes, pd_vox
 
 
-def _iso_of(groups: np.ndarray, n_iso: int) -> np.ndarray:
-    """Isochromat indices of voxels (or classes) ``groups``, ``n_iso`` each."""
-    return (np.asarray(groups)[:, None] * n_iso + np.arange(n_iso)[None, :]).reshape(-1)
-
-
 def _as_groups(spins: SpinSystem, n_groups: int, n_iso: int) -> SpinSystem:
     """The same spins with ``voxel_index`` renumbered 0..n_groups-1, ``n_iso`` each."""
-    import dataclasses
-
-    return dataclasses.replace(spins, voxel_index=np.repeat(np.arange(n_groups), n_iso),
+    return replace(spins, voxel_index=np.repeat(np.arange(n_groups), n_iso),
                                n_voxels=n_groups)
 
 
@@ -296,7 +288,7 @@ def fast_simulate(
     tl = compile_timeline(
         seq, gradient_scale=tuple(gradient_scale), gradient_delay_s=tuple(gradient_delay_s),
         larmor_hz=_larmor(seq, spins, b0_t, None), diffusion=bool(np.any(spins.d_m2_s != 0)),
-        rf_max_step_s=10e-6,
+        rf_max_step_s=RF_MAX_STEP_S,
     )
     span = _rf_span(tl)
     if span.shape[0] >= 3:
@@ -307,12 +299,11 @@ def fast_simulate(
         return FastPathResult(None, n_classes=n_classes, n_voxels=cls.size,
                               reason=f"{n_classes} classes for {cls.size} voxels (no saving)")
     proj = np.eye(3) - span.T @ span
-    mode = "pathway"
     k = tl.sample_k @ proj.T
     tau = tl.sample_tau_s
     cont = _continues(tl)
-    log.info("fast path (%s): %d classes for %d voxels, %d isochromats each", mode,
-             n_classes, cls.size, n_iso)
+    log.info("fast path: %d classes for %d voxels, %d isochromats each", n_classes, cls.size,
+             n_iso)
 
     # Check first, on probe voxels against the full engine (cheap when it fails): the
     # voxels farthest from the factorisation origin, then seeded random ones.
@@ -322,26 +313,24 @@ def fast_simulate(
     rest = np.setdiff1d(np.arange(cls.size), order)
     order += list(rng.choice(rest, size=min(n_probes - len(order), rest.size), replace=False))
     probes = np.asarray(order, dtype=np.int64)
-    full = run_timeline(tl, spins.subset(_iso_of(probes, n_iso)), _group_weights(_as_groups(
-        spins.subset(_iso_of(probes, n_iso)), probes.size, n_iso)), probes.size,
-        backend=backend, sparse_weights=True)
     pcls, pinv = np.unique(cls[probes], return_inverse=True)
-    psig = run_timeline(tl, classes.subset(_iso_of(pcls, n_iso)), _group_weights(_as_groups(
-        classes.subset(_iso_of(pcls, n_iso)), pcls.size, n_iso)), pcls.size,
-        backend=backend, sparse_weights=True)
+    probe_sig = []
+    for group, members in ((spins, probes), (classes, pcls)):
+        sub = _as_groups(group.subset(_iso_of(members, n_iso)), members.size, n_iso)
+        probe_sig.append(run_timeline(tl, sub, _group_weights(sub), members.size,
+                                      backend=backend, sparse_weights=True))
+    full, psig = probe_sig
     fast = _form_kspace(psig, pinv.reshape(-1), shift[probes], df_vox[probes], k, tau, cont,
                         np.diag(pd_vox[probes]).astype(np.float32))
     peak = np.max(np.abs(full), axis=1)
     err = np.max(np.abs(fast - full), axis=1) / np.where(peak > 0, peak, 1.0)
     check_pct = float(100 * np.max(err))
-    info = {"mode": mode, "n_classes": n_classes, "n_voxels": int(cls.size),
-            "check_pct": check_pct, "n_probes": int(probes.size)}
     if check_pct > 100 * check_tol:
         log.info("fast path not used: %.3g %% of peak from the full engine", check_pct)
-        return FastPathResult(None, mode, n_classes, int(cls.size), check_pct,
+        return FastPathResult(None, n_classes, int(cls.size), check_pct,
                               reason=f"differs from the full engine by {check_pct:.2g} % of the "
                                      f"peak signal on probe voxels (limit {100 * check_tol:g} "
-                                     "%)", info=info)
+                                     "%)")
 
     class_sig = run_timeline(tl, classes, _group_weights(classes), n_classes,
                              backend=backend, progress=progress, sparse_weights=True)
@@ -349,5 +338,4 @@ def fast_simulate(
     w = sens[:, vox] * pd_vox[None, :].astype(np.float32)
     signal = _form_kspace(class_sig, cls, shift, df_vox, k, tau, cont, w)
     signal *= np.exp(1j * tl.sample_demod_rad)[None, :]
-    return FastPathResult(signal.astype(np.complex64), mode, n_classes, int(cls.size),
-                          check_pct, info=info)
+    return FastPathResult(signal.astype(np.complex64), n_classes, int(cls.size), check_pct)

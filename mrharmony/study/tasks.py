@@ -134,7 +134,7 @@ def stage_simulate(params: Mapping[str, Any], inputs: Mapping[str, Path], work: 
     """Simulate one scan at a virtual site and write ISMRMRD raw data."""
     from mrharmony.phantoms import load_phantom
     from mrharmony.simulation import simulate_raw
-    from mrharmony.simulation.raw import convergence_pct, header_user_parameters
+    from mrharmony.simulation.raw import header_user_parameters
     from mrharmony.simulation.site import site_from_mapping
 
     site = site_from_mapping(params["site"], source="site")
@@ -154,7 +154,7 @@ def stage_simulate(params: Mapping[str, Any], inputs: Mapping[str, Path], work: 
                  fast_path_tol_pct=params.get("fast_path_tol_pct"))
     header = header_user_parameters(work / "raw.h5")
     return {"bytes": (work / "raw.h5").stat().st_size,
-            "isochromat_convergence_pct": convergence_pct(work / "raw.h5"),
+            "isochromat_convergence_pct": header.get("isochromat_convergence_pct"),
             "simulation_path": header.get("simulation_path", "full")}
 
 
