@@ -416,6 +416,9 @@ def simulate_raw(
     out_path = Path(out_path)
     if out_path.exists() and not force:
         raise FileExistsError(f"{out_path}: exists (use --force / force=True to replace it)")
+    if fast_path_tol_pct is not None and not (np.isfinite(fast_path_tol_pct)
+                                              and fast_path_tol_pct > 0):
+        raise SimulationError(f"fast_path_tol_pct: must be > 0, got {fast_path_tol_pct!r}")
     site = load_site(site)
     ph = _load_phantom(phantom)
     shape = tuple(int(s) for s in ph.shape)
@@ -450,8 +453,6 @@ def simulate_raw(
     if fast_path_tol_pct is not None:
         from mrharmony.simulation.fastpath import fast_simulate
 
-        if not (np.isfinite(fast_path_tol_pct) and fast_path_tol_pct > 0):
-            raise SimulationError(f"fast_path_tol_pct: must be > 0, got {fast_path_tol_pct!r}")
         fast = fast_simulate(
             seq, spins, coil_sens=rx.sens, backend=backend, progress=progress,
             gradient_scale=site.gradient_scale, gradient_delay_s=site.gradient_delay_s,

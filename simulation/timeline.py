@@ -455,13 +455,15 @@ def compile_timeline(
             [shape_kind[s] for s in inst_shape], last,
         )
     op, arg, op_b, runs, sample_b = _fuse_runs(op, arg, op_b, n_samples)
-    kinds = [shape_kind[s] for s in inst_shape]
-    centres, offsets = _pathway_offsets(moment, rf_centre, kinds)
-    after = np.searchsorted(centres, sample_t, side="right")
-    sample_k = moment(sample_t) + offsets[after]
-    _, t_offsets = _pathway_offsets(lambda t: np.asarray(t, dtype=np.float64)[..., None],
-                                    rf_centre, kinds)
-    sample_tau = sample_t + t_offsets[after, 0]
+    # The pathway's dephasing moment and time in one pass: time is a fourth "moment".
+    def moment_and_time(t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        return np.concatenate([moment(t), t[..., None]], axis=-1)
+
+    centres, offsets = _pathway_offsets(moment_and_time, rf_centre,
+                                        [shape_kind[s] for s in inst_shape])
+    path = moment_and_time(sample_t) + offsets[np.searchsorted(centres, sample_t, side="right")]
+    sample_k, sample_tau = path[:, :3], path[:, 3]
     return Timeline(
         op=op,
         arg=arg,
@@ -561,11 +563,10 @@ def _pathway_offsets(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sorted RF centres and offsets ``o`` with k(t) = M(t) + o[j + 1] after centre j.
 
-    ``moment(t)`` gives (..., d) values (the gradient moment, or time itself for the
-    pathway's dephasing time). ``o[0]`` applies before the first pulse (moment counted
-    from t = 0). An excitation
-    resets the dephasing moment of the primary pathway to zero, a refocusing pulse
-    negates it, both at the pulse centre.
+    ``moment(t)`` gives (..., d) values (the gradient moment; time itself may be one
+    more column, for the pathway's dephasing time). ``o[0]`` applies before the first
+    pulse (moment counted from t = 0). An excitation resets the dephasing moment of the
+    primary pathway to zero, a refocusing pulse negates it, both at the pulse centre.
     """
     order = np.argsort(rf_centre, kind="stable")
     centres = rf_centre[order]

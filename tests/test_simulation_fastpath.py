@@ -112,6 +112,11 @@ def test_simulate_raw_records_the_path_and_falls_back(tmp_path):
                                  ("fallback", gre, 1.0)):
         paths[label] = simulate_raw(seq_path, ph, SITE, tmp_path / f"{label}.h5", noise=False,
                                     isochromats_per_voxel=4, fast_path_tol_pct=tol)
+    from mrharmony.errors import SimulationError
+
+    with pytest.raises(SimulationError, match="fast_path_tol_pct: must be > 0"):
+        simulate_raw(epi, ph, SITE, tmp_path / "bad.h5", fast_path_tol_pct=float("nan"))
+    assert not (tmp_path / "bad.h5").exists()
     fast = header_user_parameters(paths["fast"])
     assert fast["simulation_path"] == "fast" and fast["fast_path_check_pct"] < 1.0
     assert "simulation_path" in header_user_parameters(paths["full"])
