@@ -672,10 +672,11 @@ def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method
             lamda = float(options.get("lamda", 1e-3))
             if undersampled:
                 k, geometry = _grappa_fill(k, calib_k, box, mask, accel, lamda)
+                blocks = _grappa_blocks(accel)
                 settings["grappa"] = {
                     "kernel_kx": _GRAPPA_KERNEL["kernel_x"],
-                    "kernel_lines": (list(_grappa_blocks(accel)) if min(accel) > 1
-                                     else kb), "lamda": lamda, "kernel": geometry,
+                    "kernel_lines": list(blocks) if isinstance(blocks, tuple) else blocks,
+                    "lamda": lamda, "kernel": geometry,
                 }
             if partial_y:
                 k = _complete_partial(
