@@ -307,16 +307,16 @@ def header_user_parameters(path: str | Path) -> dict[str, Any]:
     Parameters
     ----------
     path : str or Path
-        ISMRMRD HDF5 or MRD v2 file.
+        ISMRMRD HDF5 or MRD v2 file (only its header is read).
 
     Returns
     -------
     dict
         Name to value (float, int or str).
     """
-    from mrharmony.formats.raw import load_raw
+    from mrharmony.formats.raw import read_raw_header
 
-    user = load_raw(path).header.userParameters
+    user = read_raw_header(path).userParameters
     values: dict[str, Any] = {}
     for kind, cast in (("userParameterLong", int), ("userParameterDouble", float),
                        ("userParameterString", str)):

@@ -22,7 +22,7 @@ from xsdata.models.datatype import XmlDate, XmlTime
 from mrharmony.cli import main
 from mrharmony.errors import RawDataError
 from mrharmony.formats import mrd2
-from mrharmony.formats.raw import load_raw, read_raw, sniff_format
+from mrharmony.formats.raw import load_raw, read_raw, read_raw_header, sniff_format
 from mrharmony.recon.pipeline import reconstruct
 from mrharmony.recon.stream.client import image_to_recon, stream_acquisitions, stream_file
 from mrharmony.recon.stream.scanner import synthetic_cartesian_scan
@@ -134,6 +134,25 @@ def test_round_trip_h5_mrd_h5_is_identical(shepp_logan, tmp_path, capsys):
     assert main(["convert", "mrd", str(h5), "-o", str(tmp_path / "wrong.h5")]) == 2
     err = capsys.readouterr().err
     assert ".mrd" in err and len(err.strip().splitlines()) == 1
+
+
+def test_header_only_read_equals_the_full_read_in_both_formats(shepp_logan, tmp_path):
+    """read_raw_header: the same header as load_raw, without the acquisitions; a file
+    cut after its header still gives the header (the data are never read)."""
+    h5, out = shepp_logan
+    for path in (h5, out):
+        assert x.ToXML(read_raw_header(path)) == x.ToXML(load_raw(path).header)
+    blob = out.read_bytes()
+    cut = tmp_path / "cut.mrd"
+    cut.write_bytes(blob[:len(blob) // 2])
+    assert x.ToXML(read_raw_header(cut)) == x.ToXML(load_raw(out).header)
+    with pytest.raises(RawDataError, match="truncated"):  # while the full read refuses it
+        mrd2.read_mrd2_raw(cut)
+    (tmp_path / "junk.bin").write_bytes(b"not raw data")
+    with pytest.raises(RawDataError, match="not ISMRMRD"):
+        read_raw_header(tmp_path / "junk.bin")
+    with pytest.raises(RawDataError, match="no such file"):
+        read_raw_header(tmp_path / "missing.h5")
 
 
 def test_truncated_or_corrupt_mrd_raises_one_line(shepp_logan, tmp_path, capsys):

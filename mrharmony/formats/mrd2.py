@@ -58,6 +58,7 @@ __all__ = [
     "is_mrd2",
     "iter_mrd2",
     "open_mrd2_reader",
+    "read_mrd2_header",
     "read_mrd2_images",
     "read_mrd2_raw",
     "waveform_from_mrd2",
@@ -938,6 +939,43 @@ def iter_mrd2(path: str | Path) -> tuple[Any, Iterator[Any]]:
             fh.close()
 
     return header, items()
+
+
+def read_mrd2_header(path: str | Path) -> Any:
+    """Read only the header of an MRD v2 file, as an ISMRMRD (v1) header.
+
+    Parameters
+    ----------
+    path : str or Path
+        An MRD v2 binary file.
+
+    Returns
+    -------
+    ismrmrd.xsd.ismrmrdHeader
+        Checked by the same strict parser as every ISMRMRD header.
+
+    Raises
+    ------
+    RawDataError
+        Missing file, not MRD v2, no header, or a header that does not decode.
+    """
+    from mrharmony.formats.header import parse_ismrmrd_header
+
+    path = Path(path)
+    if not path.is_file():
+        raise RawDataError(f"{path}: no such file")
+    if not is_mrd2(path):
+        raise RawDataError(f"{path}: not an MRD v2 file (no yardl magic and Mrd schema)")
+    with open(path, "rb") as fh:
+        try:
+            reader = open_mrd2_reader(fh, max_field_bytes=max(path.stat().st_size, 1 << 16))
+            header = reader.read_header()
+        except _DECODE_ERRORS as exc:
+            raise _mrd2_error(path, exc) from None
+    if header is None:
+        raise RawDataError(f"{path}: the MRD v2 file has no header")
+    return parse_ismrmrd_header(header_to_xml(header_from_mrd2(header)),
+                                source=f"{path}: header")
 
 
 def read_mrd2_raw(path: str | Path) -> Any:

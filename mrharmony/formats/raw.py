@@ -38,6 +38,7 @@ __all__ = [
     "noise_table",
     "raw_from_arrays",
     "read_raw",
+    "read_raw_header",
     "sniff_format",
     "write_raw",
 ]
@@ -610,6 +611,52 @@ def load_raw(path: str | Path, *, seq: str | Path | None = None,
 
     return read_twix_raw(path, seq, measurement=measurement, reference=reference,
                          reference_seq=reference_seq)
+
+
+def read_raw_header(path: str | Path) -> Any:
+    """Read only the header of an ISMRMRD HDF5 or MRD v2 raw file.
+
+    The acquisitions are not read (an HDF5 file's ``data`` dataset is not touched; an
+    MRD v2 stream is closed after its header), so this costs the same for a 10 GB file
+    as for a small one. The header goes through the same strict parser as
+    :func:`load_raw`.
+
+    Parameters
+    ----------
+    path : str or Path
+        ISMRMRD HDF5 (``dataset/xml``) or MRD v2 file.
+
+    Returns
+    -------
+    ismrmrd.xsd.ismrmrdHeader
+
+    Raises
+    ------
+    RawDataError
+        If the file is missing, not one of these formats (Siemens twix files carry no
+        ISMRMRD header), has no header, or the header does not parse.
+    """
+    import h5py
+
+    from mrharmony.formats.header import parse_ismrmrd_header
+
+    kind = sniff_format(path)
+    path = Path(path)
+    if kind == "ismrmrd":
+        try:
+            with h5py.File(path, "r") as f:
+                if "dataset" not in f or "xml" not in f["dataset"]:
+                    raise RawDataError(f"{path}: dataset/xml (the ISMRMRD header) is missing")
+                xml = f["dataset"]["xml"][0]
+        except OSError as exc:
+            raise RawDataError(f"{path}: cannot read HDF5 ({exc})") from exc
+        return parse_ismrmrd_header(xml, source=f"{path}: the ISMRMRD XML header")
+    if kind == "mrd2":
+        from mrharmony.formats.mrd2 import read_mrd2_header
+
+        return read_mrd2_header(path)
+    raise RawDataError(f"{path}: a Siemens twix file has no ISMRMRD header of its own "
+                       "(read it with load_raw and its .seq)")
 
 
 class RawStreamWriter:
