@@ -343,6 +343,7 @@ def simulate(
     b0_t: float | None = None,
     larmor_hz: float | None = None,
     rf_max_step_s: float | None = RF_MAX_STEP_S,
+    timeline: Timeline | None = None,
     _kernel: str = "auto",
 ) -> np.ndarray:
     """Simulate the noiseless receive signal of a Pulseq sequence on an isochromat ensemble.
@@ -377,6 +378,10 @@ def simulate(
         second order in the step, below 1e-3 of M0 for 10 us steps, see the tests).
         ``None`` integrates every raster sample (exact piecewise-constant RF, slower
         for long shaped pulses on large, heterogeneous phantoms).
+    timeline : Timeline, optional
+        ``seq`` already compiled with these gradient errors, Larmor frequency, diffusion
+        setting and RF step (e.g. ``FastPathResult.timeline`` after a fast-path
+        fall-back): used as it is instead of compiling ``seq`` again.
 
     Returns
     -------
@@ -413,7 +418,9 @@ def simulate(
         if np.shape(val) != (3,) or not np.all(np.isfinite(val)):
             raise SimulationError(f"{name}: expected 3 finite values (x, y, z), got {val!r}")
 
-    tl = compile_timeline(
+    if timeline is not None and not isinstance(timeline, Timeline):
+        raise SimulationError(f"timeline: expected a Timeline, got {type(timeline).__name__}")
+    tl = timeline if timeline is not None else compile_timeline(
         seq,
         gradient_scale=tuple(gradient_scale),
         gradient_delay_s=tuple(gradient_delay_s),

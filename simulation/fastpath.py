@@ -32,7 +32,7 @@ voxels x samples x coils).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,10 @@ class FastPathResult:
         voxels' samples, in percent of that voxel's peak signal (NaN when not checked).
     reason : str
         Why the fast path was not used (empty when it was).
+    timeline : Timeline or None
+        The compiled timeline (with the engine's RF step), when one was compiled: a
+        fall-back to :func:`~mrharmony.simulation.engine.simulate` with the same
+        arguments reuses it (``timeline=``) instead of compiling the sequence again.
     """
 
     signal: np.ndarray | None
@@ -77,6 +81,7 @@ class FastPathResult:
     n_voxels: int = 0
     check_pct: float = float("nan")
     reason: str = ""
+    timeline: Timeline | None = field(default=None, repr=False)
 
 
 def _voxel_runs(spins: SpinSystem) -> tuple[np.ndarray, int] | None:
@@ -292,12 +297,14 @@ def fast_simulate(
     )
     span = _rf_span(tl)
     if span.shape[0] >= 3:
-        return FastPathResult(None, reason="RF pulses play gradients along all three axes")
+        return FastPathResult(None, reason="RF pulses play gradients along all three axes",
+                              timeline=tl)
     cls, shift, df_vox, classes, pd_vox = voxel_classes(spins, span, n_iso, b1_tol=b1_tol)
     n_classes = classes.n_voxels
     if n_classes * 2 > cls.size:
         return FastPathResult(None, n_classes=n_classes, n_voxels=cls.size,
-                              reason=f"{n_classes} classes for {cls.size} voxels (no saving)")
+                              reason=f"{n_classes} classes for {cls.size} voxels (no saving)",
+                              timeline=tl)
     proj = np.eye(3) - span.T @ span
     k = tl.sample_k @ proj.T
     tau = tl.sample_tau_s
@@ -330,7 +337,7 @@ def fast_simulate(
         return FastPathResult(None, n_classes, int(cls.size), check_pct,
                               reason=f"differs from the full engine by {check_pct:.2g} % of the "
                                      f"peak signal on probe voxels (limit {100 * check_tol:g} "
-                                     "%)")
+                                     "%)", timeline=tl)
 
     class_sig = run_timeline(tl, classes, _group_weights(classes), n_classes,
                              backend=backend, progress=progress, sparse_weights=True)
@@ -338,4 +345,5 @@ def fast_simulate(
     w = sens[:, vox] * pd_vox[None, :].astype(np.float32)
     signal = _form_kspace(class_sig, cls, shift, df_vox, k, tau, cont, w)
     signal *= np.exp(1j * tl.sample_demod_rad)[None, :]
-    return FastPathResult(signal.astype(np.complex64), n_classes, int(cls.size), check_pct)
+    return FastPathResult(signal.astype(np.complex64), n_classes, int(cls.size), check_pct,
+                          timeline=tl)

@@ -449,7 +449,7 @@ def simulate_raw(
                           if two_d and isochromats_per_voxel > 1 else None),
     )
     path_info: dict[str, Any] = {"simulation_path": "full"}
-    signal = None
+    signal, timeline = None, None
     if fast_path_tol_pct is not None:
         from mrharmony.simulation.fastpath import fast_simulate
 
@@ -457,7 +457,7 @@ def simulate_raw(
             seq, spins, coil_sens=rx.sens, backend=backend, progress=progress,
             gradient_scale=site.gradient_scale, gradient_delay_s=site.gradient_delay_s,
             b0_t=site.field_strength_t, check_tol=fast_path_tol_pct / 100, seed=seed)
-        signal = fast.signal
+        signal, timeline = fast.signal, fast.timeline
         path_info = {"simulation_path": "fast" if signal is not None else "full",
                      "fast_path_classes": fast.n_classes, "fast_path_voxels": fast.n_voxels,
                      "fast_path_check_pct": fast.check_pct,
@@ -470,7 +470,7 @@ def simulate_raw(
         signal = simulate(
             seq, spins, coil_sens=rx.sens, backend=backend, progress=progress,
             gradient_scale=site.gradient_scale, gradient_delay_s=site.gradient_delay_s,
-            b0_t=site.field_strength_t,
+            b0_t=site.field_strength_t, timeline=timeline,
         )
     signal = np.asarray(signal, dtype=np.complex64).reshape(n_coils, -1)
     ns = np.array([r.num_samples for r in records], dtype=np.int64)

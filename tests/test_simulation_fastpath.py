@@ -100,6 +100,9 @@ def test_fast_path_refuses_where_more_than_one_pathway_counts(tmp_path, name, b0
     assert fast.signal is None
     assert fast.check_pct > 1.0
     assert "differs from the full engine" in fast.reason
+    if name == "gre2d":  # the fall-back reuses the compiled timeline: the same signal
+        again = simulate(seq, spins, coil_sens=rx.sens, b0_t=3.0, timeline=fast.timeline)
+        np.testing.assert_array_equal(again, simulate(seq, spins, coil_sens=rx.sens, b0_t=3.0))
 
 
 def test_simulate_raw_records_the_path_and_falls_back(tmp_path):
