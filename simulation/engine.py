@@ -41,7 +41,7 @@ from mrharmony.simulation.kernels import (
 from mrharmony.simulation.spins import GAMMA_BAR_HZ_PER_T, SpinSystem
 from mrharmony.simulation.timeline import OP_RUN, OP_SAMPLE, Timeline, compile_timeline
 
-__all__ = ["run_timeline", "simulate", "spin_classes"]
+__all__ = ["run_timeline", "simulate", "spin_classes", "timeline_for"]
 
 #: From this many coils on, the numba path stores M_xy and applies the coil weights with
 #: one BLAS matrix product per time chunk (cheaper than per-coil sums in the kernel).
@@ -330,6 +330,33 @@ def run_timeline(
     return signal
 
 
+def timeline_for(
+    seq: Any,
+    spins: SpinSystem,
+    *,
+    gradient_scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    gradient_delay_s: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    b0_t: float | None = None,
+    larmor_hz: float | None = None,
+    rf_max_step_s: float | None = RF_MAX_STEP_S,
+) -> Timeline:
+    """The timeline :func:`simulate` compiles for ``seq`` on ``spins`` (same arguments).
+
+    Compile it once and pass it as ``simulate(timeline=)`` to simulate several spin
+    systems of the same phantom's field (the Larmor frequency comes from ``b0_t``,
+    ``larmor_hz``, the file or the phantom as in :func:`simulate`; diffusion is compiled
+    in when any isochromat diffuses).
+    """
+    return compile_timeline(
+        seq,
+        gradient_scale=tuple(gradient_scale),
+        gradient_delay_s=tuple(gradient_delay_s),
+        larmor_hz=_larmor(seq, spins, b0_t, larmor_hz),
+        diffusion=bool(np.any(spins.d_m2_s != 0)),
+        rf_max_step_s=rf_max_step_s,
+    )
+
+
 def simulate(
     seq: Any,
     spins: SpinSystem,
@@ -420,14 +447,9 @@ def simulate(
 
     if timeline is not None and not isinstance(timeline, Timeline):
         raise SimulationError(f"timeline: expected a Timeline, got {type(timeline).__name__}")
-    tl = timeline if timeline is not None else compile_timeline(
-        seq,
-        gradient_scale=tuple(gradient_scale),
-        gradient_delay_s=tuple(gradient_delay_s),
-        larmor_hz=_larmor(seq, spins, b0_t, larmor_hz),
-        diffusion=bool(np.any(spins.d_m2_s != 0)),
-        rf_max_step_s=rf_max_step_s,
-    )
+    tl = timeline if timeline is not None else timeline_for(
+        seq, spins, gradient_scale=gradient_scale, gradient_delay_s=gradient_delay_s,
+        b0_t=b0_t, larmor_hz=larmor_hz, rf_max_step_s=rf_max_step_s)
 
     def weights(sub: SpinSystem, _: slice) -> np.ndarray:
         # Receive weights (complex64): coil sensitivity at the voxel times PD (0 for padding).

@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 
-from mrharmony.simulation.engine import RF_MAX_STEP_S, _larmor, run_timeline
+from mrharmony.simulation.engine import run_timeline, timeline_for
 from mrharmony.simulation.kernels import voxel_signals_numba
 from mrharmony.simulation.spins import SpinSystem
-from mrharmony.simulation.timeline import Timeline, compile_timeline
+from mrharmony.simulation.timeline import Timeline
 
 __all__ = ["FastPathResult", "fast_simulate", "voxel_classes"]
 
@@ -290,11 +290,8 @@ def fast_simulate(
     if runs is None:
         return FastPathResult(None, reason="isochromats are not grouped voxel by voxel")
     vox, n_iso = runs
-    tl = compile_timeline(
-        seq, gradient_scale=tuple(gradient_scale), gradient_delay_s=tuple(gradient_delay_s),
-        larmor_hz=_larmor(seq, spins, b0_t, None), diffusion=bool(np.any(spins.d_m2_s != 0)),
-        rf_max_step_s=RF_MAX_STEP_S,
-    )
+    tl = timeline_for(seq, spins, gradient_scale=gradient_scale,
+                      gradient_delay_s=gradient_delay_s, b0_t=b0_t)
     span = _rf_span(tl)
     if span.shape[0] >= 3:
         return FastPathResult(None, reason="RF pulses play gradients along all three axes",
