@@ -14,6 +14,8 @@ image to data: Cartesian ``M F S`` or non-Cartesian ``W^(1/2) NUFFT S``):
 
 :func:`sense_cg`, :func:`sense_l1_wavelet` and :func:`sense_tv` are the Cartesian
 front ends (k-space, maps, mask); :mod:`mrharmony.recon.noncartesian` has the NUFFT ones.
+:func:`sense_g_factor` and :func:`grappa_g_factor` are the analytic g-factor (noise
+amplification) maps of regular Cartesian undersampling.
 
 Regularisation weight ``lamda`` (one convention, dimensionless, every API and the CLI):
 the absolute weight is ``lamda * max|A^H y|`` for L1-wavelet and TV (the weight then has
@@ -39,6 +41,7 @@ import numpy as np
 from mrharmony.backend import get_array_module, to_numpy
 from mrharmony.errors import ReconError
 from mrharmony.recon.algorithms import L1WaveletProx, TVProx, conjugate_gradient, fista
+from mrharmony.recon.cartesian import ifft_c
 from mrharmony.recon.operators import DEFAULT_WAVELET, Linop, Wavelet, cartesian_sense, power_norm
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "Wavelet",
     "acceleration_from_mask",
     "grappa",
+    "grappa_g_factor",
     "l1_wavelet_recon",
     "sense_cg",
     "sense_g_factor",
@@ -410,6 +414,150 @@ def sense_g_factor(maps: Any, acceleration: Sequence[int], *,
     return g.transpose(inverse).reshape(spatial)
 
 
+def grappa_g_factor(
+    calib: Any,
+    reference: Any,
+    acceleration: int | Sequence[int],
+    *,
+    kernel_x: int = 5,
+    kernel_blocks: int | Sequence[int] = 4,
+    lamda: float = 1e-3,
+    max_rows: int = 60000,
+    noise_covariance: Any = None,
+) -> np.ndarray:
+    """Analytic GRAPPA g-factor map for regular Cartesian undersampling.
+
+    The image-domain formulation of Breuer et al. (MRM 62, 739 (2009)): the kernels
+    that :func:`grappa` fits on ``calib`` for a regular lattice (one per missing
+    offset from the lattice, the same source choice and the same fit) and the identity
+    for the acquired points add up to one k-space kernel ``K[o, c](q)`` (each lattice
+    offset reads its own residues ``q mod R``, so the kernels do not overlap), and the
+    GRAPPA k-space is the circular correlation of the zero-filled data with it. In the
+    image domain this is, pixel by pixel, ``I_o(x) = sum_c W[o, c](x) z_c(x)`` with
+    ``W[o, c](x) = sum_q K[o, c](q) exp(-2 pi i q.x / N)`` (the kernel's DFT on the
+    image grid; unitary FFTs) and ``z`` the aliased zero-filled coil images, whose noise
+    covariance at a pixel is ``Psi / R``. The coil images are combined as
+    ``sum_o p_o I_o`` with ``p = conj(ref) / sqrt(sum |ref|^2)`` (RSS of the reference
+    to first order in the noise), so with ``w_c = sum_o p_o W[o, c]``::
+
+        g(x) = sqrt( w^T Psi conj(w) ) / ( R sqrt( p^T Psi conj(p) ) )
+
+    and the noise standard deviation of the combined GRAPPA image is ``g sqrt(R)`` times
+    that of the fully sampled image combined with the same ``p``. ``g = 1`` at R = 1;
+    unlike SENSE, ``g < 1`` is possible in places: the regularised kernel averages
+    noise, and with correlated noise its coil mixing can beat the RSS weights ``p``.
+    The model is a circular correlation: :func:`grappa` matches it where its
+    neighbourhoods lie inside the matrix; its own kernels for the points within a
+    kernel half-width of the matrix edge are not modelled.
+
+    Parameters
+    ----------
+    calib : array_like, shape (coils, nx_cal, *cal)
+        The fully sampled calibration block (ACS) passed to :func:`grappa`.
+    reference : array_like, shape (coils, nx, *phase)
+        Coil images that define the coil combination (e.g. the GRAPPA coil images, or
+        the sensitivities; only their ratios per pixel matter). Gives the image grid:
+        one or two phase axes, as :func:`grappa`.
+    acceleration : int or sequence of int
+        Factor per phase axis (an int is the first axis); each phase axis length must
+        be divisible by its factor.
+    kernel_x, kernel_blocks, lamda, max_rows
+        As for :func:`grappa` (use the same values as the reconstruction).
+    noise_covariance : array_like, shape (coils, coils), optional
+        Receiver noise covariance ``Psi`` of the k-space samples (default identity).
+
+    Returns
+    -------
+    ndarray, shape (nx, *phase)
+        float64 g-factor (dimensionless); ``nan`` where the reference is zero in every
+        coil (no combination defined).
+
+    Raises
+    ------
+    ReconError
+        Wrong shapes or factors, an axis not divisible by its factor, a kernel wider
+        than the image grid, a calibration block too small for the kernel, or a noise
+        covariance that is not Hermitian positive definite.
+    """
+    ref = np.asarray(to_numpy(reference), dtype=np.complex128)
+    cal = np.asarray(to_numpy(calib)).astype(np.complex64)
+    if ref.ndim not in (3, 4) or cal.ndim != ref.ndim or cal.shape[0] != ref.shape[0]:
+        raise ReconError(f"grappa_g_factor: reference {ref.shape} and calibration "
+                         f"{cal.shape} must be (coils, nx, ny[, nz]) with the same coils")
+    nc, nx = ref.shape[:2]
+    phase = tuple(int(n) for n in ref.shape[2:])
+    nd = len(phase)
+    accel = ((int(acceleration),) + (1,) * (nd - 1) if np.ndim(acceleration) == 0
+             else tuple(int(a) for a in acceleration))
+    blocks = ((int(kernel_blocks),) * nd if np.ndim(kernel_blocks) == 0
+              else tuple(int(b) for b in kernel_blocks))
+    if len(accel) != nd or min(accel) < 1:
+        raise ReconError(f"grappa_g_factor: acceleration {accel}: one factor >= 1 per "
+                         f"phase axis of {phase}")
+    if len(blocks) != nd or min(blocks) < 1:
+        raise ReconError(f"grappa_g_factor: kernel_blocks {kernel_blocks}: one count >= 1 "
+                         f"per phase axis ({nd})")
+    for n, r in zip(phase, accel, strict=True):
+        if n % r:
+            raise ReconError(f"grappa_g_factor: acceleration {accel}: axis of {n} not "
+                             f"divisible by {r}")
+    if kernel_x < 1 or kernel_x % 2 == 0:
+        raise ReconError(f"grappa_g_factor: kernel_x {kernel_x} must be odd and >= 1")
+    psi = np.eye(nc) if noise_covariance is None else np.asarray(
+        to_numpy(noise_covariance), dtype=np.complex128)
+    if psi.shape != (nc, nc) or not np.allclose(psi, psi.conj().T):
+        raise ReconError(f"grappa_g_factor: noise covariance {psi.shape} must be a "
+                         f"Hermitian ({nc}, {nc}) matrix")
+    try:
+        np.linalg.cholesky(psi)
+    except np.linalg.LinAlgError:
+        raise ReconError("grappa_g_factor: noise covariance is not positive definite") from None
+    offsets, half = _window(accel, phase, blocks)
+    grid = (nx, *phase)
+    if kernel_x > nx or any(2 * h + 1 > n for h, n in zip(half, phase, strict=True)):
+        raise ReconError(f"grappa_g_factor: a kernel of {kernel_x} x "
+                         f"{'x'.join(str(2 * int(h) + 1) for h in half)} points is wider "
+                         f"than the image grid {grid}")
+    n_src, dist = _source_budget(accel, half, blocks, offsets)
+    dx = np.arange(kernel_x) - kernel_x // 2
+    cal_flat = cal.reshape(nc, cal.shape[1], -1)
+    cal_shape = tuple(int(n) for n in cal.shape[2:])
+    ro = np.flatnonzero(np.any(cal != 0, axis=(0, *range(2, cal.ndim))))
+    # one k-space kernel K[o, c](q), flipped onto the centred grid (q at centre - q)
+    centre = np.array([n // 2 for n in grid])
+    kfull = np.zeros((nc, nc, *grid), np.complex128)
+    kfull[(np.arange(nc), np.arange(nc), *centre)] = 1.0  # acquired points: identity
+    for cls in np.ndindex(*accel):
+        if not any(cls):
+            continue
+        have = np.all((offsets + np.array(cls)) % np.array(accel) == 0, axis=1)
+        src = _kernel_sources(have, n_src, dist)
+        w = _grappa_fit(np, cal_flat, cal_shape, offsets[src], dx, ro, lamda, max_rows,
+                        accel).astype(np.complex128)
+        # rows of w: (coil c, source s, kx) in that order; columns: target coil o
+        w = w.reshape(nc, int(src.sum()), kernel_x, nc)
+        q = np.concatenate([np.repeat(dx[:, None], src.sum(), 1).T[..., None],
+                            np.repeat(offsets[src][:, None, :], kernel_x, 1)], axis=-1)
+        pos = tuple(centre[a] - q[..., a] for a in range(1 + nd))  # (s, kx) each
+        for o in range(nc):
+            kfull[o][(slice(None), *pos)] += w[..., o]
+    # image-domain weights per output coil, combined with p as they are computed
+    scale = np.sqrt(float(np.prod(grid)))
+    axes = tuple(range(1, 2 + nd))
+    with np.errstate(all="ignore"):
+        p = ref.conj() / np.sqrt(np.sum(np.abs(ref) ** 2, axis=0))
+    comb = np.zeros(ref.shape, np.complex128)
+    for o in range(nc):
+        comb += p[o] * (scale * ifft_c(kfull[o], axes=axes))
+    # image = sum_c comb_c z_c:  var = comb^T Psi conj(comb) (/R); full: p^T Psi conj(p)
+    var_r = np.real(np.einsum("c...,cd,d...->...", comb, psi, comb.conj()))
+    var_1 = np.real(np.einsum("c...,cd,d...->...", p, psi, p.conj()))
+    r = float(np.prod(accel))
+    with np.errstate(all="ignore"):
+        g = np.sqrt(np.maximum(var_r, 0.0) / var_1) / r
+    return np.where(np.isfinite(g), g, np.nan)
+
+
 def acceleration_from_mask(mask: np.ndarray) -> tuple[int, ...]:
     """Acceleration factor per axis of a sampling mask, from its line pattern.
 
@@ -572,10 +720,7 @@ def grappa(
     inverse = inverse.reshape(-1)
     if max_kernels is None:
         max_kernels = 16 if nd == 1 else 3 * int(np.prod(accel))
-    n_src = int(np.prod([b if r > 1 else 2 * h + 1
-                         for r, h, b in zip(accel, half, blocks, strict=True)]))
-    scale = np.maximum(np.array(accel, float), 1.0)
-    dist = np.sum((offsets / scale) ** 2, axis=1)
+    n_src, dist = _source_budget(accel, half, blocks, offsets)
     dx = np.arange(kernel_x) - kernel_x // 2
     hx = kernel_x // 2
     cal = calib.astype(np.complex64)
@@ -595,11 +740,7 @@ def grappa(
             use = next((j for j, (src, _) in enumerate(kernels) if not np.any(src & ~have)),
                        None)
         if use is None:
-            src = have.copy()
-            if src.sum() > n_src:  # the nearest sources (in units of R) of a dense region
-                order = np.flatnonzero(src)[np.argsort(dist[src], kind="stable")]
-                src[:] = False
-                src[order[:n_src]] = True
+            src = _kernel_sources(have, n_src, dist)
             kernels.append((src, _grappa_fit(xp, cal_flat, cal_shape, offsets[src], dx, ro,
                                              lamda, max_rows, accel)))
             use = len(kernels) - 1
@@ -617,6 +758,27 @@ def grappa(
             filled = (a @ w).reshape(nx, m, nc)
             out_flat[:, :, dst_flat[lo:lo + step]] = xp.transpose(filled, (2, 0, 1))
     return out
+
+
+def _source_budget(accel: tuple[int, ...], half: np.ndarray, blocks: tuple[int, ...],
+                   offsets: np.ndarray) -> tuple[int, np.ndarray]:
+    """Sources per kernel of a regular pattern, and each offset's squared distance from the
+    target in units of R (the order in which :func:`_kernel_sources` keeps them)."""
+    n_src = int(np.prod([b if r > 1 else 2 * h + 1
+                         for r, h, b in zip(accel, half, blocks, strict=True)]))
+    scale = np.maximum(np.array(accel, float), 1.0)
+    return n_src, np.sum((offsets / scale) ** 2, axis=1)
+
+
+def _kernel_sources(have: np.ndarray, n_src: int, dist: np.ndarray) -> np.ndarray:
+    """Source mask of a new kernel: the sampled neighbours ``have``, or of a dense region
+    the ``n_src`` nearest of them (in units of R, ties in window order)."""
+    src = have.copy()
+    if src.sum() > n_src:
+        order = np.flatnonzero(src)[np.argsort(dist[src], kind="stable")]
+        src[:] = False
+        src[order[:n_src]] = True
+    return src
 
 
 def _grappa_fit(xp, cal_flat, cal_shape, src_offsets, dx, ro, lamda, max_rows, accel):
