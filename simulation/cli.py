@@ -103,10 +103,16 @@ def sequence_file(source: Any, site: Any, *, native: bool, workdir: str | Path,
                    "off-resonance phase applied per voxel) and use it if it differs from the "
                    "full engine by at most PCT % of the peak signal on probe voxels; "
                    "otherwise the full engine runs. The run says which.")
+@click.option("--spoiling", type=click.Choice(["none", "ideal"]), default="none",
+              show_default=True,
+              help="Spoiling model: 'none' plays the spoilers and RF phases (enough "
+                   "isochromats needed); 'ideal' zeroes the transverse magnetisation before "
+                   "every excitation and inversion (spoiled sequences only; it also removes "
+                   "the vendors' spoiler and RF-spoiling differences).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def simulate(seq: Path, phantom_dir: Path, site_name: str, output: Path, backend: str, seed: int,
              native: bool, isochromats: int, noise: bool, fast_path_pct: float | None,
-             force: bool) -> None:
+             spoiling: str, force: bool) -> None:
     """Simulate SEQ (a .seq file, or a protocol .toml built on the site's scanner) on the
     phantom in PHANTOM_DIR at a virtual site, and write ISMRMRD raw data."""
     from mrharmony.phantoms import Phantom
@@ -132,7 +138,8 @@ def simulate(seq: Path, phantom_dir: Path, site_name: str, output: Path, backend
         path = simulate_raw(seq_file, phantom, site_obj, output, seed=seed, backend=backend,
                             native=native, progress=True, force=force,
                             isochromats_per_voxel=isochromats, noise=noise, header_info=info,
-                            check_convergence=True, fast_path_tol_pct=fast_path_pct)
+                            check_convergence=True, fast_path_tol_pct=fast_path_pct,
+                            spoiling=spoiling)
     for w in caught:
         if issubclass(w.category, SimulationWarning):
             click.echo(f"mrharmony: warning: {w.message}", err=True)

@@ -339,13 +339,15 @@ def timeline_for(
     b0_t: float | None = None,
     larmor_hz: float | None = None,
     rf_max_step_s: float | None = RF_MAX_STEP_S,
+    spoiling: str = "none",
 ) -> Timeline:
     """The timeline :func:`simulate` compiles for ``seq`` on ``spins`` (same arguments).
 
     Compile it once and pass it as ``simulate(timeline=)`` to simulate several spin
     systems of the same phantom's field (the Larmor frequency comes from ``b0_t``,
     ``larmor_hz``, the file or the phantom as in :func:`simulate`; diffusion is compiled
-    in when any isochromat diffuses).
+    in when any isochromat diffuses; ``spoiling`` as in
+    :func:`~mrharmony.simulation.timeline.compile_timeline`).
     """
     return compile_timeline(
         seq,
@@ -354,6 +356,7 @@ def timeline_for(
         larmor_hz=_larmor(seq, spins, b0_t, larmor_hz),
         diffusion=bool(np.any(spins.d_m2_s != 0)),
         rf_max_step_s=rf_max_step_s,
+        spoiling=spoiling,
     )
 
 
@@ -371,6 +374,7 @@ def simulate(
     larmor_hz: float | None = None,
     rf_max_step_s: float | None = RF_MAX_STEP_S,
     timeline: Timeline | None = None,
+    spoiling: str = "none",
     _kernel: str = "auto",
 ) -> np.ndarray:
     """Simulate the noiseless receive signal of a Pulseq sequence on an isochromat ensemble.
@@ -409,6 +413,14 @@ def simulate(
         ``seq`` already compiled with these gradient errors, Larmor frequency, diffusion
         setting and RF step (e.g. ``FastPathResult.timeline`` after a fast-path
         fall-back): used as it is instead of compiling ``seq`` again.
+    spoiling : {"none", "ideal"}
+        ``"none"``: the spoilers and RF phases as played; the isochromats dephase what
+        they can (enough of them are needed, see
+        :func:`~mrharmony.simulation.raw.isochromat_convergence`). ``"ideal"``: M_xy is
+        set to zero before every excitation and inversion
+        (:func:`~mrharmony.simulation.timeline.spoiled_pulses`), so no coherence crosses
+        from one shot to the next whatever the isochromat count; refused for balanced
+        sequences. Ignored when ``timeline`` is given (it was compiled with its own).
 
     Returns
     -------
@@ -449,7 +461,7 @@ def simulate(
         raise SimulationError(f"timeline: expected a Timeline, got {type(timeline).__name__}")
     tl = timeline if timeline is not None else timeline_for(
         seq, spins, gradient_scale=gradient_scale, gradient_delay_s=gradient_delay_s,
-        b0_t=b0_t, larmor_hz=larmor_hz, rf_max_step_s=rf_max_step_s)
+        b0_t=b0_t, larmor_hz=larmor_hz, rf_max_step_s=rf_max_step_s, spoiling=spoiling)
 
     def weights(sub: SpinSystem, _: slice) -> np.ndarray:
         # Receive weights (complex64): coil sensitivity at the voxel times PD (0 for padding).

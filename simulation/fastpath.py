@@ -252,6 +252,7 @@ def fast_simulate(
     n_probes: int = N_PROBES,
     progress: bool = False,
     seed: int = 0,
+    spoiling: str = "none",
 ) -> FastPathResult:
     """Simulate like :func:`~mrharmony.simulation.engine.simulate`, one class at a time.
 
@@ -279,6 +280,9 @@ def fast_simulate(
         Progress bar of the class simulation.
     seed : int
         Seed of the random probe choice.
+    spoiling : {"none", "ideal"}
+        Spoiling model of the class, probe and full-engine simulations (as
+        :func:`~mrharmony.simulation.engine.simulate`).
 
     Returns
     -------
@@ -291,7 +295,7 @@ def fast_simulate(
         return FastPathResult(None, reason="isochromats are not grouped voxel by voxel")
     vox, n_iso = runs
     tl = timeline_for(seq, spins, gradient_scale=gradient_scale,
-                      gradient_delay_s=gradient_delay_s, b0_t=b0_t)
+                      gradient_delay_s=gradient_delay_s, b0_t=b0_t, spoiling=spoiling)
     span = _rf_span(tl)
     if span.shape[0] >= 3:
         return FastPathResult(None, reason="RF pulses play gradients along all three axes",

@@ -406,6 +406,10 @@ def run_ops_numba(
                         mz[j] = aff[a, 8] * ux + aff[a, 9] * uy + aff[a, 10] * mz[j] + aff[a, 11]
                         mx[j] = vx * cph - vy * sph
                         my[j] = vx * sph + vy * cph
+                elif code == 4:  # ideal spoiling
+                    for j in range(LANES):
+                        mx[j] = 0.0
+                        my[j] = 0.0
                 else:
                     col = arg[o] - col0
                     if use_buf:
@@ -511,6 +515,8 @@ def run_ops_xp(
             vy = a[:, 4] * u.real + a[:, 5] * u.imag + a[:, 6] * mz + a[:, 7]
             mz = a[:, 8] * u.real + a[:, 9] * u.imag + a[:, 10] * mz + a[:, 11]
             mxy = (vx + 1j * vy) * np.exp(1j * float(inst_phase[r]))
+        elif code == 4:  # ideal spoiling
+            mxy = xp.zeros_like(mxy)
         else:
             buf[:, int(arg[o]) - col0] = mxy
     state[:, 0] = mxy.real

@@ -52,6 +52,7 @@ from mrharmony.formats.header import header_to_xml
 from mrharmony.formats.layout import AcquisitionLayout, layout_from_seq
 from mrharmony.formats.raw import noise_table, write_raw
 from mrharmony.simulation.site import Site, b0_residual_hz, b1_scale_map, load_site
+from mrharmony.simulation.timeline import SPOILING
 
 __all__ = [
     "ReceiveModel",
@@ -233,6 +234,7 @@ def isochromat_convergence(
     backend: str = "numpy",
     factor: int = CONVERGENCE_FACTOR,
     n_voxels: int = CONVERGENCE_VOXELS,
+    spoiling: str = "none",
 ) -> float:
     """How much a scan's signal still depends on its number of isochromats per voxel.
 
@@ -260,6 +262,8 @@ def isochromat_convergence(
         The comparison count is ``factor * n``.
     n_voxels : int
         Voxels (distinct tissues) simulated.
+    spoiling : {"none", "ideal"}
+        The scan's spoiling model.
 
     Returns
     -------
@@ -294,7 +298,7 @@ def isochromat_convergence(
         if tl is None:  # one compile for both counts: only the isochromats differ
             tl = timeline_for(seq, spins, gradient_scale=site.gradient_scale,
                               gradient_delay_s=site.gradient_delay_s,
-                              b0_t=site.field_strength_t)
+                              b0_t=site.field_strength_t, spoiling=spoiling)
         signals.append(np.asarray(simulate(seq, spins, coil_sens=sens, backend=backend,
                                            timeline=tl), dtype=np.complex128))
     ref = np.linalg.norm(signals[1], axis=1)
@@ -350,6 +354,7 @@ def simulate_raw(
     header_info: Mapping[str, Any] | None = None,
     check_convergence: bool = False,
     fast_path_tol_pct: float | None = None,
+    spoiling: str = "none",
 ) -> Path:
     """Simulate a scan of a phantom at a virtual site and write ISMRMRD raw data.
 
@@ -398,6 +403,13 @@ def simulate_raw(
         by at most this many percent of the peak signal on probe voxels; else (and by
         default) the full isochromat engine. The header records which path ran
         (``simulation_path``), the probe difference and, on a fall-back, why.
+    spoiling : {"none", "ideal"}
+        Spoiling model (:func:`~mrharmony.simulation.engine.simulate`): ``"ideal"`` sets
+        the transverse magnetisation to zero before every excitation and inversion, so
+        no coherence crosses from one shot to the next whatever the isochromat count
+        (spoiled sequences only; a balanced one is refused). It removes the site
+        differences of spoiler moments and RF-spoiling increments too. Recorded in the
+        header (``spoiling``).
 
     Returns
     -------
@@ -421,6 +433,9 @@ def simulate_raw(
     if fast_path_tol_pct is not None and not (np.isfinite(fast_path_tol_pct)
                                               and fast_path_tol_pct > 0):
         raise SimulationError(f"fast_path_tol_pct: must be > 0, got {fast_path_tol_pct!r}")
+    if spoiling not in SPOILING:
+        raise SimulationError(f"spoiling: expected one of {', '.join(SPOILING)}, "
+                              f"got {spoiling!r}")
     site = load_site(site)
     ph = _load_phantom(phantom)
     shape = tuple(int(s) for s in ph.shape)
@@ -458,7 +473,8 @@ def simulate_raw(
         fast = fast_simulate(
             seq, spins, coil_sens=rx.sens, backend=backend, progress=progress,
             gradient_scale=site.gradient_scale, gradient_delay_s=site.gradient_delay_s,
-            b0_t=site.field_strength_t, check_tol=fast_path_tol_pct / 100, seed=seed)
+            b0_t=site.field_strength_t, check_tol=fast_path_tol_pct / 100, seed=seed,
+            spoiling=spoiling)
         signal, timeline = fast.signal, fast.timeline
         path_info = {"simulation_path": "fast" if signal is not None else "full",
                      "fast_path_classes": fast.n_classes, "fast_path_voxels": fast.n_voxels,
@@ -472,7 +488,7 @@ def simulate_raw(
         signal = simulate(
             seq, spins, coil_sens=rx.sens, backend=backend, progress=progress,
             gradient_scale=site.gradient_scale, gradient_delay_s=site.gradient_delay_s,
-            b0_t=site.field_strength_t, timeline=timeline,
+            b0_t=site.field_strength_t, timeline=timeline, spoiling=spoiling,
         )
     signal = np.asarray(signal, dtype=np.complex64).reshape(n_coils, -1)
     ns = np.array([r.num_samples for r in records], dtype=np.int64)
@@ -507,11 +523,12 @@ def simulate_raw(
         "receiver_gain_db": site.receiver.gain_db,
         "relative_noise_bandwidth": chain.relative_noise_bandwidth,
     }
+    info["spoiling"] = spoiling
     info.update({k: v for k, v in path_info.items() if not (isinstance(v, float)
                                                             and not np.isfinite(v))})
     if check_convergence:
         info["isochromat_convergence_pct"] = isochromat_convergence(
-            seq, ph, site, isochromats_per_voxel, backend=backend)
+            seq, ph, site, isochromats_per_voxel, backend=backend, spoiling=spoiling)
         info["isochromat_convergence_check"] = (
             f"{isochromats_per_voxel} vs {CONVERGENCE_FACTOR * isochromats_per_voxel} "
             "isochromats per voxel")

@@ -26,6 +26,9 @@ The timeline is a flat program of three operations, independent of the spins:
     ``run_n[q]`` repetitions of (``FREE run_p[q]``, ``SAMPLE``) for the consecutive
     samples from ``run_k[q]``: a readout on a constant gradient (or any run of identical
     dwell intervals) as one operation, so the kernels loop over samples without decoding.
+``SPOIL``
+    Only with ``spoiling="ideal"``: set M_xy to zero (ideal spoiling), just before every
+    pulse that starts a new pathway (see :func:`spoiled_pulses`).
 
 Diffusion: when requested, each ``FREE`` operation also carries the b-matrix increment
 ``(2 pi)^2 int k(t) k(t)^T dt`` of its interval, where ``k`` is the dephasing moment of
@@ -47,12 +50,34 @@ import numpy as np
 
 from mrharmony.errors import SequenceFileError, SimulationError
 
-__all__ = ["OP_FREE", "OP_RF", "OP_RUN", "OP_SAMPLE", "RFShape", "Timeline", "compile_timeline"]
+__all__ = [
+    "OP_FREE",
+    "OP_RF",
+    "OP_RUN",
+    "OP_SAMPLE",
+    "OP_SPOIL",
+    "SPOILING",
+    "RFShape",
+    "Timeline",
+    "compile_timeline",
+    "spoiled_pulses",
+]
 
 OP_FREE = 0
 OP_RF = 1
 OP_SAMPLE = 2
 OP_RUN = 3
+OP_SPOIL = 4
+
+#: Spoiling models: ``"none"`` (the gradients and RF phases as played, the isochromats
+#: dephase what they dephase) and ``"ideal"`` (M_xy = 0 before every pulse that starts a
+#: new pathway, as if the spoiler before it dephased a real voxel completely).
+SPOILING = ("none", "ideal")
+
+#: A sequence whose net gradient moment between consecutive excitations stays below this
+#: on every axis (1/m, i.e. under one cycle per metre) is balanced: ideal spoiling would
+#: remove its steady state, so it is refused.
+BALANCED_MOMENT_PER_M = 1.0
 
 _TIME_EPS_S = 1e-12
 
@@ -277,6 +302,62 @@ def _use_kind(rf: Any, shape: RFShape) -> str:
     return "refocusing" if flip >= np.deg2rad(150) else "excitation"
 
 
+def spoiled_pulses(rf_kind: list[str], rf_centre: np.ndarray,
+                   sample_t: np.ndarray) -> np.ndarray:
+    """The RF pulses that ideal spoiling zeroes M_xy before.
+
+    Every excitation (and, with Pulseq 1.5 ``use`` fields, every inversion, saturation
+    or preparation pulse; they compile to ``"excitation"``), and every refocusing-sized
+    pulse (>= 150 deg, or ``use`` refocusing) that no ADC sample follows before the next
+    excitation: an inversion (IR, MPRAGE) in a file without ``use`` fields. A refocusing
+    pulse of an echo train is never spoiled before (its stimulated echoes are real
+    signal, within the train).
+
+    Parameters
+    ----------
+    rf_kind : list of str
+        ``"excitation"`` or ``"refocusing"`` per RF instance (the timeline's pathway rule).
+    rf_centre : ndarray (n_rf,)
+        Pulse centres in seconds.
+    sample_t : ndarray (n_samples,)
+        ADC sample times in seconds.
+
+    Returns
+    -------
+    ndarray (n_rf,) bool
+    """
+    kind = np.asarray(rf_kind)
+    exc = kind == "excitation"
+    out = exc.copy()
+    ref = np.flatnonzero(~exc)
+    if ref.size:
+        exc_t = np.sort(rf_centre[exc])
+        samples = np.sort(np.asarray(sample_t, dtype=np.float64))
+        t = rf_centre[ref]
+        nxt = np.searchsorted(exc_t, t, side="right")
+        t_next = np.full(t.size, np.inf)
+        has = nxt < exc_t.size
+        t_next[has] = exc_t[nxt[has]]
+        n_between = (np.searchsorted(samples, t_next, side="left")
+                     - np.searchsorted(samples, t, side="right"))
+        out[ref] = n_between == 0
+    return out
+
+
+def _check_spoiled(moment: Any, rf_centre: np.ndarray, spoil: np.ndarray) -> None:
+    """Refuse ideal spoiling for a balanced sequence (no net moment between excitations)."""
+    t = np.sort(rf_centre[spoil])
+    if t.size < 2:
+        return
+    net = np.abs(np.diff(moment(t), axis=0))
+    if np.all(net < BALANCED_MOMENT_PER_M):
+        raise SimulationError(
+            "spoiling = 'ideal' on a balanced sequence (net gradient moment between "
+            f"excitations below {BALANCED_MOMENT_PER_M:g} /m on every axis, e.g. bSSFP): "
+            "its steady state lives on transverse magnetisation; simulate it with "
+            "spoiling = 'none'")
+
+
 def compile_timeline(
     seq: Any,
     *,
@@ -285,6 +366,7 @@ def compile_timeline(
     larmor_hz: float | None = None,
     diffusion: bool = False,
     rf_max_step_s: float | None = None,
+    spoiling: str = "none",
 ) -> Timeline:
     """Compile a :class:`~mrharmony.formats.pulseq.PulseqSequence` into a Timeline.
 
@@ -304,6 +386,12 @@ def compile_timeline(
         Merge RF raster samples into steps of at most this length (seconds) with their
         average B1 (second-order accurate). ``None`` (default) integrates every raster
         sample exactly as a piecewise-constant field.
+    spoiling : {"none", "ideal"}
+        ``"ideal"`` inserts a ``SPOIL`` operation (M_xy = 0) before every pulse
+        :func:`spoiled_pulses` selects: coherences never cross from one shot to the
+        next, as in a real voxel whose spoilers dephase them, whatever the isochromat
+        count. It also removes the effect of the spoiler moments and of RF spoiling
+        (site differences of native protocols) along with the isochromat artefacts.
 
     Returns
     -------
@@ -312,9 +400,13 @@ def compile_timeline(
     Raises
     ------
     SimulationError
-        If an ADC sample falls inside an RF pulse or the sequence has no ADC, or a ppm
-        offset is used without a Larmor frequency.
+        If an ADC sample falls inside an RF pulse or the sequence has no ADC, a ppm
+        offset is used without a Larmor frequency, ``spoiling`` is unknown, or ideal
+        spoiling is asked of a balanced sequence.
     """
+    if spoiling not in SPOILING:
+        raise SimulationError(f"spoiling: expected one of {', '.join(SPOILING)}, "
+                              f"got {spoiling!r}")
     scale = np.asarray(gradient_scale, dtype=np.float64).reshape(3)
     gdelay = np.asarray(gradient_delay_s, dtype=np.float64).reshape(3)
     moment = _Moment(_gradient_segments(seq, scale, gdelay))
@@ -454,14 +546,24 @@ def compile_timeline(
             moment, keep, a_start, prev_end, has_gap, rf_centre,
             [shape_kind[s] for s in inst_shape], last,
         )
+    rf_kind = [shape_kind[s] for s in inst_shape]
+    n_spoil = 0
+    if spoiling == "ideal":
+        spoil = spoiled_pulses(rf_kind, rf_centre, sample_t)
+        _check_spoiled(moment, rf_centre, spoil)
+        at = np.flatnonzero((op == OP_RF) & spoil[np.where(op == OP_RF, arg, 0)])
+        n_spoil = int(at.size)
+        op = np.insert(op, at, OP_SPOIL)
+        arg = np.insert(arg, at, 0)
+        if op_b is not None:
+            op_b = np.insert(op_b, at, 0.0, axis=0)
     op, arg, op_b, runs, sample_b = _fuse_runs(op, arg, op_b, n_samples)
     # The pathway's dephasing moment and time in one pass: time is a fourth "moment".
     def moment_and_time(t: np.ndarray) -> np.ndarray:
         t = np.asarray(t, dtype=np.float64)
         return np.concatenate([moment(t), t[..., None]], axis=-1)
 
-    centres, offsets = _pathway_offsets(moment_and_time, rf_centre,
-                                        [shape_kind[s] for s in inst_shape])
+    centres, offsets = _pathway_offsets(moment_and_time, rf_centre, rf_kind)
     path = moment_and_time(sample_t) + offsets[np.searchsorted(centres, sample_t, side="right")]
     sample_k, sample_tau = path[:, :3], path[:, 3]
     return Timeline(
@@ -482,7 +584,8 @@ def compile_timeline(
         sample_demod_rad=demod,
         op_b=op_b,
         duration_s=float(getattr(seq, "duration_s", a_end[-1])),
-        info={"n_rf": len(rf_blocks), "n_rf_shapes": len(shapes)},
+        info={"n_rf": len(rf_blocks), "n_rf_shapes": len(shapes), "spoiling": spoiling,
+              "n_spoil": n_spoil},
     )
 
 

@@ -10,7 +10,7 @@ A study file has these tables (keys carry their units; every table is checked wi
                                 ratio, patient_fraction, effects; ``null = true``)
     [[protocols]]               name, file (protocol TOML, relative to the study file), maps
     [sites]                     names = [...] presets or TOML paths, arms = ["shared", "native"]
-    [simulation]                isochromats_per_voxel, backend, fast_path_tol_pct
+    [simulation]                isochromats_per_voxel, backend, fast_path_tol_pct, spoiling
     [recon]                     method, backend, preset, coil_combine, filter,
                                 partial_fourier_method, intensity_normalization
     [recon.sites.NAME]          the same keys for one site (overrides [recon])
@@ -200,6 +200,10 @@ class SimulationSection:
         0.0, doc="try the fast path (each tissue class once) and use it where it agrees with "
                  "the full engine within this % of the peak signal on probe voxels; 0: off",
         ge=0.0, le=100.0)
+    spoiling: Literal["none", "ideal"] = param(
+        "none", doc="spoiling model: 'none' (spoilers and RF phases as played) or 'ideal' "
+                    "(transverse magnetisation zeroed before every excitation and inversion; "
+                    "spoiled sequences only, removes the vendors' spoiling differences)")
 
 
 #: The recon-chain keys of a flavour (also options of :func:`mrharmony.recon.reconstruct`).

@@ -381,6 +381,8 @@ def plan_tasks(study: Study, resolved: Resolved) -> Plan:
                         }
                         if study.simulation.fast_path_tol_pct > 0:  # off: keys as before
                             sim_params["fast_path_tol_pct"] = study.simulation.fast_path_tol_pct
+                        if study.simulation.spoiling != "none":  # default: keys as before
+                            sim_params["spoiling"] = study.simulation.spoiling
                         if acq == "native":
                             # the simulator applies the vendor's receive-chain processing
                             # too and records the vendor's sequence choices of the protocol

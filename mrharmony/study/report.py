@@ -125,6 +125,10 @@ def _convergence_section(plan: Plan, records: Mapping[str, Mapping[str, Any]],
     text = (f"Each scan's simulation was checked: the whole signal of a few voxels (one per "
             f"tissue, slowest T2 first) with {n} and {CONVERGENCE_FACTOR * n} isochromats "
             f"per voxel differs by up to {worst:.1f} %: {verdict}.")
+    if study.simulation.spoiling == "ideal":
+        text += (" Spoiling is ideal (transverse magnetisation zeroed before every excitation "
+                 "and inversion): no coherence crosses from one shot to the next, and the "
+                 "vendors' spoiler and RF-spoiling differences are not simulated.")
     tol = study.simulation.fast_path_tol_pct
     if tol > 0:
         text += (f" Fast path (within {tol:g} % of the full engine's peak signal on probe "

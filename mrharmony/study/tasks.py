@@ -151,7 +151,8 @@ def stage_simulate(params: Mapping[str, Any], inputs: Mapping[str, Path], work: 
                  native=bool(params["native"]),
                  isochromats_per_voxel=int(params["isochromats_per_voxel"]),
                  header_info=info, check_convergence=True,
-                 fast_path_tol_pct=params.get("fast_path_tol_pct"))
+                 fast_path_tol_pct=params.get("fast_path_tol_pct"),
+                 spoiling=params.get("spoiling", "none"))
     header = header_user_parameters(work / "raw.h5")
     return {"bytes": (work / "raw.h5").stat().st_size,
             "isochromat_convergence_pct": header.get("isochromat_convergence_pct"),
