@@ -161,17 +161,22 @@ def espirit_maps(
     blocks = win(cal, kw, axis=tuple(range(1, ndim + 1)))  # (c, *positions, *kw)
     npos = int(np.prod(blocks.shape[1:1 + ndim]))
     mat = xp.moveaxis(blocks.reshape(nc, npos, -1), 1, 0).reshape(npos, -1)
+    # right singular vectors from the eigendecomposition of the smaller Gram matrix (the
+    # same subspace as the SVD); 3-D regions give wide matrices (32 coils, a 24 x 24 x 8
+    # region and a 6 x 6 x 4 kernel: 1805 patches x 4608 columns)
     if mat.shape[0] > mat.shape[1]:
-        # right singular vectors from the (smaller) Gram matrix: the same subspace as the
-        # SVD, several times faster for 3-D calibration regions
         eig, vec = xp.linalg.eigh(mat.conj().T @ mat)
         order = xp.argsort(eig)[::-1]
         sv = xp.sqrt(xp.maximum(eig[order], 0))
-        vh = vec[:, order].conj().T
-    else:
-        _, sv, vh = xp.linalg.svd(mat, full_matrices=False)
-    keep = sv > thresh * sv.max()
-    kernels = vh[keep].reshape(-1, nc, *kw)  # (r, c, *kw)
+        keep = sv > thresh * sv.max()
+        vh = vec[:, order].conj().T[keep]
+    else:  # fewer patch positions than columns: V^H = S^-1 U^H A from A A^H = U S^2 U^H
+        eig, vec = xp.linalg.eigh(mat @ mat.conj().T)
+        order = xp.argsort(eig)[::-1]
+        sv = xp.sqrt(xp.maximum(eig[order], 0))
+        keep = sv > thresh * sv.max()
+        vh = (vec[:, order[keep]].conj().T @ mat) / sv[keep][:, None].astype(mat.real.dtype)
+    kernels = vh.reshape(-1, nc, *kw)  # (r, c, *kw)
     # G on a small grid that holds its bandwidth (2 kw - 1) exactly
     small = tuple(min(n, 2 * k + 2) if n > 1 else 1 for n, k in zip(shape, kw, strict=True))
     pad = [(0, 0), (0, 0)]
