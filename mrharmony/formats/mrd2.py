@@ -895,6 +895,27 @@ _DECODE_ERRORS = (EOFError, RuntimeError, ValueError, KeyError, IndexError, Type
                   OverflowError, UnicodeDecodeError, MemoryError, _FieldTooLarge)
 
 
+def _open_at_header(path: Path) -> tuple[Any, Any, Any]:
+    """Open an MRD v2 file and read its header: (open file, reader, header or None).
+
+    The caller closes the file; on any error it is closed here and the error raised
+    (:class:`RawDataError` for a missing, foreign or undecodable file)."""
+    if not path.is_file():
+        raise RawDataError(f"{path}: no such file")
+    if not is_mrd2(path):
+        raise RawDataError(f"{path}: not an MRD v2 file (no yardl magic and Mrd schema)")
+    fh = open(path, "rb")  # noqa: SIM115 - the caller closes it
+    try:
+        reader = open_mrd2_reader(fh, max_field_bytes=max(path.stat().st_size, 1 << 16))
+        return fh, reader, reader.read_header()
+    except _DECODE_ERRORS as exc:
+        fh.close()
+        raise _mrd2_error(path, exc) from None
+    except BaseException:
+        fh.close()
+        raise
+
+
 def iter_mrd2(path: str | Path) -> tuple[Any, Iterator[Any]]:
     """Open an MRD v2 file: its header and an iterator over its stream items.
 
@@ -915,20 +936,7 @@ def iter_mrd2(path: str | Path) -> tuple[Any, Iterator[Any]]:
         If the file is missing, not MRD v2, or its header does not decode.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RawDataError(f"{path}: no such file")
-    if not is_mrd2(path):
-        raise RawDataError(f"{path}: not an MRD v2 file (no yardl magic and Mrd schema)")
-    fh = open(path, "rb")  # noqa: SIM115 - closed by the generator below
-    try:
-        reader = open_mrd2_reader(fh, max_field_bytes=max(path.stat().st_size, 1 << 16))
-        header = reader.read_header()
-    except _DECODE_ERRORS as exc:
-        fh.close()
-        raise _mrd2_error(path, exc) from None
-    except BaseException:
-        fh.close()
-        raise
+    fh, reader, header = _open_at_header(path)
 
     def items() -> Iterator[Any]:
         try:
@@ -962,16 +970,8 @@ def read_mrd2_header(path: str | Path) -> Any:
     from mrharmony.formats.header import parse_ismrmrd_header
 
     path = Path(path)
-    if not path.is_file():
-        raise RawDataError(f"{path}: no such file")
-    if not is_mrd2(path):
-        raise RawDataError(f"{path}: not an MRD v2 file (no yardl magic and Mrd schema)")
-    with open(path, "rb") as fh:
-        try:
-            reader = open_mrd2_reader(fh, max_field_bytes=max(path.stat().st_size, 1 << 16))
-            header = reader.read_header()
-        except _DECODE_ERRORS as exc:
-            raise _mrd2_error(path, exc) from None
+    fh, _, header = _open_at_header(path)
+    fh.close()
     if header is None:
         raise RawDataError(f"{path}: the MRD v2 file has no header")
     return parse_ismrmrd_header(header_to_xml(header_from_mrd2(header)),
