@@ -52,7 +52,7 @@ from mrharmony.formats.header import header_to_xml
 from mrharmony.formats.layout import AcquisitionLayout, layout_from_seq
 from mrharmony.formats.raw import noise_table, write_raw
 from mrharmony.simulation.site import Site, b0_residual_hz, b1_scale_map, load_site
-from mrharmony.simulation.timeline import SPOILING
+from mrharmony.simulation.timeline import check_spoiling
 
 __all__ = [
     "ReceiveModel",
@@ -433,9 +433,7 @@ def simulate_raw(
     if fast_path_tol_pct is not None and not (np.isfinite(fast_path_tol_pct)
                                               and fast_path_tol_pct > 0):
         raise SimulationError(f"fast_path_tol_pct: must be > 0, got {fast_path_tol_pct!r}")
-    if spoiling not in SPOILING:
-        raise SimulationError(f"spoiling: expected one of {', '.join(SPOILING)}, "
-                              f"got {spoiling!r}")
+    check_spoiling(spoiling)  # before any work
     site = load_site(site)
     ph = _load_phantom(phantom)
     shape = tuple(int(s) for s in ph.shape)

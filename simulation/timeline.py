@@ -59,6 +59,7 @@ __all__ = [
     "SPOILING",
     "RFShape",
     "Timeline",
+    "check_spoiling",
     "compile_timeline",
     "spoiled_pulses",
 ]
@@ -344,6 +345,13 @@ def spoiled_pulses(rf_kind: list[str], rf_centre: np.ndarray,
     return out
 
 
+def check_spoiling(spoiling: str) -> None:
+    """Raise :class:`SimulationError` unless ``spoiling`` is one of :data:`SPOILING`."""
+    if spoiling not in SPOILING:
+        raise SimulationError(f"spoiling: expected one of {', '.join(SPOILING)}, "
+                              f"got {spoiling!r}")
+
+
 def _check_spoiled(moment: Any, rf_centre: np.ndarray, spoil: np.ndarray) -> None:
     """Refuse ideal spoiling for a balanced sequence (no net moment between excitations)."""
     t = np.sort(rf_centre[spoil])
@@ -404,9 +412,7 @@ def compile_timeline(
         offset is used without a Larmor frequency, ``spoiling`` is unknown, or ideal
         spoiling is asked of a balanced sequence.
     """
-    if spoiling not in SPOILING:
-        raise SimulationError(f"spoiling: expected one of {', '.join(SPOILING)}, "
-                              f"got {spoiling!r}")
+    check_spoiling(spoiling)
     scale = np.asarray(gradient_scale, dtype=np.float64).reshape(3)
     gdelay = np.asarray(gradient_delay_s, dtype=np.float64).reshape(3)
     moment = _Moment(_gradient_segments(seq, scale, gdelay))

@@ -112,6 +112,15 @@ def acquisitions_from_records(records: np.ndarray, source: str) -> list[Any]:
     return acqs
 
 
+def _header_xml(f: Any, path: Path, dataset: str) -> Any:
+    """The ISMRMRD XML header of an open HDF5 file's ``dataset`` group."""
+    if dataset not in f:
+        raise RawDataError(f"{path}: no group {dataset!r} (groups: {sorted(f.keys())})")
+    if "xml" not in f[dataset]:
+        raise RawDataError(f"{path}: {dataset}/xml (the ISMRMRD header) is missing")
+    return f[dataset]["xml"][0]
+
+
 def read_raw(path: str | Path, *, dataset: str = "dataset") -> RawData:
     """Read an ISMRMRD HDF5 dataset (read-only) and check it.
 
@@ -142,14 +151,8 @@ def read_raw(path: str | Path, *, dataset: str = "dataset") -> RawData:
         raise RawDataError(f"{path}: not an HDF5 file (ISMRMRD raw data are HDF5)")
     try:
         with h5py.File(path, "r") as f:
-            if dataset not in f:
-                raise RawDataError(
-                    f"{path}: no group {dataset!r} (groups: {sorted(f.keys())})"
-                )
+            xml = _header_xml(f, path, dataset)
             group = f[dataset]
-            if "xml" not in group:
-                raise RawDataError(f"{path}: {dataset}/xml (the ISMRMRD header) is missing")
-            xml = group["xml"][0]
             if "data" not in group or group["data"].shape[0] == 0:
                 raise RawDataError(f"{path}: {dataset}/data holds no acquisitions")
             records = group["data"][()]
@@ -645,9 +648,7 @@ def read_raw_header(path: str | Path) -> Any:
     if kind == "ismrmrd":
         try:
             with h5py.File(path, "r") as f:
-                if "dataset" not in f or "xml" not in f["dataset"]:
-                    raise RawDataError(f"{path}: dataset/xml (the ISMRMRD header) is missing")
-                xml = f["dataset"]["xml"][0]
+                xml = _header_xml(f, path, "dataset")
         except OSError as exc:
             raise RawDataError(f"{path}: cannot read HDF5 ({exc})") from exc
         return parse_ismrmrd_header(xml, source=f"{path}: the ISMRMRD XML header")
