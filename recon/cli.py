@@ -39,6 +39,10 @@ def _map_path(out: Path, name: str) -> Path:
 @click.option("--lamda", type=float, default=None,
               help="Regularisation weight, relative (sense: x ||A^H A||; cs, tv: x max|A^H y|; "
                    "grappa: kernel fit); default per method. Refused by methods without one.")
+@click.option("--grappa-edge", "grappa_edge", default=None, type=click.Choice(["fit", "zero"]),
+              help="GRAPPA at the matrix edge: fit (one-sided kernels, default) or zero "
+                   "(interior kernels, zeros outside: noise as the g-factor map says, edge "
+                   "signal biased low).")
 @click.option("--max-iter", "max_iter", type=int, default=None,
               help="Iterations of sense, cs, tv (default per method).")
 @click.option("--coil-combine", "coil_combine", default=None,
@@ -73,7 +77,8 @@ def _map_path(out: Path, name: str) -> Path:
 @click.option("--write-mrd", is_flag=True, help="Also append MRD images to the raw HDF5 file.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def recon(raw: Path, output: Path, method: str, backend: str, lamda: float | None,
-          max_iter: int | None, coil_combine: str | None, kfilter: str | None,
+          grappa_edge: str | None, max_iter: int | None, coil_combine: str | None,
+          kfilter: str | None,
           filter_radius: float | None, filter_width: float | None,
           partial_fourier_method: str | None, intensity_normalization: str | None,
           maps: str | None,
@@ -105,7 +110,8 @@ def recon(raw: Path, output: Path, method: str, backend: str, lamda: float | Non
             data = load_raw(raw, seq=seq, measurement=measurement, reference=reference,
                             reference_seq=reference_seq)
         progress.update(task, description=f"reconstructing ({method}, {backend})")
-        given = (("lamda", lamda), ("max_iter", max_iter), ("coil_combine", coil_combine),
+        given = (("lamda", lamda), ("grappa_edge", grappa_edge), ("max_iter", max_iter),
+                 ("coil_combine", coil_combine),
                  ("filter", kfilter), ("filter_radius", filter_radius),
                  ("filter_width", filter_width),
                  ("partial_fourier_method", partial_fourier_method),

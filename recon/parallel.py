@@ -489,16 +489,8 @@ def grappa_g_factor(
     nc, nx = ref.shape[:2]
     phase = tuple(int(n) for n in ref.shape[2:])
     nd = len(phase)
-    accel = ((int(acceleration),) + (1,) * (nd - 1) if np.ndim(acceleration) == 0
-             else tuple(int(a) for a in acceleration))
-    blocks = ((int(kernel_blocks),) * nd if np.ndim(kernel_blocks) == 0
-              else tuple(int(b) for b in kernel_blocks))
-    if len(accel) != nd or min(accel) < 1:
-        raise ReconError(f"grappa_g_factor: acceleration {accel}: one factor >= 1 per "
-                         f"phase axis of {phase}")
-    if len(blocks) != nd or min(blocks) < 1:
-        raise ReconError(f"grappa_g_factor: kernel_blocks {kernel_blocks}: one count >= 1 "
-                         f"per phase axis ({nd})")
+    accel, blocks = _accel_and_blocks("grappa_g_factor", acceleration, kernel_blocks,
+                                      phase)
     for n, r in zip(phase, accel, strict=True):
         if n % r:
             raise ReconError(f"grappa_g_factor: acceleration {accel}: axis of {n} not "
@@ -596,6 +588,34 @@ def acceleration_from_mask(mask: np.ndarray) -> tuple[int, ...]:
             continue
         out.append(int(np.argmax(np.bincount(gaps))))
     return tuple(out)
+
+
+def _accel_and_blocks(
+    name: str, acceleration: int | Sequence[int], kernel_blocks: int | Sequence[int],
+    phase: tuple[int, ...],
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Acceleration factor and kernel source-line count per phase axis.
+
+    An int ``acceleration`` is the first phase axis's factor (the others 1); an int
+    ``kernel_blocks`` holds for every axis. ``name`` prefixes the errors.
+
+    Raises
+    ------
+    ReconError
+        Not one factor >= 1 and one count >= 1 per phase axis of ``phase``.
+    """
+    nd = len(phase)
+    accel = ((int(acceleration),) + (1,) * (nd - 1) if np.ndim(acceleration) == 0
+             else tuple(int(a) for a in acceleration))
+    blocks = ((int(kernel_blocks),) * nd if np.ndim(kernel_blocks) == 0
+              else tuple(int(b) for b in kernel_blocks))
+    if len(accel) != nd or min(accel) < 1:
+        raise ReconError(f"{name}: acceleration {accel}: one factor >= 1 per phase axis "
+                         f"of {phase}")
+    if len(blocks) != nd or min(blocks) < 1:
+        raise ReconError(f"{name}: kernel_blocks {kernel_blocks}: one count >= 1 per "
+                         f"phase axis ({nd})")
+    return accel, blocks
 
 
 def _window(
@@ -697,17 +717,9 @@ def grappa(
     mask = np.asarray(mask, dtype=bool).reshape(phase)
     if mask.sum() < 2:
         raise ReconError("grappa: fewer than 2 sampled lines")
-    if acceleration is None:
-        accel = acceleration_from_mask(mask)
-    elif np.ndim(acceleration) == 0:
-        accel = (int(acceleration),) + (1,) * (nd - 1)
-    else:
-        accel = tuple(int(a) for a in acceleration)
-    blocks = ((int(kernel_blocks),) * nd if np.ndim(kernel_blocks) == 0
-              else tuple(int(b) for b in kernel_blocks))
-    if len(blocks) != nd or min(blocks) < 1:
-        raise ReconError(f"grappa: kernel_blocks {kernel_blocks}: one count >= 1 per phase "
-                         f"axis ({nd})")
+    accel, blocks = _accel_and_blocks(
+        "grappa", acceleration_from_mask(mask) if acceleration is None else acceleration,
+        kernel_blocks, phase)
     offsets, half = _window(accel, phase, blocks)
     # points to fill: missing, inside the sampled extent widened by R - 1
     inside = np.ones(phase, bool)

@@ -61,6 +61,7 @@ from mrharmony.recon.io import (
 
 __all__ = [
     "BACKENDS",
+    "GRAPPA_EDGES",
     "METHODS",
     "METHOD_OPTIONS",
     "RECON_CHAIN_DEFAULTS",
@@ -216,11 +217,14 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "fft": _CHAIN,
     "nufft": _CHAIN,
     "epi": _CHAIN,
-    "grappa": ("lamda", *_CHAIN),
+    "grappa": ("lamda", "grappa_edge", *_CHAIN),
     **dict.fromkeys(("sense", "cs", "tv"),
                     ("lamda", "max_iter", *_FILTER, "intensity_normalization")),
 }
 _METHOD_ONLY = ("lamda", "max_iter")
+#: GRAPPA's matrix-edge handling (:func:`mrharmony.recon.parallel.grappa`'s ``edge``):
+#: "fit" one-sided edge kernels (default), "zero" interior kernels with zeros outside.
+GRAPPA_EDGES = ("fit", "zero")
 
 
 def _check_chain_values(options: dict[str, Any]) -> None:
@@ -229,6 +233,9 @@ def _check_chain_values(options: dict[str, Any]) -> None:
         if name in options and options[name] not in allowed:
             raise ReconError(f"option {name} = {options[name]!r}: expected one of "
                              f"{', '.join(allowed)}")
+    if options.get("grappa_edge", "fit") not in GRAPPA_EDGES:
+        raise ReconError(f"option grappa_edge = {options['grappa_edge']!r}: expected one of "
+                         f"{', '.join(GRAPPA_EDGES)}")
     for name in ("filter_radius", "filter_width"):
         if name in options:
             value = options[name]
@@ -566,7 +573,8 @@ def _grappa_blocks(accel: tuple[int, int]) -> int | tuple[int, int]:
     return (2, 2) if min(accel) > 1 else _GRAPPA_KERNEL["kernel_blocks"]
 
 
-def _grappa_fill(k, calib_k, box, mask: np.ndarray, accel: tuple[int, int], lamda: float):
+def _grappa_fill(k, calib_k, box, mask: np.ndarray, accel: tuple[int, int], lamda: float,
+                 edge: str = "fit"):
     """GRAPPA on ``(coils, nx, ny, nz)``: 2-D; 3-D in hybrid (x, ky, z) space when kz is
     fully sampled in the data and the calibration; else with 3-D (kx, ky, kz) kernels,
     of 2 x 2 source blocks when ky and kz are both undersampled: 4 x 4 blocks (16 sources
@@ -579,7 +587,7 @@ def _grappa_fill(k, calib_k, box, mask: np.ndarray, accel: tuple[int, int], lamd
     (y0, y1), (z0, z1) = box
     cal = calib_k[:, :, y0:y1, z0:z1]
     nz = k.shape[3]
-    opts = dict(_GRAPPA_KERNEL, lamda=lamda)
+    opts = dict(_GRAPPA_KERNEL, lamda=lamda, edge=edge)
     if nz == 1:
         return grappa(k[..., 0], cal[..., 0], mask=mask[:, 0], acceleration=accel[0],
                       **opts)[..., None], "2d (kx, ky)"
@@ -670,13 +678,14 @@ def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method
             settings["readout_oversampling"] = f"removed before reconstruction ({nx} -> {rx})"
         if method == "grappa":
             lamda = float(options.get("lamda", 1e-3))
+            edge = options.get("grappa_edge", "fit")
             if undersampled:
-                k, geometry = _grappa_fill(k, calib_k, box, mask, accel, lamda)
+                k, geometry = _grappa_fill(k, calib_k, box, mask, accel, lamda, edge)
                 blocks = _grappa_blocks(accel)
                 settings["grappa"] = {
                     "kernel_kx": _GRAPPA_KERNEL["kernel_x"],
                     "kernel_lines": list(blocks) if isinstance(blocks, tuple) else blocks,
-                    "lamda": lamda, "kernel": geometry,
+                    "lamda": lamda, "kernel": geometry, "edge": edge,
                 }
             if partial_y:
                 k = _complete_partial(
@@ -797,7 +806,10 @@ def reconstruct_acquisitions(
     **options
         Per method (:data:`METHOD_OPTIONS`): ``lamda`` (relative regularisation weight,
         :mod:`mrharmony.recon.parallel`; GRAPPA: Tikhonov weight of the kernel fit
-        relative to ``trace(A^H A) / n``; BART: passed to ``pics`` as it is), ``max_iter``.
+        relative to ``trace(A^H A) / n``; BART: passed to ``pics`` as it is), ``max_iter``,
+        ``grappa_edge`` (GRAPPA's matrix-edge kernels, :data:`GRAPPA_EDGES`: "fit"
+        one-sided kernels, the default; "zero" the interior kernels with zeros outside,
+        whose noise follows :func:`~mrharmony.recon.parallel.grappa_g_factor`).
         The recon chain (:data:`RECON_CHAIN_VALUES`; defaults
         :data:`RECON_CHAIN_DEFAULTS`, today's behaviour): ``coil_combine`` ("rss",
         "adaptive": Walsh maps + Roemer, "sense": ESPIRiT maps + Roemer), ``filter``
