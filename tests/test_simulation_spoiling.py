@@ -131,6 +131,40 @@ def test_fast_path_applies_to_a_spoiled_gre_with_ideal_spoiling(tmp_path):
     assert np.max(np.abs(fast.signal - full)) / np.max(np.abs(full)) < 0.01
 
 
+def test_fast_path_applies_to_mprage_with_ideal_spoiling(tmp_path):
+    """3-D MPRAGE (inversion, then a spoiled GRE train per partition) on a 3-D
+    Shepp-Logan with a B0 ramp and the site's B1 map: with ideal spoiling one pathway
+    carries the signal, and the fast path agrees with the full engine within 1 % of the
+    peak signal over every coil and sample (24^3 voxels, 24 x 24 x 12 encodes, 4
+    isochromats: 1825 classes for 4613 voxels; measured max 0.25 % of the peak, 0.30 %
+    relative L2, probe check 0.30 %)."""
+    import dataclasses
+
+    from test_simulation_fastpath import _spins as phantom_spins
+
+    from mrharmony.phantoms import make_shepp_logan
+    from mrharmony.simulation.fastpath import fast_simulate
+    from mrharmony.simulation.raw import receive_model
+    from mrharmony.simulation.site import b1_scale_map, load_site
+
+    seq = read_pulseq(_seq("mprage", tmp_path, matrix=[24, 24, 12], fov_mm=[240, 240, 240],
+                           dummy_scans=1))
+    ph = make_shepp_logan(matrix=24, three_d=True)
+    affine = np.array(ph.affine, dtype=np.float64)
+    affine[:3, 3] -= affine[:3, :3] @ ((np.array(ph.shape) - 1) / 2) + affine[:3, 3]
+    ph = dataclasses.replace(ph, affine=affine)
+    site = load_site(SITE)
+    rx = receive_model(site, ph)
+    b0 = np.broadcast_to(_b0_ramp(ph), ph.shape).astype(np.float32)
+    spins = phantom_spins(seq, ph, 4, b0, b1_scale_map(site, affine, tuple(ph.shape)))
+    fast = fast_simulate(seq, spins, coil_sens=rx.sens, b0_t=3.0, spoiling="ideal")
+    assert fast.signal is not None, fast.reason
+    assert fast.n_classes < fast.n_voxels
+    full = simulate(seq, spins, coil_sens=rx.sens, b0_t=3.0, spoiling="ideal")
+    assert np.max(np.abs(fast.signal - full)) / np.max(np.abs(full)) < 0.01
+    assert np.linalg.norm(fast.signal - full) / np.linalg.norm(full) < 0.01
+
+
 def test_simulate_raw_cli_and_study_carry_the_spoiling_model(tmp_path, capsys):
     from mrharmony.cli import main
     from mrharmony.errors import StudyError
