@@ -295,6 +295,15 @@ def test_grappa_noise_at_the_matrix_edge_follows_the_g_factor(r):
     with pytest.raises(ReconError, match="edge must be"):
         grappa(np.zeros((8, 8, n), np.complex64), calib,
                mask=mask, edge="wrap")
+    # grappa() and grappa_g_factor() parse acceleration and kernel_blocks alike
+    for kwargs, words in (({"acceleration": (r, 2)}, "one factor >= 1 per phase axis"),
+                          ({"kernel_blocks": (4, 4)}, "one count >= 1 per phase axis")):
+        with pytest.raises(ReconError, match=f"grappa: .*{words}"):
+            grappa(np.zeros((8, 8, n), np.complex64), calib, mask=mask, **kwargs)
+        with pytest.raises(ReconError, match=f"grappa_g_factor: .*{words}"):
+            grappa_g_factor(calib, np.ones((8, 8, n), np.complex64),
+                            kwargs.get("acceleration", r),
+                            kernel_blocks=kwargs.get("kernel_blocks", 4))
 
 
 def test_grappa_g_factor_is_one_without_acceleration_and_above_one_with_it():
