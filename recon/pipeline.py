@@ -224,18 +224,15 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 _METHOD_ONLY = ("lamda", "max_iter")
 #: GRAPPA's matrix-edge handling (:func:`mrharmony.recon.parallel.grappa`'s ``edge``):
 #: "fit" one-sided edge kernels (default), "zero" interior kernels with zeros outside.
-GRAPPA_EDGES = ("fit", "zero")
+GRAPPA_EDGES = ("fit", "zero")  # the first is the default
 
 
 def _check_chain_values(options: dict[str, Any]) -> None:
     """Refuse an unknown value of a recon-chain option, naming the option and the choices."""
-    for name, allowed in RECON_CHAIN_VALUES.items():
+    for name, allowed in {**RECON_CHAIN_VALUES, "grappa_edge": GRAPPA_EDGES}.items():
         if name in options and options[name] not in allowed:
             raise ReconError(f"option {name} = {options[name]!r}: expected one of "
                              f"{', '.join(allowed)}")
-    if options.get("grappa_edge", "fit") not in GRAPPA_EDGES:
-        raise ReconError(f"option grappa_edge = {options['grappa_edge']!r}: expected one of "
-                         f"{', '.join(GRAPPA_EDGES)}")
     for name in ("filter_radius", "filter_width"):
         if name in options:
             value = options[name]
@@ -574,7 +571,7 @@ def _grappa_blocks(accel: tuple[int, int]) -> int | tuple[int, int]:
 
 
 def _grappa_fill(k, calib_k, box, mask: np.ndarray, accel: tuple[int, int], lamda: float,
-                 edge: str = "fit"):
+                 edge: str):
     """GRAPPA on ``(coils, nx, ny, nz)``: 2-D; 3-D in hybrid (x, ky, z) space when kz is
     fully sampled in the data and the calibration; else with 3-D (kx, ky, kz) kernels,
     of 2 x 2 source blocks when ky and kz are both undersampled: 4 x 4 blocks (16 sources
@@ -678,7 +675,7 @@ def _recon_cartesian(header: Any, key, buf: Any, buffers, calibration, *, method
             settings["readout_oversampling"] = f"removed before reconstruction ({nx} -> {rx})"
         if method == "grappa":
             lamda = float(options.get("lamda", 1e-3))
-            edge = options.get("grappa_edge", "fit")
+            edge = options.get("grappa_edge", GRAPPA_EDGES[0])
             if undersampled:
                 k, geometry = _grappa_fill(k, calib_k, box, mask, accel, lamda, edge)
                 blocks = _grappa_blocks(accel)

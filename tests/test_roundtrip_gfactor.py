@@ -111,6 +111,19 @@ def _spy(monkeypatch, name: str) -> dict:
     return seen
 
 
+def _grappa_map(seen: dict) -> np.ndarray:
+    """:func:`grappa_g_factor` of the calibration and kernel settings the recon passed to
+    the spied :func:`grappa`, combined with its output coil images."""
+    from mrharmony.recon import parallel
+    from mrharmony.recon.cartesian import ifft_c
+
+    kw = seen["kwargs"]
+    assert kw["acceleration"] == R
+    return parallel.grappa_g_factor(seen["args"][1], ifft_c(seen["out"], axes=(1, 2)), R,
+                                    kernel_x=kw["kernel_x"], kernel_blocks=kw["kernel_blocks"],
+                                    lamda=kw["lamda"])
+
+
 def _tertiles(measured_g2: np.ndarray, g: np.ndarray) -> list[tuple[float, float]]:
     """(measured, predicted) g per tertile of the predicted g (RMS over the pixels)."""
     edges = np.quantile(g, [0, 1 / 3, 2 / 3, 1])
@@ -127,17 +140,13 @@ def _tertiles(measured_g2: np.ndarray, g: np.ndarray) -> list[tuple[float, float
 def test_noise_of_the_accelerated_scan_follows_the_g_factor_map(
         replicas, fully_sampled, monkeypatch, method, options):
     from mrharmony.recon import parallel
-    from mrharmony.recon.cartesian import ifft_c
 
     obj, var1 = fully_sampled
     seen = _spy(monkeypatch, "grappa" if method == "grappa" else "sense_cg")
     acc = _images(replicas, "r3", method, **options)
     if method == "grappa":
-        calib, kw = seen["args"][1], seen["kwargs"]
-        assert kw["acceleration"] == R and kw["edge"] == "zero"
-        g = parallel.grappa_g_factor(calib, ifft_c(seen["out"], axes=(1, 2)), R,
-                                     kernel_x=kw["kernel_x"], kernel_blocks=kw["kernel_blocks"],
-                                     lamda=kw["lamda"])
+        assert seen["kwargs"]["edge"] == "zero"
+        g = _grappa_map(seen)
     else:
         maps = np.squeeze(np.asarray(seen["args"][1]))
         g = parallel.sense_g_factor(maps, (1, R))
@@ -156,16 +165,10 @@ def test_default_grappa_edge_kernels_are_noisier_than_the_map(replicas, fully_sa
                                                               monkeypatch):
     """``edge="fit"`` (one-sided kernels on the edge lines): noise SD measured 1.4-1.5 x
     the map's on 48 lines at R = 3 (the map holds for ``edge="zero"``, above)."""
-    from mrharmony.recon import parallel
-    from mrharmony.recon.cartesian import ifft_c
-
     obj, var1 = fully_sampled
     seen = _spy(monkeypatch, "grappa")
     acc = _images(replicas, "r3", "grappa")
-    kw = seen["kwargs"]
-    assert kw["edge"] == "fit"
-    g = parallel.grappa_g_factor(seen["args"][1], ifft_c(seen["out"], axes=(1, 2)), R,
-                                 kernel_x=kw["kernel_x"], kernel_blocks=kw["kernel_blocks"],
-                                 lamda=kw["lamda"])
+    assert seen["kwargs"]["edge"] == "fit"
+    g = _grappa_map(seen)
     measured_g2 = acc.var(axis=0, ddof=1) / (R * var1)
     assert all(meas > 1.25 * pred for meas, pred in _tertiles(measured_g2[obj], g[obj]))
